@@ -1,0 +1,95 @@
+// executor.cpp: see executor.h.
+#include "executor.h"
+
+#include <cstdlib>
+
+namespace nx {
+
+Executor::Executor() {
+  const char* s = std::getenv("NX_SYNC");
+  inline_ = s != nullptr && s[0] == '1';
+  if (!inline_) thread_ = std::thread([this] { loop(); });
+}
+
+Executor::~Executor() {
+  {
+    std::lock_guard<std::mutex> lk(mu_);
+    stop_ = true;
+  }
+  cv_.notify_all();
+  if (thread_.joinable()) thread_.join();
+}
+
+void Executor::run_task(Task& t) {
+  std::shared_ptr<const Error> err;
+  for (auto& s : t.inputs)
+    if (s && (err = s->get_error())) break;
+  if (!err) {
+    try {
+      if (t.fn) t.fn();
+    } catch (const Error& e) {
+      err = std::make_shared<Error>(e);
+    } catch (const std::exception& e) {
+      err = std::make_shared<Error>("INTERNAL", e.what());
+    }
+  }
+  if (err)
+    for (auto& s : t.outputs)
+      if (s) s->set_error(err);
+}
+
+void Executor::submit(std::function<void()> fn, std::vector<std::shared_ptr<Storage>> inputs,
+                      std::vector<std::shared_ptr<Storage>> outputs) {
+  Task t{std::move(fn), std::move(inputs), std::move(outputs)};
+  if (inline_) {
+    run_task(t);
+    return;
+  }
+  {
+    std::lock_guard<std::mutex> lk(mu_);
+    queue_.push_back(std::move(t));
+    submitted_++;
+  }
+  cv_.notify_one();
+}
+
+void Executor::after(std::function<void()> fn) { submit(std::move(fn), {}, {}); }
+
+void Executor::sync() {
+  if (inline_) return;
+  std::unique_lock<std::mutex> lk(mu_);
+  uint64_t target = submitted_;
+  done_cv_.wait(lk, [&] { return completed_ >= target; });
+}
+
+size_t Executor::pending() {
+  std::lock_guard<std::mutex> lk(mu_);
+  return static_cast<size_t>(submitted_ - completed_);
+}
+
+void Executor::loop() {
+  for (;;) {
+    Task t;
+    {
+      std::unique_lock<std::mutex> lk(mu_);
+      cv_.wait(lk, [&] { return stop_ || !queue_.empty(); });
+      if (queue_.empty()) return;  // stop requested and drained
+      t = std::move(queue_.front());
+      queue_.pop_front();
+    }
+    run_task(t);
+    t = Task{};  // drop storage references before reporting completion
+    {
+      std::lock_guard<std::mutex> lk(mu_);
+      completed_++;
+    }
+    done_cv_.notify_all();
+  }
+}
+
+Executor& executor() {
+  static Executor* e = new Executor();  // leaked on purpose: outlives static destructors of callers
+  return *e;
+}
+
+}  // namespace nx

@@ -1,0 +1,127 @@
+// tensor.cpp: Storage allocation and Tensor views (see tensor.h).
+#include "tensor.h"
+
+#include <cstdlib>
+#include <sstream>
+
+namespace nx {
+
+MemoryStats& memory_stats() {
+  static MemoryStats s;
+  return s;
+}
+
+Storage::~Storage() {
+  if (release) release();
+  memory_stats().storages--;
+}
+
+std::shared_ptr<Storage> Storage::allocate(size_t nbytes) {
+  auto s = std::make_shared<Storage>();
+  size_t n = (nbytes + 63) & ~static_cast<size_t>(63);
+  if (n == 0) n = 64;
+  void* p = std::aligned_alloc(64, n);
+  NX_CHECK(p != nullptr, "OOM", "could not allocate " << nbytes << " bytes");
+  s->data = p;
+  s->nbytes = nbytes;
+  memory_stats().storages++;
+  memory_stats().host_bytes += static_cast<int64_t>(n);
+  s->release = [p, n] {
+    std::free(p);
+    memory_stats().host_bytes -= static_cast<int64_t>(n);
+  };
+  return s;
+}
+
+int64_t Tensor::numel() const {
+  int64_t n = 1;
+  for (auto d : shape) n *= d;
+  return n;
+}
+
+bool Tensor::is_contiguous() const {
+  int64_t expect = 1;
+  for (int i = ndim() - 1; i >= 0; i--) {
+    if (shape[i] != 1 && strides[i] != expect) return false;
+    expect *= shape[i];
+  }
+  return true;
+}
+
+KView Tensor::kview() const {
+  KView v;
+  NX_CHECK(ndim() <= kMaxDims, "SHAPE", "tensors have at most " << kMaxDims << " dims, got " << ndim());
+  v.data = data();
+  v.dtype = dtype;
+  v.ndim = ndim();
+  for (int i = 0; i < v.ndim; i++) {
+    v.shape[i] = shape[i];
+    v.strides[i] = strides[i];
+  }
+  return v;
+}
+
+Shape Tensor::contiguous_strides(const Shape& shape) {
+  Shape st(shape.size());
+  int64_t s = 1;
+  for (int i = static_cast<int>(shape.size()) - 1; i >= 0; i--) {
+    st[i] = s;
+    s *= shape[i];
+  }
+  return st;
+}
+
+Tensor Tensor::empty(const Shape& shape, DType dtype) {
+  NX_CHECK(static_cast<int>(shape.size()) <= kMaxDims, "SHAPE", "tensors have at most " << kMaxDims << " dims");
+  int64_t n = 1;
+  for (auto d : shape) {
+    NX_CHECK(d >= 0, "SHAPE", "negative dimension in shape " << shape_str(shape));
+    n *= d;
+  }
+  NX_CHECK(n < (int64_t(1) << 40), "OOM", "tensor of shape " << shape_str(shape) << " is too large");
+  Tensor t;
+  t.storage = Storage::allocate(static_cast<size_t>(n) * dtype_size(dtype));
+  t.dtype = dtype;
+  t.shape = shape;
+  t.strides = contiguous_strides(shape);
+  return t;
+}
+
+Tensor Tensor::view(const Shape& nshape, const Shape& nstrides, int64_t noffset) const {
+  NX_CHECK(nshape.size() == nstrides.size(), "SHAPE", "view: shape and strides differ in length");
+  NX_CHECK(static_cast<int>(nshape.size()) <= kMaxDims, "SHAPE", "tensors have at most " << kMaxDims << " dims");
+  int64_t lo = noffset, hi = noffset;
+  bool empty = false;
+  for (size_t i = 0; i < nshape.size(); i++) {
+    NX_CHECK(nshape[i] >= 0, "SHAPE", "view: negative size in " << shape_str(nshape));
+    if (nshape[i] == 0) empty = true;
+    int64_t span = (nshape[i] - 1) * nstrides[i];
+    if (span < 0) lo += span; else hi += span;
+  }
+  int64_t cap = static_cast<int64_t>(storage->nbytes / dtype_size(dtype));
+  NX_CHECK(empty || (lo >= 0 && hi < cap), "INDEX",
+           "view " << shape_str(nshape) << " at offset " << noffset << " reaches outside its storage of " << cap << " elements");
+  Tensor t;
+  t.storage = storage;
+  t.dtype = dtype;
+  t.shape = nshape;
+  t.strides = nstrides;
+  t.offset = noffset;
+  return t;
+}
+
+std::string shape_str(const Shape& s) {
+  std::ostringstream os;
+  os << "[";
+  for (size_t i = 0; i < s.size(); i++) os << (i ? ", " : "") << s[i];
+  os << "]";
+  return os.str();
+}
+
+int normalize_dim(int64_t dim, int ndim, const char* what) {
+  int64_t d = dim < 0 ? dim + ndim : dim;
+  NX_CHECK(d >= 0 && d < (ndim == 0 ? 1 : ndim), "INDEX", what << ": dim " << dim << " out of range for " << ndim << " dims");
+  return static_cast<int>(d);
+}
+
+}  // namespace nx

@@ -1,0 +1,82 @@
+// tensor.h: the one tensor type. A Tensor is a view (dtype, shape, strides, offset) over a refcounted
+// Storage; views share the storage and never copy.
+//
+// Strides and offset are counted in ELEMENTS of the tensor's dtype (PyTorch/candle convention), so a
+// transposed view of a [4, 3] tensor has shape [3, 4] and strides [1, 3]. Storage is plain host memory
+// (malloc'd and 64-byte aligned, or a read-only memory-mapped safetensors file kept alive by refcount).
+//
+// Results are computed asynchronously by the Executor (executor.h): a Tensor may exist before its values
+// do. Storage::error records a failure of the kernel that was to fill it; readers see it after sync.
+//
+//   auto t = nx::Tensor::empty({2, 3}, nx::DType::F32);
+//   nx::KView v = t.kview();   // what kernels see
+#pragma once
+#include <atomic>
+#include <functional>
+#include <memory>
+#include <mutex>
+#include <string>
+#include <vector>
+
+#include "check.h"
+
+namespace nx {
+
+// Process-wide counters, reported to JS (`memory()`) and to V8 (AdjustExternalMemory).
+struct MemoryStats {
+  std::atomic<int64_t> storages{0};
+  std::atomic<int64_t> host_bytes{0};   // bytes we allocated (mmaps not counted)
+  std::atomic<int64_t> mapped_bytes{0}; // bytes mapped from files
+};
+MemoryStats& memory_stats();
+
+struct Storage {
+  void* data = nullptr;
+  size_t nbytes = 0;
+  bool mapped = false;        // read-only file mapping: writes are refused
+  std::function<void()> release;
+  // Set by the executor thread when the kernel that fills this storage failed; read after a sync.
+  std::shared_ptr<const Error> error;
+  std::mutex error_mu;
+
+  Storage() = default;
+  Storage(const Storage&) = delete;
+  Storage& operator=(const Storage&) = delete;
+  ~Storage();
+
+  static std::shared_ptr<Storage> allocate(size_t nbytes);
+  void set_error(const std::shared_ptr<const Error>& e) {
+    std::lock_guard<std::mutex> lk(error_mu);
+    if (!error) error = e;
+  }
+  std::shared_ptr<const Error> get_error() {
+    std::lock_guard<std::mutex> lk(error_mu);
+    return error;
+  }
+};
+
+using Shape = std::vector<int64_t>;
+
+struct Tensor {
+  std::shared_ptr<Storage> storage;
+  DType dtype = DType::F32;
+  Shape shape;
+  Shape strides;
+  int64_t offset = 0;
+
+  int ndim() const { return static_cast<int>(shape.size()); }
+  int64_t numel() const;
+  bool is_contiguous() const;
+  void* data() const { return static_cast<char*>(storage->data) + offset * static_cast<int64_t>(dtype_size(dtype)); }
+  KView kview() const;
+
+  static Shape contiguous_strides(const Shape& shape);
+  static Tensor empty(const Shape& shape, DType dtype);
+  // A view over the same storage; checks that every reachable element lies inside the storage.
+  Tensor view(const Shape& shape, const Shape& strides, int64_t offset) const;
+};
+
+std::string shape_str(const Shape& s);
+int normalize_dim(int64_t dim, int ndim, const char* what);
+
+}  // namespace nx

@@ -1,0 +1,436 @@
+// addon.cpp: the N-API boundary. The only file that includes napi.h.
+//
+// Exposes one ObjectWrap, `Tensor` (a handle holding an nx::Tensor), and free functions that create
+// tensors, run ops (queued on the executor; see core/executor.h), read results back (sync or as a
+// Promise from an AsyncWorker), map files, and report memory. nx::Error becomes a JS Error whose
+// `code` is the stable error code; TS wraps it into NNsightError.
+//
+// Handles carry their metadata as plain properties (dtype, shape, strides, offset) so TS reads them
+// without further calls into native code.
+#include <napi.h>
+
+#include <atomic>
+#include <cstring>
+
+#include "../../../kernels/cpu/elementwise.h"
+#include "../../../kernels/cpu/probe.h"
+#include "../core/executor.h"
+#include "../core/mmap_file.h"
+#include "../core/ops.h"
+
+namespace {
+
+std::atomic<int64_t> g_live_handles{0};
+
+Napi::Error coded_error(Napi::Env env, const std::string& code, const std::string& msg) {
+  Napi::Error e = Napi::Error::New(env, msg);
+  e.Set("code", Napi::String::New(env, code));
+  return e;
+}
+
+struct AddonData {
+  Napi::FunctionReference tensor_ctor;
+  int64_t reported_bytes = 0;
+};
+
+// Tell V8 about native memory so GC pressure reflects it (called on every allocating entry point).
+void report_memory(Napi::Env env) {
+  AddonData* d = env.GetInstanceData<AddonData>();
+  int64_t now = nx::memory_stats().host_bytes.load();
+  int64_t delta = now - d->reported_bytes;
+  if (delta > (1 << 16) || delta < -(1 << 16)) {
+    Napi::MemoryManagement::AdjustExternalMemory(env, delta);
+    d->reported_bytes = now;
+  }
+}
+
+class AddonTensor : public Napi::ObjectWrap<AddonTensor> {
+ public:
+  static Napi::Function Init(Napi::Env env) {
+    return DefineClass(env, "Tensor",
+                       {InstanceMethod("dispose", &AddonTensor::Dispose), InstanceMethod("isDisposed", &AddonTensor::IsDisposed),
+                        InstanceMethod("sameStorage", &AddonTensor::SameStorage)});
+  }
+  explicit AddonTensor(const Napi::CallbackInfo& info) : Napi::ObjectWrap<AddonTensor>(info) {}
+  // Live handles: counted when a tensor is attached, uncounted on dispose() or garbage collection.
+  ~AddonTensor() override {
+    if (tensor_) g_live_handles--;
+  }
+
+  static Napi::Object Wrap(Napi::Env env, nx::Tensor t) {
+    AddonData* d = env.GetInstanceData<AddonData>();
+    Napi::Object obj = d->tensor_ctor.New({});
+    AddonTensor* self = Unwrap(obj);
+    obj.Set("dtype", Napi::Number::New(env, static_cast<int>(t.dtype)));
+    Napi::Array shape = Napi::Array::New(env, t.shape.size());
+    Napi::Array strides = Napi::Array::New(env, t.shape.size());
+    for (size_t i = 0; i < t.shape.size(); i++) {
+      shape.Set(static_cast<uint32_t>(i), Napi::Number::New(env, static_cast<double>(t.shape[i])));
+      strides.Set(static_cast<uint32_t>(i), Napi::Number::New(env, static_cast<double>(t.strides[i])));
+    }
+    obj.Set("shape", shape);
+    obj.Set("strides", strides);
+    obj.Set("offset", Napi::Number::New(env, static_cast<double>(t.offset)));
+    self->tensor_ = std::make_unique<nx::Tensor>(std::move(t));
+    g_live_handles++;
+    return obj;
+  }
+
+  static const nx::Tensor& Get(Napi::Env env, const Napi::Value& v, const char* what) {
+    if (!v.IsObject()) throw coded_error(env, "BAD_INPUT", std::string(what) + " is not a tensor");
+    Napi::Object o = v.As<Napi::Object>();
+    AddonData* d = env.GetInstanceData<AddonData>();
+    if (!o.InstanceOf(d->tensor_ctor.Value())) throw coded_error(env, "BAD_INPUT", std::string(what) + " is not a tensor");
+    AddonTensor* self = Unwrap(o);
+    if (!self->tensor_) throw coded_error(env, "DISPOSED", std::string(what) + " was disposed");
+    return *self->tensor_;
+  }
+
+ private:
+  Napi::Value Dispose(const Napi::CallbackInfo& info) {
+    if (tensor_) {
+      tensor_.reset();  // queued kernels keep their own storage references
+      g_live_handles--;
+    }
+    return info.Env().Undefined();
+  }
+  Napi::Value IsDisposed(const Napi::CallbackInfo& info) { return Napi::Boolean::New(info.Env(), !tensor_); }
+  Napi::Value SameStorage(const Napi::CallbackInfo& info) {
+    const nx::Tensor& other = Get(info.Env(), info[0], "other");
+    return Napi::Boolean::New(info.Env(), tensor_ && tensor_->storage == other.storage);
+  }
+  std::unique_ptr<nx::Tensor> tensor_;
+};
+
+nx::Shape to_shape(Napi::Env env, const Napi::Value& v, const char* what) {
+  if (!v.IsArray()) throw coded_error(env, "BAD_INPUT", std::string(what) + " must be an array of integers");
+  Napi::Array a = v.As<Napi::Array>();
+  nx::Shape s(a.Length());
+  for (uint32_t i = 0; i < a.Length(); i++) {
+    Napi::Value e = a.Get(i);
+    if (!e.IsNumber()) throw coded_error(env, "BAD_INPUT", std::string(what) + " must be an array of integers");
+    double d = e.As<Napi::Number>().DoubleValue();
+    if (d != static_cast<double>(static_cast<int64_t>(d))) throw coded_error(env, "BAD_INPUT", std::string(what) + " must hold integers");
+    s[i] = static_cast<int64_t>(d);
+  }
+  return s;
+}
+
+nx::DType to_dtype(Napi::Env env, const Napi::Value& v) {
+  if (!v.IsNumber()) throw coded_error(env, "DTYPE", "dtype must be a dtype id");
+  int i = v.As<Napi::Number>().Int32Value();
+  if (i < 0 || i >= nx::kNumDTypes) throw coded_error(env, "DTYPE", "unknown dtype id " + std::to_string(i));
+  return static_cast<nx::DType>(i);
+}
+
+// Run fn, converting nx::Error / std::exception into coded JS errors.
+template <typename Fn>
+Napi::Value guarded(Napi::Env env, Fn&& fn) {
+  try {
+    return fn();
+  } catch (const nx::Error& e) {
+    throw coded_error(env, e.code, e.what());
+  } catch (const Napi::Error&) {
+    throw;
+  } catch (const std::bad_alloc&) {
+    throw coded_error(env, "OOM", "out of memory");
+  } catch (const std::exception& e) {
+    throw coded_error(env, "INTERNAL", e.what());
+  }
+}
+
+Napi::Value Empty(const Napi::CallbackInfo& info) {
+  Napi::Env env = info.Env();
+  return guarded(env, [&] {
+    auto t = nx::Tensor::empty(to_shape(env, info[0], "shape"), to_dtype(env, info[1]));
+    report_memory(env);
+    return Napi::Value(AddonTensor::Wrap(env, std::move(t)));
+  });
+}
+
+// fromBuffer(typedArrayOrBuffer, dtype, shape): copies the bytes into a new tensor.
+Napi::Value FromBuffer(const Napi::CallbackInfo& info) {
+  Napi::Env env = info.Env();
+  return guarded(env, [&] {
+    if (!info[0].IsTypedArray() && !info[0].IsBuffer()) throw coded_error(env, "BAD_INPUT", "fromBuffer expects a typed array");
+    Napi::TypedArray ta = info[0].As<Napi::TypedArray>();
+    nx::DType dt = to_dtype(env, info[1]);
+    nx::Shape shape = to_shape(env, info[2], "shape");
+    auto t = nx::Tensor::empty(shape, dt);
+    size_t need = static_cast<size_t>(t.numel()) * nx::dtype_size(dt);
+    if (ta.ByteLength() != need)
+      throw coded_error(env, "SHAPE", "buffer holds " + std::to_string(ta.ByteLength()) + " bytes, shape " + nx::shape_str(shape) +
+                                          " of " + nx::dtype_name(dt) + " needs " + std::to_string(need));
+    std::memcpy(t.storage->data, static_cast<char*>(ta.ArrayBuffer().Data()) + ta.ByteOffset(), need);
+    report_memory(env);
+    return Napi::Value(AddonTensor::Wrap(env, std::move(t)));
+  });
+}
+
+// view(t, shape, strides, offset): a new handle over the same storage.
+Napi::Value View(const Napi::CallbackInfo& info) {
+  Napi::Env env = info.Env();
+  return guarded(env, [&] {
+    const nx::Tensor& t = AddonTensor::Get(env, info[0], "tensor");
+    nx::Tensor v = t.view(to_shape(env, info[1], "shape"), to_shape(env, info[2], "strides"),
+                          static_cast<int64_t>(info[3].As<Napi::Number>().DoubleValue()));
+    return Napi::Value(AddonTensor::Wrap(env, std::move(v)));
+  });
+}
+
+// viewBytes(t, byteOffset, dtype, shape): reinterpret a byte range of t's storage (mapped files).
+// Copies when the offset is not aligned to the dtype.
+Napi::Value ViewBytes(const Napi::CallbackInfo& info) {
+  Napi::Env env = info.Env();
+  return guarded(env, [&] {
+    const nx::Tensor& t = AddonTensor::Get(env, info[0], "tensor");
+    int64_t off = static_cast<int64_t>(info[1].As<Napi::Number>().DoubleValue());
+    nx::DType dt = to_dtype(env, info[2]);
+    nx::Shape shape = to_shape(env, info[3], "shape");
+    int64_t n = 1;
+    for (auto d : shape) n *= d;
+    int64_t esz = static_cast<int64_t>(nx::dtype_size(dt));
+    NX_CHECK(off >= 0 && off + n * esz <= static_cast<int64_t>(t.storage->nbytes), "IO",
+             "byte range [" << off << ", " << off + n * esz << ") lies outside the " << t.storage->nbytes << "-byte file");
+    if (off % esz == 0) {
+      nx::Tensor v;
+      v.storage = t.storage;
+      v.dtype = dt;
+      v.shape = shape;
+      v.strides = nx::Tensor::contiguous_strides(shape);
+      v.offset = off / esz;
+      return Napi::Value(AddonTensor::Wrap(env, std::move(v)));
+    }
+    auto c = nx::Tensor::empty(shape, dt);
+    std::memcpy(c.storage->data, static_cast<char*>(t.storage->data) + off, static_cast<size_t>(n * esz));
+    report_memory(env);
+    return Napi::Value(AddonTensor::Wrap(env, std::move(c)));
+  });
+}
+
+Napi::Value MapFile(const Napi::CallbackInfo& info) {
+  Napi::Env env = info.Env();
+  return guarded(env, [&] {
+    std::string path = info[0].As<Napi::String>().Utf8Value();
+    auto s = nx::map_file(path);
+    nx::Tensor t;
+    t.dtype = nx::DType::BOOL;  // a byte view of the whole file; callers use viewBytes
+    t.shape = {static_cast<int64_t>(s->nbytes)};
+    t.strides = {1};
+    t.storage = std::move(s);
+    return Napi::Value(AddonTensor::Wrap(env, std::move(t)));
+  });
+}
+
+// op(opId, inputs[], attrs[]) -> handle | handle[]
+Napi::Value Op(const Napi::CallbackInfo& info) {
+  Napi::Env env = info.Env();
+  return guarded(env, [&] {
+    int opid = info[0].As<Napi::Number>().Int32Value();
+    if (opid < 0 || opid >= static_cast<int>(nx::Op::COUNT)) throw coded_error(env, "INVALID_GRAPH", "unknown op id " + std::to_string(opid));
+    Napi::Array ins = info[1].As<Napi::Array>();
+    std::vector<const nx::Tensor*> inputs(ins.Length());
+    for (uint32_t i = 0; i < ins.Length(); i++) {
+      Napi::Value v = ins.Get(i);
+      inputs[i] = (v.IsNull() || v.IsUndefined()) ? nullptr : &AddonTensor::Get(env, v, "op input");
+    }
+    std::vector<double> attrs;
+    if (info.Length() > 2 && info[2].IsArray()) {
+      Napi::Array a = info[2].As<Napi::Array>();
+      attrs.resize(a.Length());
+      for (uint32_t i = 0; i < a.Length(); i++) attrs[i] = a.Get(i).As<Napi::Number>().DoubleValue();
+    }
+    std::vector<nx::Tensor> outs = nx::run_op(static_cast<nx::Op>(opid), inputs, attrs);
+    report_memory(env);
+    std::string name = nx::op_info(static_cast<nx::Op>(opid)).name;
+    if (!name.empty() && name.back() == '_') return Napi::Value(info[1].As<Napi::Array>().Get(0u));  // in place
+    if (outs.size() == 1) return Napi::Value(AddonTensor::Wrap(env, std::move(outs[0])));
+    Napi::Array r = Napi::Array::New(env, outs.size());
+    for (size_t i = 0; i < outs.size(); i++) r.Set(static_cast<uint32_t>(i), AddonTensor::Wrap(env, std::move(outs[i])));
+    return Napi::Value(r);
+  });
+}
+
+// Prepare a dense copy of t in the dtype that read() returns (f16/bf16 widen to f32 when asked).
+nx::Tensor dense_for_read(const nx::Tensor& t, bool widen) {
+  nx::DType target = (widen && (t.dtype == nx::DType::F16 || t.dtype == nx::DType::BF16)) ? nx::DType::F32 : t.dtype;
+  if (target == t.dtype && t.is_contiguous()) return t;
+  return nx::run_op(nx::Op::CAST, {&t}, {static_cast<double>(static_cast<int>(target))})[0];
+}
+
+void throw_if_poisoned(Napi::Env env, const nx::Tensor& t) {
+  if (auto e = t.storage->get_error()) throw coded_error(env, e->code, e->what());
+}
+
+Napi::Value ReadSync(const Napi::CallbackInfo& info) {
+  Napi::Env env = info.Env();
+  return guarded(env, [&] {
+    const nx::Tensor& t = AddonTensor::Get(env, info[0], "tensor");
+    bool widen = info.Length() > 1 && info[1].ToBoolean().Value();
+    nx::Tensor d = dense_for_read(t, widen);
+    nx::executor().sync();
+    throw_if_poisoned(env, d);
+    size_t n = static_cast<size_t>(d.numel()) * nx::dtype_size(d.dtype);
+    Napi::ArrayBuffer buf = Napi::ArrayBuffer::New(env, n);
+    if (n) std::memcpy(buf.Data(), d.data(), n);
+    return Napi::Value(buf);
+  });
+}
+
+class ReadWorker : public Napi::AsyncWorker {
+ public:
+  ReadWorker(Napi::Env env, nx::Tensor t)
+      : Napi::AsyncWorker(env), deferred_(Napi::Promise::Deferred::New(env)), t_(std::move(t)) {}
+  Napi::Promise Promise() { return deferred_.Promise(); }
+  void Execute() override {
+    nx::executor().sync();
+    if (auto e = t_.storage->get_error()) {
+      code_ = e->code;
+      SetError(e->what());
+      return;
+    }
+    size_t n = static_cast<size_t>(t_.numel()) * nx::dtype_size(t_.dtype);
+    bytes_.resize(n);
+    if (n) std::memcpy(bytes_.data(), t_.data(), n);
+  }
+  void OnOK() override {
+    Napi::ArrayBuffer buf = Napi::ArrayBuffer::New(Env(), bytes_.size());
+    if (!bytes_.empty()) std::memcpy(buf.Data(), bytes_.data(), bytes_.size());
+    std::vector<unsigned char>().swap(bytes_);
+    t_ = nx::Tensor{};
+    deferred_.Resolve(buf);
+  }
+  void OnError(const Napi::Error& e) override {
+    t_ = nx::Tensor{};
+    deferred_.Reject(coded_error(Env(), code_.empty() ? "INTERNAL" : code_, e.Message()).Value());
+  }
+
+ private:
+  Napi::Promise::Deferred deferred_;
+  nx::Tensor t_;
+  std::string code_;
+  std::vector<unsigned char> bytes_;
+};
+
+Napi::Value Read(const Napi::CallbackInfo& info) {
+  Napi::Env env = info.Env();
+  return guarded(env, [&] {
+    const nx::Tensor& t = AddonTensor::Get(env, info[0], "tensor");
+    bool widen = info.Length() > 1 && info[1].ToBoolean().Value();
+    auto* w = new ReadWorker(env, dense_for_read(t, widen));
+    Napi::Promise p = w->Promise();
+    w->Queue();
+    return Napi::Value(p);
+  });
+}
+
+class SyncWorker : public Napi::AsyncWorker {
+ public:
+  explicit SyncWorker(Napi::Env env) : Napi::AsyncWorker(env), deferred_(Napi::Promise::Deferred::New(env)) {}
+  Napi::Promise Promise() { return deferred_.Promise(); }
+  void Execute() override { nx::executor().sync(); }
+  void OnOK() override { deferred_.Resolve(Env().Undefined()); }
+  void OnError(const Napi::Error& e) override { deferred_.Reject(e.Value()); }
+
+ private:
+  Napi::Promise::Deferred deferred_;
+};
+
+Napi::Value Sync(const Napi::CallbackInfo& info) {
+  auto* w = new SyncWorker(info.Env());
+  Napi::Promise p = w->Promise();
+  w->Queue();
+  return p;
+}
+Napi::Value SyncBlocking(const Napi::CallbackInfo& info) {
+  nx::executor().sync();
+  return info.Env().Undefined();
+}
+
+// errorOf(t): after a sync, the error of the kernel that produced t, or null.
+Napi::Value ErrorOf(const Napi::CallbackInfo& info) {
+  Napi::Env env = info.Env();
+  return guarded(env, [&] {
+    const nx::Tensor& t = AddonTensor::Get(env, info[0], "tensor");
+    auto e = t.storage->get_error();
+    if (!e) return env.Null();
+    return Napi::Value(coded_error(env, e->code, e->what()).Value());
+  });
+}
+
+Napi::Value Memory(const Napi::CallbackInfo& info) {
+  Napi::Env env = info.Env();
+  Napi::Object o = Napi::Object::New(env);
+  auto& m = nx::memory_stats();
+  o.Set("handles", Napi::Number::New(env, static_cast<double>(g_live_handles.load())));
+  o.Set("storages", Napi::Number::New(env, static_cast<double>(m.storages.load())));
+  o.Set("hostBytes", Napi::Number::New(env, static_cast<double>(m.host_bytes.load())));
+  o.Set("mappedBytes", Napi::Number::New(env, static_cast<double>(m.mapped_bytes.load())));
+  o.Set("pendingKernels", Napi::Number::New(env, static_cast<double>(nx::executor().pending())));
+  return o;
+}
+
+Napi::Value SetThreads(const Napi::CallbackInfo& info) {
+  nx::executor().sync();
+  nx::set_num_threads(info[0].As<Napi::Number>().Int32Value());
+  return info.Env().Undefined();
+}
+Napi::Value GetThreads(const Napi::CallbackInfo& info) { return Napi::Number::New(info.Env(), nx::num_threads()); }
+Napi::Value SetReferenceKernels(const Napi::CallbackInfo& info) {
+  nx::executor().sync();
+  nx::set_use_reference_kernels(info[0].ToBoolean().Value());
+  return info.Env().Undefined();
+}
+
+Napi::Value ProbeFma(const Napi::CallbackInfo& info) {
+  nx::executor().sync();
+  return Napi::Number::New(info.Env(), nx::probe_fma_peak_gflops(info[0].As<Napi::Number>().Int32Value(),
+                                                                   info[1].As<Napi::Number>().Int32Value()));
+}
+Napi::Value ProbeTriad(const Napi::CallbackInfo& info) {
+  nx::executor().sync();
+  return Napi::Number::New(info.Env(), nx::probe_triad_gbps(info[0].As<Napi::Number>().Int32Value(),
+                                                              static_cast<size_t>(info[1].As<Napi::Number>().DoubleValue())));
+}
+
+Napi::Object Init(Napi::Env env, Napi::Object exports) {
+  auto* data = new AddonData();
+  env.SetInstanceData<AddonData>(data);
+  Napi::Function ctor = AddonTensor::Init(env);
+  data->tensor_ctor = Napi::Persistent(ctor);
+  exports.Set("Tensor", ctor);
+  Napi::Array names = Napi::Array::New(env, static_cast<size_t>(nx::Op::COUNT));
+  for (int i = 0; i < static_cast<int>(nx::Op::COUNT); i++)
+    names.Set(static_cast<uint32_t>(i), Napi::String::New(env, nx::op_info(static_cast<nx::Op>(i)).name));
+  exports.Set("opNames", names);
+  Napi::Object dt = Napi::Object::New(env);
+  for (int i = 0; i < nx::kNumDTypes; i++) dt.Set(nx::dtype_name(static_cast<nx::DType>(i)), Napi::Number::New(env, i));
+  exports.Set("dtypes", dt);
+#if defined(NX_WITH_CUDA)
+  exports.Set("cudaCompiled", Napi::Boolean::New(env, true));
+#else
+  exports.Set("cudaCompiled", Napi::Boolean::New(env, false));
+#endif
+  exports.Set("empty", Napi::Function::New(env, Empty));
+  exports.Set("fromBuffer", Napi::Function::New(env, FromBuffer));
+  exports.Set("view", Napi::Function::New(env, View));
+  exports.Set("viewBytes", Napi::Function::New(env, ViewBytes));
+  exports.Set("mapFile", Napi::Function::New(env, MapFile));
+  exports.Set("op", Napi::Function::New(env, Op));
+  exports.Set("readSync", Napi::Function::New(env, ReadSync));
+  exports.Set("read", Napi::Function::New(env, Read));
+  exports.Set("sync", Napi::Function::New(env, Sync));
+  exports.Set("syncBlocking", Napi::Function::New(env, SyncBlocking));
+  exports.Set("errorOf", Napi::Function::New(env, ErrorOf));
+  exports.Set("memory", Napi::Function::New(env, Memory));
+  exports.Set("setThreads", Napi::Function::New(env, SetThreads));
+  exports.Set("getThreads", Napi::Function::New(env, GetThreads));
+  exports.Set("setReferenceKernels", Napi::Function::New(env, SetReferenceKernels));
+  exports.Set("probeFmaPeak", Napi::Function::New(env, ProbeFma));
+  exports.Set("probeTriad", Napi::Function::New(env, ProbeTriad));
+  return exports;
+}
+
+}  // namespace
+
+NODE_API_MODULE(nnsight_native, Init)

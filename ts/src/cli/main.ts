@@ -1,0 +1,26 @@
+#!/usr/bin/env node
+/** `nnsight` command line: `nnsight info`, more subcommands as the service lands. */
+import { LanguageModel, memory } from "../index.js";
+
+async function main(argv: string[]): Promise<number> {
+  const [cmd, ...rest] = argv;
+  switch (cmd) {
+    case "info": {
+      const model = await LanguageModel.load(rest[0] ?? "stories260K");
+      console.log(JSON.stringify({ dir: model.dir, config: model.spec.raw, memory: memory() }, null, 2));
+      await model.dispose();
+      return 0;
+    }
+    default:
+      console.error("usage: nnsight info [model]");
+      return cmd ? 2 : 0;
+  }
+}
+
+main(process.argv.slice(2)).then(
+  (code) => process.exit(code),
+  (e) => {
+    console.error(e instanceof Error ? `${(e as { code?: string }).code ?? "ERROR"}: ${e.message}` : e);
+    process.exit(1);
+  },
+);

@@ -1,0 +1,33 @@
+/**
+ * nnsight for TypeScript: read and edit any activation of a language model, locally on our native
+ * runtime or remotely on a shared server.
+ */
+export { NNsightError, ERROR_CODES, type ErrorCode } from "./errors.js";
+export {
+  Tensor,
+  tensor,
+  empty,
+  zeros,
+  ones,
+  full,
+  arange,
+  randn,
+  cat,
+  stack,
+  where,
+  scope,
+  keep,
+  memory,
+  sync,
+  setNumThreads,
+  getNumThreads,
+  DTYPES,
+  type DType,
+  type Index,
+  type TensorLike,
+} from "./tensor/index.js";
+export { loadSafetensors, saveSafetensors } from "./tensor/safetensors.js";
+export { LanguageModel, type LoadModelOptions } from "./models/language-model.js";
+export { Tokenizer } from "./models/tokenizer.js";
+export type { GenerateOptions } from "./models/generate.js";
+export type { PromptInput } from "./models/batch.js";

@@ -1,0 +1,75 @@
+/**
+ * The module tree of a model, built from its config before any weight loads (so `model.model.layers[5]`
+ * exists at once, as in NNsight). Paths and names follow Hugging Face exactly:
+ * `model.layers.3.self_attn.q_proj` (Llama), `transformer.h.3.attn.c_attn` (GPT-2).
+ */
+import type { ModelConfig } from "./config.js";
+
+export interface ModuleSpec {
+  /** attribute name in the parent (`"q_proj"`, `"3"`) */
+  name: string;
+  /** full dotted path from the root (`"model.layers.3.self_attn"`); the root is `""` */
+  path: string;
+  /** the HF class name (`"LlamaDecoderLayer"`) */
+  type: string;
+  children: ModuleSpec[];
+  /** true for list containers (`layers`, `h`): children are indexed 0..n-1 */
+  isList?: boolean;
+}
+
+const leaf = (name: string, type: string, children: ModuleSpec[] = [], isList = false): ModuleSpec => ({
+  name,
+  path: "",
+  type,
+  children,
+  isList,
+});
+
+/** Fill in every node's full path from the names (the root's path is ""). */
+function assignPaths(m: ModuleSpec, parent: string): ModuleSpec {
+  const path = parent === "" ? m.name : `${parent}.${m.name}`;
+  return { ...m, path, children: m.children.map((c) => assignPaths(c, path)) };
+}
+
+export function buildModuleTree(cfg: ModelConfig): ModuleSpec {
+  if (cfg.modelType === "gpt2") {
+    const block = (i: number) =>
+      leaf(String(i), "GPT2Block", [
+        leaf("ln_1", "LayerNorm"),
+        leaf("attn", "GPT2Attention", [leaf("c_attn", "Conv1D"), leaf("c_proj", "Conv1D")]),
+        leaf("ln_2", "LayerNorm"),
+        leaf("mlp", "GPT2MLP", [leaf("c_fc", "Conv1D"), leaf("c_proj", "Conv1D")]),
+      ]);
+    const transformer = leaf("transformer", "GPT2Model", [
+      leaf("wte", "Embedding"),
+      leaf("wpe", "Embedding"),
+      leaf("h", "ModuleList", Array.from({ length: cfg.numLayers }, (_, i) => block(i)), true),
+      leaf("ln_f", "LayerNorm"),
+    ]);
+    return assignPaths(leaf("", "GPT2LMHeadModel", [transformer, leaf("lm_head", "Linear")]), "");
+  }
+  const layer = (i: number) =>
+    leaf(String(i), "LlamaDecoderLayer", [
+      leaf("self_attn", "LlamaAttention", [leaf("q_proj", "Linear"), leaf("k_proj", "Linear"), leaf("v_proj", "Linear"), leaf("o_proj", "Linear")]),
+      leaf("mlp", "LlamaMLP", [leaf("gate_proj", "Linear"), leaf("up_proj", "Linear"), leaf("down_proj", "Linear")]),
+      leaf("input_layernorm", "LlamaRMSNorm"),
+      leaf("post_attention_layernorm", "LlamaRMSNorm"),
+    ]);
+  const model = leaf("model", "LlamaModel", [
+    leaf("embed_tokens", "Embedding"),
+    leaf("layers", "ModuleList", Array.from({ length: cfg.numLayers }, (_, i) => layer(i)), true),
+    leaf("norm", "LlamaRMSNorm"),
+  ]);
+  return assignPaths(leaf("", "LlamaForCausalLM", [model, leaf("lm_head", "Linear")]), "");
+}
+
+/** Every module path in forward (pre-)order, root first. */
+export function allPaths(root: ModuleSpec): string[] {
+  const out: string[] = [];
+  const walk = (m: ModuleSpec) => {
+    out.push(m.path);
+    m.children.forEach(walk);
+  };
+  walk(root);
+  return out;
+}

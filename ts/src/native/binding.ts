@@ -1,0 +1,84 @@
+/**
+ * The one file that loads and types the native addon (`build/Release/nnsight_native.node`, built by
+ * cmake-js during `npm install`). Everything else imports `native` from here.
+ */
+import { existsSync } from "node:fs";
+import { createRequire } from "node:module";
+import { dirname, join } from "node:path";
+import { fileURLToPath } from "node:url";
+
+import { NNsightError } from "../errors.js";
+
+/** A native tensor handle: metadata as plain properties, storage owned natively. */
+export interface NativeTensor {
+  readonly dtype: number;
+  readonly shape: number[];
+  readonly strides: number[];
+  readonly offset: number;
+  dispose(): void;
+  isDisposed(): boolean;
+  sameStorage(other: NativeTensor): boolean;
+}
+
+export interface NativeMemory {
+  /** tensor handles not yet disposed or collected */
+  handles: number;
+  storages: number;
+  hostBytes: number;
+  mappedBytes: number;
+  pendingKernels: number;
+}
+
+export interface NativeAddon {
+  readonly opNames: string[];
+  readonly dtypes: Record<string, number>;
+  readonly cudaCompiled: boolean;
+  empty(shape: number[], dtype: number): NativeTensor;
+  fromBuffer(data: ArrayBufferView, dtype: number, shape: number[]): NativeTensor;
+  view(t: NativeTensor, shape: number[], strides: number[], offset: number): NativeTensor;
+  viewBytes(t: NativeTensor, byteOffset: number, dtype: number, shape: number[]): NativeTensor;
+  mapFile(path: string): NativeTensor;
+  op(opId: number, inputs: Array<NativeTensor | null>, attrs?: number[]): NativeTensor | NativeTensor[];
+  readSync(t: NativeTensor, widen: boolean): ArrayBuffer;
+  read(t: NativeTensor, widen: boolean): Promise<ArrayBuffer>;
+  sync(): Promise<void>;
+  syncBlocking(): void;
+  errorOf(t: NativeTensor): Error | null;
+  memory(): NativeMemory;
+  setThreads(n: number): void;
+  getThreads(): number;
+  setReferenceKernels(on: boolean): void;
+  probeFmaPeak(threads: number, isa: 512 | 256): number;
+  probeTriad(threads: number, bytesPerArray: number): number;
+}
+
+function packageRoot(): string {
+  // dist/index.js, dist/chunk-*.js and ts/src/native/binding.ts all sit below the package root.
+  let dir = dirname(fileURLToPath(import.meta.url));
+  for (let i = 0; i < 5; i++) {
+    if (existsSync(join(dir, "package.json")) && existsSync(join(dir, "CMakeLists.txt"))) return dir;
+    dir = dirname(dir);
+  }
+  throw new NNsightError("INTERNAL", "cannot find the nnsight package root from " + fileURLToPath(import.meta.url));
+}
+
+function load(): NativeAddon {
+  const root = packageRoot();
+  const candidates = [
+    process.env.NNSIGHT_ADDON,
+    join(root, "build/Release/nnsight_native.node"),
+    join(root, "build-gyp/Release/nnsight_native.node"),
+  ].filter((p): p is string => !!p);
+  const found = candidates.find((p) => existsSync(p));
+  if (!found) {
+    throw new NNsightError(
+      "INTERNAL",
+      `the native addon is not built (looked in ${candidates.join(", ")}); run \`npm install\` or \`npm run build:native\``,
+    );
+  }
+  const require = createRequire(import.meta.url);
+  return require(found) as NativeAddon;
+}
+
+export const native: NativeAddon = load();
+export const PACKAGE_ROOT = packageRoot();

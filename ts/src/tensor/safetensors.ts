@@ -1,0 +1,88 @@
+/**
+ * Safetensors on the native runtime: files are memory-mapped once and every tensor is a zero-copy view
+ * into the mapping when used in its stored dtype (a bf16 checkpoint stays bf16 and is not read until a
+ * kernel touches it). Writing turns tensors back into a file (results travel this way too).
+ *
+ * ```ts
+ * const w = await loadSafetensors(["model.safetensors"]);     // Map<name, Tensor>
+ * await saveSafetensors("out.safetensors", { h: hidden });
+ * ```
+ */
+import { NNsightError, toNNsightError } from "../errors.js";
+import { native } from "../native/binding.js";
+import { type DType, dtypeId, isFloat, parseDType } from "./dtype.js";
+import {
+  RUNTIME_DTYPES,
+  type SafetensorsDtype,
+  readSafetensorsHeader,
+  writeSafetensorsFile,
+} from "./safetensors-format.js";
+import { keep } from "./scope.js";
+import { Tensor } from "./tensor.js";
+
+const TO_ST: Record<DType, SafetensorsDtype> = { float32: "F32", float16: "F16", bfloat16: "BF16", int32: "I32", int64: "I64", bool: "BOOL" };
+
+export interface LoadOptions {
+  /** convert float tensors to this dtype while loading (a copy); default: keep as stored (zero-copy) */
+  dtype?: DType | string;
+  /** only these tensor names (others are skipped) */
+  filter?: (name: string) => boolean;
+  /** called after each tensor with (done, total) */
+  onProgress?: (done: number, total: number, name: string) => void;
+}
+
+export async function loadSafetensors(files: string[], opts: LoadOptions = {}): Promise<Map<string, Tensor>> {
+  const want = opts.dtype ? parseDType(opts.dtype) : undefined;
+  const headers = [];
+  for (const f of files) headers.push({ file: f, header: await readSafetensorsHeader(f, { allowedDtypes: RUNTIME_DTYPES }) });
+  const total = headers.reduce((n, h) => n + h.header.tensors.size, 0);
+  const out = new Map<string, Tensor>();
+  let done = 0;
+  for (const { file, header } of headers) {
+    let mapping;
+    try {
+      mapping = native.mapFile(file);
+    } catch (e) {
+      throw toNNsightError(e);
+    }
+    try {
+      for (const [name, info] of header.tensors) {
+        done++;
+        if (opts.filter && !opts.filter(name)) continue;
+        if (out.has(name)) throw new NNsightError("IO", `${file}: tensor "${name}" appears in more than one file`, { file, tensor: name });
+        const dt = parseDType(info.dtype);
+        let t: Tensor;
+        try {
+          t = new Tensor(native.viewBytes(mapping, info.begin, dtypeId(dt), info.shape));
+        } catch (e) {
+          const err = toNNsightError(e);
+          throw new NNsightError(err.code, `${file}: tensor "${name}": ${err.message}`, { file, tensor: name });
+        }
+        if (want && isFloat(dt) && dt !== want) {
+          const c = t.to(want);
+          t.dispose();
+          t = c;
+        }
+        out.set(name, keep(t));
+        opts.onProgress?.(done, total, name);
+      }
+    } finally {
+      mapping.dispose();
+    }
+  }
+  return out;
+}
+
+/** Write tensors (any layout; stored row-major in their dtype) to a safetensors file. */
+export async function saveSafetensors(path: string, tensors: Record<string, Tensor> | Map<string, Tensor>, metadata?: Record<string, string>) {
+  const entries = tensors instanceof Map ? [...tensors.entries()] : Object.entries(tensors);
+  await writeSafetensorsFile(
+    path,
+    entries.map(([name, t]) => ({ name, dtype: TO_ST[t.dtype], shape: [...t.shape], bytes: () => t.bytesSync() })),
+    metadata,
+  );
+}
+
+/** Serialize tensors to an in-memory safetensors buffer (the remote protocol's attachment format). */
+export { encodeSafetensors, parseSafetensorsHeader } from "./safetensors-format.js";
+export { TO_ST as SAFETENSORS_DTYPE_OF };

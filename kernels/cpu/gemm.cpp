@@ -1,0 +1,782 @@
+// gemm.cpp: out[M,N] = a[M,K] @ b[K,N] (+ bias[N]), f32 accumulate (contract in gemm.h).
+//
+//   ref::gemm   a plain triple loop over the strided views; b and bias of any dtype via load_f32. It
+//               is the oracle for test/cpp/gemm_test.cpp and favours clarity over speed.
+//   fast::gemm  three paths, picked per call:
+//     * GEMM (M > kMatvecMaxM): BLIS-style cache blocking. Loops jc (N by NC) > pc (K by KC) > ic
+//       (M by MC) > jr (NR-wide micro-panels of packed B) > ir (MR-tall micro-panels of packed A), with
+//       an MR x NR register-blocked micro-kernel (AVX-512: 8 x 48 = 24 zmm accumulators, 3 B vectors,
+//       one broadcast of A per row). B is widened bf16/f16 -> f32 and transposed (for the nn.Linear
+//       layout, stride(0) == 1) while it is packed, so the micro-kernel only ever sees f32.
+//       Threads get disjoint 2-D blocks of out (split N when N is large, M otherwise); each packs its
+//       own A and B slices into thread-local scratch, so threads never wait on each other.
+//     * matrix-vector (M <= kMatvecMaxM, decode): streams the weights once, N split across threads.
+//       Row-major [K,N] b: axpy rows out[m,:] += a[m,k] * b[k,:] (4 rows of b per pass over an
+//       L1-resident accumulator strip). Transposed b (W [N,K]): dot products of a[m,:] with 4 rows of W
+//       at a time. bf16/f16 widen in registers (bf16 is a 16-bit shift). The AVX512_BF16 dot-product
+//       instructions are NOT used: they would round a to bf16 too, and the contract accumulates a in f32.
+//     * anything else (b with no unit stride) packs / loads through load_f32: correct, not fast.
+//   Non-contiguous a is handled by the packing (GEMM) or a dense copy (matvec); out with a column
+//   stride != 1 is computed into a dense scratch and then copied.
+//
+// ISA: compiled per the build's -m flags: AVX-512F (zmm, 16 lanes), AVX2+FMA (ymm, 8 lanes), SSE2
+// (xmm, 4 lanes, mul+add) or scalar. The AVX-512 path is what the benchmarks measure.
+//
+// Shapes: a [M,K] f32; b [K,N] f32/bf16/f16; bias [N] or nullptr; out [M,N] f32.
+// Bench: `g++ -O3 -std=c++17 -march=native -I. bench/cpp/gemm_bench.cpp kernels/cpu/gemm.cpp
+//         kernels/cpu/probe.cpp native/src/core/threadpool.cpp -ldl -lpthread -o /tmp/gemm_bench &&
+//         OPENBLAS_CORETYPE=Cooperlake OPENBLAS_NUM_THREADS=2 /tmp/gemm_bench` (see that file).
+#include "gemm.h"
+
+#include <algorithm>
+#include <cstdlib>
+#include <vector>
+
+#if defined(__AVX512F__) || defined(__AVX2__) || defined(__SSE2__)
+#include <immintrin.h>
+#endif
+
+namespace nx {
+
+// ------------------------------------------------------------------------------------------------
+// reference
+// ------------------------------------------------------------------------------------------------
+namespace ref {
+void gemm(const KView& a, const KView& b, const KView* bias, const KView& out) {
+  const int64_t M = a.size(0), K = a.size(1), N = b.size(1);
+  for (int64_t i = 0; i < M; i++) {
+    for (int64_t j = 0; j < N; j++) {
+      float acc = 0.0f;
+      for (int64_t k = 0; k < K; k++) {
+        acc += load_f32(a.data, a.dtype, i * a.stride(0) + k * a.stride(1)) *
+               load_f32(b.data, b.dtype, k * b.stride(0) + j * b.stride(1));
+      }
+      if (bias != nullptr) acc += load_f32(bias->data, bias->dtype, j * bias->stride(0));
+      store_f32(out.data, out.dtype, i * out.stride(0) + j * out.stride(1), acc);
+    }
+  }
+}
+}  // namespace ref
+
+// ------------------------------------------------------------------------------------------------
+// fast
+// ------------------------------------------------------------------------------------------------
+namespace {
+
+// ---- a minimal SIMD layer: vf holds VL floats ----
+#if defined(__AVX512F__)
+using vf = __m512;
+constexpr int VL = 16;
+constexpr int MR = 8, NV = 3;  // micro-tile 8 x 48: 24 accumulators + 3 B + 1 broadcast of 32 zmm
+inline vf vzero() { return _mm512_setzero_ps(); }
+inline vf vload(const float* p) { return _mm512_loadu_ps(p); }
+inline void vstore(float* p, vf v) { _mm512_storeu_ps(p, v); }
+inline vf vbcast(float x) { return _mm512_set1_ps(x); }
+inline vf vfma(vf a, vf b, vf c) { return _mm512_fmadd_ps(a, b, c); }
+inline vf vadd(vf a, vf b) { return _mm512_add_ps(a, b); }
+inline float vsum(vf v) { return _mm512_reduce_add_ps(v); }
+inline vf vload_bf16(const uint16_t* p) {
+  __m512i w = _mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
+  return _mm512_castsi512_ps(_mm512_slli_epi32(w, 16));
+}
+inline vf vload_f16(const uint16_t* p) {
+  return _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
+}
+#elif defined(__AVX2__) && defined(__FMA__)
+using vf = __m256;
+constexpr int VL = 8;
+constexpr int MR = 6, NV = 2;  // 6 x 16: 12 accumulators + 2 B + 1 broadcast of 16 ymm
+inline vf vzero() { return _mm256_setzero_ps(); }
+inline vf vload(const float* p) { return _mm256_loadu_ps(p); }
+inline void vstore(float* p, vf v) { _mm256_storeu_ps(p, v); }
+inline vf vbcast(float x) { return _mm256_set1_ps(x); }
+inline vf vfma(vf a, vf b, vf c) { return _mm256_fmadd_ps(a, b, c); }
+inline vf vadd(vf a, vf b) { return _mm256_add_ps(a, b); }
+inline float vsum(vf v) {
+  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+  s = _mm_add_ss(s, _mm_movehdup_ps(s));
+  return _mm_cvtss_f32(s);
+}
+inline vf vload_bf16(const uint16_t* p) {
+  __m256i w = _mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+  return _mm256_castsi256_ps(_mm256_slli_epi32(w, 16));
+}
+inline vf vload_f16(const uint16_t* p) {
+#if defined(__F16C__)
+  return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+#else
+  alignas(32) float t[8];
+  for (int i = 0; i < 8; i++) t[i] = f16_to_f32(p[i]);
+  return _mm256_load_ps(t);
+#endif
+}
+#elif defined(__SSE2__)
+using vf = __m128;
+constexpr int VL = 4;
+constexpr int MR = 4, NV = 2;  // 4 x 8: 8 accumulators + 2 B + 1 broadcast of 16 xmm
+inline vf vzero() { return _mm_setzero_ps(); }
+inline vf vload(const float* p) { return _mm_loadu_ps(p); }
+inline void vstore(float* p, vf v) { _mm_storeu_ps(p, v); }
+inline vf vbcast(float x) { return _mm_set1_ps(x); }
+inline vf vfma(vf a, vf b, vf c) { return _mm_add_ps(_mm_mul_ps(a, b), c); }  // no FMA in SSE2
+inline vf vadd(vf a, vf b) { return _mm_add_ps(a, b); }
+inline float vsum(vf v) {
+  __m128 s = _mm_add_ps(v, _mm_movehl_ps(v, v));
+  s = _mm_add_ss(s, _mm_shuffle_ps(s, s, 1));
+  return _mm_cvtss_f32(s);
+}
+inline vf vload_bf16(const uint16_t* p) {
+  __m128i h = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(p));
+  return _mm_castsi128_ps(_mm_unpacklo_epi16(_mm_setzero_si128(), h));  // bf16 bits into the high half
+}
+inline vf vload_f16(const uint16_t* p) {
+  return _mm_setr_ps(f16_to_f32(p[0]), f16_to_f32(p[1]), f16_to_f32(p[2]), f16_to_f32(p[3]));
+}
+#else
+struct vf {
+  float x;
+};
+constexpr int VL = 1;
+constexpr int MR = 4, NV = 4;
+inline vf vzero() { return {0.0f}; }
+inline vf vload(const float* p) { return {*p}; }
+inline void vstore(float* p, vf v) { *p = v.x; }
+inline vf vbcast(float x) { return {x}; }
+inline vf vfma(vf a, vf b, vf c) { return {a.x * b.x + c.x}; }
+inline vf vadd(vf a, vf b) { return {a.x + b.x}; }
+inline float vsum(vf v) { return v.x; }
+inline vf vload_bf16(const uint16_t* p) { return {bf16_to_f32(*p)}; }
+inline vf vload_f16(const uint16_t* p) { return {f16_to_f32(*p)}; }
+#endif
+
+constexpr int NR = NV * VL;
+constexpr int kMatvecMaxM = 4;  // M <= this streams the weights (decode, tiny batches)
+constexpr int64_t KC_MAX = 384;  // packed B micro-panel KC x NR (72 KiB) + A block MC x KC live in L2
+constexpr int64_t MC_MAX = 192;  // A block 192 x 384 x 4 = 288 KiB (Zen4 L2: 1 MiB)
+constexpr int64_t NC_MAX = 3072;
+#ifndef NX_SLAB
+#define NX_SLAB 4
+#endif
+constexpr int64_t kSlab = NX_SLAB;  // B block 384 x 3072 x 4 = 4.5 MiB per thread, lives in L3
+
+// Element loaders: one type per b dtype so inner loops are specialised at compile time.
+struct LdF32 {
+  using T = float;
+  static vf vec(const T* p) { return vload(p); }
+  static float one(const T* p) { return *p; }
+};
+struct LdBF16 {
+  using T = uint16_t;
+  static vf vec(const T* p) { return vload_bf16(p); }
+  static float one(const T* p) { return bf16_to_f32(*p); }
+};
+struct LdF16 {
+  using T = uint16_t;
+  static vf vec(const T* p) { return vload_f16(p); }
+  static float one(const T* p) { return f16_to_f32(*p); }
+};
+
+// Grow-only, 64-byte-aligned scratch, one per thread and purpose (pool threads live for the process,
+// so after the first call no allocation or page fault happens in the hot path).
+struct Scratch {
+  float* p = nullptr;
+  size_t cap = 0;
+  float* get(size_t n) {
+    if (n > cap) {
+      std::free(p);
+      cap = std::max(n, cap * 2);
+      p = static_cast<float*>(std::aligned_alloc(64, (cap * sizeof(float) + 63) / 64 * 64));
+      if (p == nullptr) throw Error("INTERNAL", "gemm: out of memory for packing scratch");
+    }
+    return p;
+  }
+  ~Scratch() { std::free(p); }
+};
+thread_local Scratch t_apack, t_bpack, t_vec;
+
+inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
+
+// ---- micro-kernel: C[ROWS x NR] (op)= Ap[kc x MR]^T Bp[kc x NR] ----
+// mode 0: C = acc; 1: C = acc + bias; 2: C += acc. ncols < NR writes only the first ncols columns.
+template <int ROWS>
+void micro_kernel(int64_t kc, const float* __restrict ap, const float* __restrict bp, float* c, int64_t ldc,
+                  int ncols, int mode, const float* bias) {
+  vf acc[ROWS][NV];
+#pragma GCC unroll 16
+  for (int r = 0; r < ROWS; r++)
+#pragma GCC unroll 4
+    for (int j = 0; j < NV; j++) acc[r][j] = vzero();
+  for (int r = 0; r < ROWS; r++) __builtin_prefetch(c + r * ldc, 1);
+#pragma GCC unroll 2
+  for (int64_t k = 0; k < kc; k++) {
+    vf bv[NV];
+#pragma GCC unroll 4
+    for (int j = 0; j < NV; j++) bv[j] = vload(bp + j * VL);
+#pragma GCC unroll 16
+    for (int r = 0; r < ROWS; r++) {
+      vf av = vbcast(ap[r]);
+#pragma GCC unroll 4
+      for (int j = 0; j < NV; j++) acc[r][j] = vfma(av, bv[j], acc[r][j]);
+    }
+    ap += MR;
+    bp += NR;
+  }
+  if (ncols == NR) {
+#pragma GCC unroll 16
+    for (int r = 0; r < ROWS; r++) {
+      float* cr = c + r * ldc;
+#pragma GCC unroll 4
+      for (int j = 0; j < NV; j++) {
+        vf v = acc[r][j];
+        if (mode == 2) v = vadd(v, vload(cr + j * VL));
+        else if (mode == 1) v = vadd(v, vload(bias + j * VL));
+        vstore(cr + j * VL, v);
+      }
+    }
+  } else {
+    alignas(64) float tile[ROWS][NR];
+    for (int r = 0; r < ROWS; r++)
+      for (int j = 0; j < NV; j++) vstore(&tile[r][j * VL], acc[r][j]);
+    for (int r = 0; r < ROWS; r++) {
+      float* cr = c + r * ldc;
+      for (int j = 0; j < ncols; j++) {
+        float v = tile[r][j];
+        if (mode == 2) v += cr[j];
+        else if (mode == 1) v += bias[j];
+        cr[j] = v;
+      }
+    }
+  }
+}
+
+using MicroFn = void (*)(int64_t, const float*, const float*, float*, int64_t, int, int, const float*);
+template <int... R>
+struct MicroTable {
+  static constexpr MicroFn fns[sizeof...(R)] = {&micro_kernel<R + 1>...};
+};
+template <int... R>
+constexpr MicroFn MicroTable<R...>::fns[sizeof...(R)];
+template <int N, int... R>
+struct MakeTable : MakeTable<N - 1, N - 1, R...> {};
+template <int... R>
+struct MakeTable<0, R...> {
+  using type = MicroTable<R...>;
+};
+inline MicroFn micro_for_rows(int rows) { return MakeTable<MR>::type::fns[rows - 1]; }
+
+// ---- packing ----
+// A block rows [0, mc) x k [0, kc) of a (element strides sa0, sa1) into MR-row panels:
+// dst[panel][k][r], rows past mc zero-filled.
+void pack_a(const float* a, int64_t sa0, int64_t sa1, int64_t mc, int64_t kc, float* dst) {
+  for (int64_t i0 = 0; i0 < mc; i0 += MR) {
+    int64_t mr = std::min<int64_t>(MR, mc - i0);
+    float* d = dst + i0 * kc;
+    for (int64_t r = 0; r < mr; r++) {
+      const float* src = a + (i0 + r) * sa0;
+      if (sa1 == 1) {
+        for (int64_t k = 0; k < kc; k++) d[k * MR + r] = src[k];
+      } else {
+        for (int64_t k = 0; k < kc; k++) d[k * MR + r] = src[k * sa1];
+      }
+    }
+    for (int64_t r = mr; r < MR; r++)
+      for (int64_t k = 0; k < kc; k++) d[k * MR + r] = 0.0f;
+  }
+}
+
+// B rows [0,kc) x cols [0,nc), row-major source (unit column stride, row stride ldb), into NR-column
+// panels dst[panel][k][c], columns past nc zero-filled.
+template <class L>
+void pack_b_rowmajor(const typename L::T* b, int64_t ldb, int64_t kc, int64_t nc, float* dst) {
+  for (int64_t j0 = 0; j0 < nc; j0 += NR) {
+    int64_t nr = std::min<int64_t>(NR, nc - j0);
+    float* d = dst + j0 * kc;
+    if (nr == NR) {
+      for (int64_t k = 0; k < kc; k++) {
+        const typename L::T* s = b + k * ldb + j0;
+#pragma GCC unroll 4
+        for (int j = 0; j < NV; j++) vstore(d + k * NR + j * VL, L::vec(s + j * VL));
+      }
+    } else {
+      for (int64_t k = 0; k < kc; k++) {
+        const typename L::T* s = b + k * ldb + j0;
+        int64_t c = 0;
+        for (; c < nr; c++) d[k * NR + c] = L::one(s + c);
+        for (; c < NR; c++) d[k * NR + c] = 0.0f;
+      }
+    }
+  }
+}
+
+#if defined(__AVX512F__)
+// In-register transpose of a 16 x 16 float block: r[i] lane j  ->  r[j] lane i.
+inline void transpose16(__m512 r[16]) {
+  __m512 t[16], u[16];
+  for (int i = 0; i < 8; i++) {  // 32-bit interleave inside 128-bit lanes
+    t[2 * i] = _mm512_unpacklo_ps(r[2 * i], r[2 * i + 1]);
+    t[2 * i + 1] = _mm512_unpackhi_ps(r[2 * i], r[2 * i + 1]);
+  }
+  for (int i = 0; i < 4; i++) {  // 64-bit interleave: u[4i+j] lane l = column 4l+j of rows 4i..4i+3
+    __m512d t0 = _mm512_castps_pd(t[4 * i]), t1 = _mm512_castps_pd(t[4 * i + 1]);
+    __m512d t2 = _mm512_castps_pd(t[4 * i + 2]), t3 = _mm512_castps_pd(t[4 * i + 3]);
+    u[4 * i] = _mm512_castpd_ps(_mm512_unpacklo_pd(t0, t2));
+    u[4 * i + 1] = _mm512_castpd_ps(_mm512_unpackhi_pd(t0, t2));
+    u[4 * i + 2] = _mm512_castpd_ps(_mm512_unpacklo_pd(t1, t3));
+    u[4 * i + 3] = _mm512_castpd_ps(_mm512_unpackhi_pd(t1, t3));
+  }
+  for (int j = 0; j < 4; j++) {  // 4 x 4 transpose of 128-bit lanes across u[j], u[4+j], u[8+j], u[12+j]
+    __m512 v0 = _mm512_shuffle_f32x4(u[j], u[4 + j], _MM_SHUFFLE(1, 0, 1, 0));
+    __m512 v1 = _mm512_shuffle_f32x4(u[j], u[4 + j], _MM_SHUFFLE(3, 2, 3, 2));
+    __m512 v2 = _mm512_shuffle_f32x4(u[8 + j], u[12 + j], _MM_SHUFFLE(1, 0, 1, 0));
+    __m512 v3 = _mm512_shuffle_f32x4(u[8 + j], u[12 + j], _MM_SHUFFLE(3, 2, 3, 2));
+    r[j] = _mm512_shuffle_f32x4(v0, v2, _MM_SHUFFLE(2, 0, 2, 0));
+    r[4 + j] = _mm512_shuffle_f32x4(v0, v2, _MM_SHUFFLE(3, 1, 3, 1));
+    r[8 + j] = _mm512_shuffle_f32x4(v1, v3, _MM_SHUFFLE(2, 0, 2, 0));
+    r[12 + j] = _mm512_shuffle_f32x4(v1, v3, _MM_SHUFFLE(3, 1, 3, 1));
+  }
+}
+
+// Load n (<= 16) elements as 16 floats, zero-filling the rest.
+template <class L>
+inline __m512 load_partial(const typename L::T* p, int64_t n) {
+  if (n == 16) return L::vec(p);
+  alignas(64) typename L::T tmp[16] = {};
+  for (int64_t i = 0; i < n; i++) tmp[i] = p[i];
+  return L::vec(tmp);
+}
+#endif
+
+// B rows [0,kc) x cols [0,nc) of a transposed source: b[k][n] = src[n * ldn + k] (the nn.Linear weight
+// [N,K] read through .t()), into NR-column panels. With AVX-512, 16 x 16 blocks are transposed in
+// registers; elsewhere a scalar loop that reads each W row sequentially.
+template <class L>
+void pack_b_trans(const typename L::T* b, int64_t ldn, int64_t kc, int64_t nc, float* dst) {
+  for (int64_t j0 = 0; j0 < nc; j0 += NR) {
+    int64_t nr = std::min<int64_t>(NR, nc - j0);
+    float* d = dst + j0 * kc;
+#if defined(__AVX512F__)
+    for (int64_t c0 = 0; c0 < NR; c0 += 16) {
+      int64_t ncol = std::max<int64_t>(0, std::min<int64_t>(16, nr - c0));
+      for (int64_t k0 = 0; k0 < kc; k0 += 16) {
+        int64_t nk = std::min<int64_t>(16, kc - k0);
+        __m512 r[16];
+        for (int64_t i = 0; i < 16; i++) {
+          const typename L::T* s = b + (j0 + c0 + i) * ldn + k0;
+          r[i] = i < ncol ? load_partial<L>(s, nk) : _mm512_setzero_ps();
+        }
+        transpose16(r);
+        for (int64_t kk = 0; kk < nk; kk++) _mm512_store_ps(d + (k0 + kk) * NR + c0, r[kk]);
+      }
+    }
+#else
+    for (int64_t c = 0; c < NR; c++) {
+      if (c < nr) {
+        const typename L::T* s = b + (j0 + c) * ldn;
+        for (int64_t k = 0; k < kc; k++) d[k * NR + c] = L::one(s + k);
+      } else {
+        for (int64_t k = 0; k < kc; k++) d[k * NR + c] = 0.0f;
+      }
+    }
+#endif
+  }
+}
+
+// Any strides, any dtype: correct, slow.
+void pack_b_generic(const KView& b, int64_t k0, int64_t j0, int64_t kc, int64_t nc, float* dst) {
+  for (int64_t p0 = 0; p0 < nc; p0 += NR) {
+    float* d = dst + p0 * kc;
+    for (int64_t k = 0; k < kc; k++)
+      for (int64_t c = 0; c < NR; c++)
+        d[k * NR + c] = p0 + c < nc
+                            ? load_f32(b.data, b.dtype, (k0 + k) * b.stride(0) + (j0 + p0 + c) * b.stride(1))
+                            : 0.0f;
+  }
+}
+
+enum class BLayout { RowMajor, Trans, Generic };
+
+BLayout classify_b(const KView& b) {
+  const int64_t K = b.size(0), N = b.size(1);
+  if (N == 1 && (b.stride(0) == 1 || K == 1)) return BLayout::Trans;  // a column vector: dot products
+  if (b.stride(1) == 1 || N == 1) return BLayout::RowMajor;
+  if (b.stride(0) == 1 || K == 1) return BLayout::Trans;
+  return BLayout::Generic;
+}
+
+void pack_b(const KView& b, BLayout lay, int64_t k0, int64_t j0, int64_t kc, int64_t nc, float* dst) {
+  if (lay == BLayout::RowMajor) {
+    const int64_t ldb = b.stride(0);
+    switch (b.dtype) {
+      case DType::F32:
+        return pack_b_rowmajor<LdF32>(b.ptr<const float>() + k0 * ldb + j0, ldb, kc, nc, dst);
+      case DType::BF16:
+        return pack_b_rowmajor<LdBF16>(b.ptr<const uint16_t>() + k0 * ldb + j0, ldb, kc, nc, dst);
+      case DType::F16:
+        return pack_b_rowmajor<LdF16>(b.ptr<const uint16_t>() + k0 * ldb + j0, ldb, kc, nc, dst);
+      default: break;
+    }
+  } else if (lay == BLayout::Trans) {
+    const int64_t ldn = b.stride(1);
+    switch (b.dtype) {
+      case DType::F32:
+        return pack_b_trans<LdF32>(b.ptr<const float>() + j0 * ldn + k0, ldn, kc, nc, dst);
+      case DType::BF16:
+        return pack_b_trans<LdBF16>(b.ptr<const uint16_t>() + j0 * ldn + k0, ldn, kc, nc, dst);
+      case DType::F16:
+        return pack_b_trans<LdF16>(b.ptr<const uint16_t>() + j0 * ldn + k0, ldn, kc, nc, dst);
+      default: break;
+    }
+  }
+  pack_b_generic(b, k0, j0, kc, nc, dst);
+}
+
+// ---- GEMM path: one thread's block out[m0:m1, n0:n1] ----
+struct GemmArgs {
+  const float* a;
+  int64_t sa0, sa1;
+  const KView* b;
+  BLayout lay;
+  const float* bias;  // f32 [N] or nullptr
+  float* c;
+  int64_t ldc;
+  int64_t M, N, K;
+};
+
+void gemm_block(const GemmArgs& g, int64_t m0, int64_t m1, int64_t n0, int64_t n1) {
+  if (m0 >= m1 || n0 >= n1) return;
+  const int64_t K = g.K;
+  const int64_t nkb = ceil_div(K, KC_MAX);
+  const int64_t KC = ceil_div(ceil_div(K, nkb), 8) * 8;  // even split of K, multiple of 8
+  const int64_t MC = std::min<int64_t>(MC_MAX, ceil_div(m1 - m0, MR) * MR);
+  // With a single A block (the thread's rows fit in MC: prefill-sized M), every B micro-panel is used
+  // by exactly one sweep over the A panels, so it is packed right before that sweep into a KC x NR
+  // buffer that stays in L1/L2. Packing the whole KC x NC block first would write it to L3 and read it
+  // back: that round trip measured ~17% of the single-thread time at M=128, N=3072, K=768.
+  const bool fused = m1 - m0 <= MC;
+  const int64_t NC = fused ? n1 - n0 : std::min<int64_t>(NC_MAX, ceil_div(n1 - n0, NR) * NR);
+  float* bp = t_bpack.get(static_cast<size_t>(KC * (fused ? kSlab * NR : NC)));
+  float* ap = t_apack.get(static_cast<size_t>(KC * MC));
+  for (int64_t jc = n0; jc < n1; jc += NC) {
+    const int64_t nc = std::min(NC, n1 - jc);
+    for (int64_t pc = 0; pc < K; pc += KC) {
+      const int64_t kc = std::min(KC, K - pc);
+      if (!fused) pack_b(*g.b, g.lay, pc, jc, kc, nc, bp);
+      const int mode = pc > 0 ? 2 : (g.bias != nullptr ? 1 : 0);
+      for (int64_t ic = m0; ic < m1; ic += MC) {
+        const int64_t mc = std::min(MC, m1 - ic);
+        pack_a(g.a + ic * g.sa0 + pc * g.sa1, g.sa0, g.sa1, mc, kc, ap);
+        for (int64_t jr = 0; jr < nc; jr += NR) {
+          const int ncols = static_cast<int>(std::min<int64_t>(NR, nc - jr));
+          const float* bpanel = bp + jr * kc;
+          if (fused) {
+            const int64_t slab = jr % (kSlab * NR);
+            if (slab == 0) pack_b(*g.b, g.lay, pc, jc + jr, kc, std::min(kSlab * NR, nc - jr), bp);
+            bpanel = bp + slab * kc;
+          }
+          const float* bias = g.bias != nullptr ? g.bias + jc + jr : nullptr;
+          for (int64_t ir = 0; ir < mc; ir += MR) {
+            const int rows = static_cast<int>(std::min<int64_t>(MR, mc - ir));
+            float* cblk = g.c + (ic + ir) * g.ldc + jc + jr;
+            if (rows == MR)
+              micro_kernel<MR>(kc, ap + ir * kc, bpanel, cblk, g.ldc, ncols, mode, bias);
+            else
+              micro_for_rows(rows)(kc, ap + ir * kc, bpanel, cblk, g.ldc, ncols, mode, bias);
+          }
+        }
+      }
+    }
+  }
+}
+
+void gemm_path(const GemmArgs& g) {
+  const int64_t Mp = ceil_div(g.M, MR), Np = ceil_div(g.N, NR);
+  int T = num_threads();
+  const double flops = 2.0 * g.M * g.N * g.K;
+  if (flops < 2e6) T = 1;  // below ~10 us of work the fork/join costs more than it saves
+  // Pick tm x tn = T minimising the per-thread cost: its tiles (compute) plus its packing traffic
+  // (A rows + B columns it packs, each costing ~16 MACs-equivalent per k).
+  int best_tm = 1;
+  double best = 1e300;
+  for (int tm = 1; tm <= T; tm++) {
+    if (T % tm != 0) continue;
+    const int tn = T / tm;
+    const double rows = static_cast<double>(ceil_div(Mp, tm)) * MR, cols = static_cast<double>(ceil_div(Np, tn)) * NR;
+    const double cost = rows * cols + 16.0 * (rows + cols);
+    if (cost < best) { best = cost; best_tm = tm; }
+  }
+  const int tm = best_tm, tn = T / tm;
+  auto run = [&](int64_t t) {
+    const int64_t ti = t / tn, tj = t % tn;
+    const int64_t m0 = std::min(g.M, Mp * ti / tm * MR), m1 = std::min(g.M, Mp * (ti + 1) / tm * MR);
+    const int64_t n0 = std::min(g.N, Np * tj / tn * NR), n1 = std::min(g.N, Np * (tj + 1) / tn * NR);
+    gemm_block(g, m0, m1, n0, n1);
+  };
+  if (T == 1) {
+    run(0);
+  } else {
+    parallel_for(0, T, 1, [&](int64_t lo, int64_t hi) {
+      for (int64_t t = lo; t < hi; t++) run(t);
+    });
+  }
+}
+
+// ---- matrix-vector path (M <= kMatvecMaxM) ----
+// Row-major b: acc[m, n0:n1] = sum_{k in [k0,k1)} a[m,k] * b[k, n0:n1]. Threads split K (each streams
+// one contiguous block of rows: measured ~25% more bandwidth than splitting N, whose per-row chunks are
+// short) and their partial sums are added at the end. RR rows of b are combined per pass over the
+// accumulator strip (<= 256 KiB, L2-resident), so the strip costs one load + store per RR rows.
+template <class L, int MM>
+void axpy_rows(const float* a, int64_t lda, const typename L::T* b, int64_t ldb, int64_t k0, int64_t k1,
+               int64_t n0, int64_t n1, float* acc, int64_t ldacc) {
+  constexpr int RR = MM <= 2 ? 8 : 4;  // MM * RR broadcasts + RR rows of b stay in registers
+  const int64_t strip = std::max<int64_t>(1024, 65536 / MM);
+  for (int m = 0; m < MM; m++)
+    for (int64_t j = n0; j < n1; j++) acc[m * ldacc + j] = 0.0f;
+  for (int64_t s0 = n0; s0 < n1; s0 += strip) {
+    const int64_t s1 = std::min(n1, s0 + strip);
+    const int64_t sv = s0 + (s1 - s0) / VL * VL;
+    int64_t k = k0;
+    for (; k + RR <= k1; k += RR) {
+      const typename L::T* br = b + k * ldb;
+      vf av[MM][RR];
+#pragma GCC unroll 4
+      for (int m = 0; m < MM; m++)
+#pragma GCC unroll 8
+        for (int q = 0; q < RR; q++) av[m][q] = vbcast(a[m * lda + k + q]);
+      for (int64_t j = s0; j < sv; j += VL) {
+        vf x[RR];
+#pragma GCC unroll 8
+        for (int q = 0; q < RR; q++) x[q] = L::vec(br + q * ldb + j);
+#pragma GCC unroll 4
+        for (int m = 0; m < MM; m++) {
+          float* ar = acc + m * ldacc + j;
+          vf s = vload(ar);
+#pragma GCC unroll 8
+          for (int q = 0; q < RR; q++) s = vfma(av[m][q], x[q], s);
+          vstore(ar, s);
+        }
+      }
+      for (int64_t j = sv; j < s1; j++)
+        for (int m = 0; m < MM; m++) {
+          float s = acc[m * ldacc + j];
+          for (int q = 0; q < RR; q++) s += a[m * lda + k + q] * L::one(br + q * ldb + j);
+          acc[m * ldacc + j] = s;
+        }
+    }
+    for (; k < k1; k++) {
+      const typename L::T* br = b + k * ldb;
+      for (int m = 0; m < MM; m++) {
+        const float am = a[m * lda + k];
+        const vf avv = vbcast(am);
+        float* ar = acc + m * ldacc;
+        int64_t j = s0;
+        for (; j < sv; j += VL) vstore(ar + j, vfma(avv, L::vec(br + j), vload(ar + j)));
+        for (; j < s1; j++) ar[j] += am * L::one(br + j);
+      }
+    }
+  }
+}
+
+// Transposed b (W [N,K], row n at w + n*ldn): RR dot products of length K per a row at once.
+template <class L, int MM, int RR>
+void dot_block(const float* a, int64_t lda, const typename L::T* w, int64_t ldn, int64_t K, float* c, int64_t ldc,
+               const float* bias) {
+  vf acc[MM][RR];
+#pragma GCC unroll 4
+  for (int m = 0; m < MM; m++)
+#pragma GCC unroll 8
+    for (int r = 0; r < RR; r++) acc[m][r] = vzero();
+  const int64_t Kv = K / VL * VL;
+  for (int64_t k = 0; k < Kv; k += VL) {
+    vf x[RR];
+#pragma GCC unroll 8
+    for (int r = 0; r < RR; r++) x[r] = L::vec(w + r * ldn + k);
+#pragma GCC unroll 4
+    for (int m = 0; m < MM; m++) {
+      const vf av = vload(a + m * lda + k);
+#pragma GCC unroll 8
+      for (int r = 0; r < RR; r++) acc[m][r] = vfma(av, x[r], acc[m][r]);
+    }
+  }
+  for (int m = 0; m < MM; m++) {
+    for (int r = 0; r < RR; r++) {
+      float s = vsum(acc[m][r]);
+      for (int64_t k = Kv; k < K; k++) s += a[m * lda + k] * L::one(w + r * ldn + k);
+      c[m * ldc + r] = s + (bias != nullptr ? bias[r] : 0.0f);
+    }
+  }
+}
+
+template <class L, int MM>
+void matvec_dots(const float* a, int64_t lda, const typename L::T* w, int64_t ldn, int64_t K, int64_t n0,
+                 int64_t n1, float* c, int64_t ldc, const float* bias) {
+  constexpr int RR = MM <= 2 ? 8 : 4;  // MM * RR <= 16 accumulators, RR weight rows streamed at once
+  int64_t n = n0;
+  for (; n + RR <= n1; n += RR)
+    dot_block<L, MM, RR>(a, lda, w + n * ldn, ldn, K, c + n, ldc, bias != nullptr ? bias + n : nullptr);
+  for (; n < n1; n++)
+    dot_block<L, MM, 1>(a, lda, w + n * ldn, ldn, K, c + n, ldc, bias != nullptr ? bias + n : nullptr);
+}
+
+void matvec_generic(const float* a, int64_t lda, const KView& b, int64_t K, int64_t MM, int64_t n0, int64_t n1,
+                    float* c, int64_t ldc, const float* bias) {
+  for (int64_t m = 0; m < MM; m++)
+    for (int64_t n = n0; n < n1; n++) {
+      float s = 0.0f;
+      for (int64_t k = 0; k < K; k++)
+        s += a[m * lda + k] * load_f32(b.data, b.dtype, k * b.stride(0) + n * b.stride(1));
+      c[m * ldc + n] = s + (bias != nullptr ? bias[n] : 0.0f);
+    }
+}
+
+// One thread's share: W-rows (transposed b) or b-rows [k0,k1) x columns [n0,n1) (row-major b).
+struct MvArgs {
+  const float* a;
+  int64_t lda;
+  const KView* b;
+  BLayout lay;
+  int64_t M, K, N;
+  float* c;  // out, row stride ldc (transposed / generic b write here directly, with bias)
+  int64_t ldc;
+  const float* bias;
+  float* partial;  // row-major b: [ksplits][M][N] partial sums, added up by the caller
+};
+
+template <class L, int MM>
+void matvec_part(const MvArgs& g, int64_t k0, int64_t k1, int64_t n0, int64_t n1, int64_t ks) {
+  const auto* base = g.b->ptr<const typename L::T>();
+  if (g.lay == BLayout::RowMajor)
+    axpy_rows<L, MM>(g.a, g.lda, base, g.b->stride(0), k0, k1, n0, n1, g.partial + ks * MM * g.N, g.N);
+  else
+    matvec_dots<L, MM>(g.a, g.lda, base, g.b->stride(1), g.K, n0, n1, g.c, g.ldc, g.bias);
+}
+
+template <class L>
+void matvec_part_m(const MvArgs& g, int64_t k0, int64_t k1, int64_t n0, int64_t n1, int64_t ks) {
+  static_assert(kMatvecMaxM == 4, "one instantiation per M below");
+  switch (g.M) {
+    case 1: return matvec_part<L, 1>(g, k0, k1, n0, n1, ks);
+    case 2: return matvec_part<L, 2>(g, k0, k1, n0, n1, ks);
+    case 3: return matvec_part<L, 3>(g, k0, k1, n0, n1, ks);
+    default: return matvec_part<L, 4>(g, k0, k1, n0, n1, ks);
+  }
+}
+
+thread_local Scratch t_partial;
+
+void matvec_path(int64_t M, const float* a, int64_t lda, const KView& b, BLayout lay, int64_t K, int64_t N,
+                 float* c, int64_t ldc, const float* bias) {
+  MvArgs g{a, lda, &b, lay, M, K, N, c, ldc, bias, nullptr};
+  const bool typed = b.dtype == DType::F32 || b.dtype == DType::BF16 || b.dtype == DType::F16;
+  if (lay == BLayout::Generic || !typed) lay = g.lay = BLayout::Generic;
+  auto part = [&](int64_t k0, int64_t k1, int64_t n0, int64_t n1, int64_t ks) {
+    if (n0 >= n1) return;
+    if (lay == BLayout::Generic) return matvec_generic(a, lda, b, K, M, n0, n1, c, ldc, bias);
+    switch (b.dtype) {
+      case DType::F32: return matvec_part_m<LdF32>(g, k0, k1, n0, n1, ks);
+      case DType::BF16: return matvec_part_m<LdBF16>(g, k0, k1, n0, n1, ks);
+      default: return matvec_part_m<LdF16>(g, k0, k1, n0, n1, ks);
+    }
+  };
+  int T = num_threads();
+  if (static_cast<double>(K) * N < 65536.0) T = 1;  // < ~64K weights: a fork/join costs more
+  // Row-major b with enough rows: split K (contiguous row blocks); otherwise split N in chunks
+  // aligned to 64 columns (whole cache lines for every dtype).
+  const bool ksplit = lay == BLayout::RowMajor && T > 1 && K >= 64 * T;
+  const int64_t nks = ksplit ? T : 1;
+  if (lay == BLayout::RowMajor) g.partial = t_partial.get(static_cast<size_t>(nks * M * N));
+  const int64_t units = ceil_div(N, 64);
+  if (!ksplit && T > units) T = static_cast<int>(units);
+  if (T <= 1) {
+    part(0, K, 0, N, 0);
+  } else {
+    parallel_for(0, T, 1, [&](int64_t lo, int64_t hi) {
+      for (int64_t t = lo; t < hi; t++) {
+        if (ksplit)
+          part(K * t / T, K * (t + 1) / T, 0, N, t);
+        else
+          part(0, K, std::min(N, units * t / T * 64), std::min(N, units * (t + 1) / T * 64), 0);
+      }
+    });
+  }
+  if (lay == BLayout::RowMajor) {  // c = sum of the K-split partials + bias
+    for (int64_t m = 0; m < M; m++) {
+      float* cr = c + m * ldc;
+      for (int64_t j = 0; j < N; j++) {
+        float s = bias != nullptr ? bias[j] : 0.0f;
+        for (int64_t ks = 0; ks < nks; ks++) s += g.partial[(ks * M + m) * N + j];
+        cr[j] = s;
+      }
+    }
+  }
+}
+
+}  // namespace
+
+namespace fast {
+void gemm(const KView& a, const KView& b, const KView* bias, const KView& out) {
+  const int64_t M = a.size(0), K = a.size(1), N = b.size(1);
+  if (M == 0 || N == 0) return;
+
+  // bias -> dense f32
+  std::vector<float> bias_buf;
+  const float* biasf = nullptr;
+  if (bias != nullptr) {
+    if (bias->dtype == DType::F32 && (bias->stride(0) == 1 || N == 1)) {
+      biasf = bias->ptr<const float>();
+    } else {
+      bias_buf.resize(static_cast<size_t>(N));
+      for (int64_t j = 0; j < N; j++) bias_buf[j] = load_f32(bias->data, bias->dtype, j * bias->stride(0));
+      biasf = bias_buf.data();
+    }
+  }
+
+  // out: written in place when its rows are dense f32, else through a dense scratch
+  std::vector<float> out_buf;
+  float* c;
+  int64_t ldc;
+  const bool out_direct = out.dtype == DType::F32 && (out.stride(1) == 1 || N == 1);
+  if (out_direct) {
+    c = out.ptr<float>();
+    ldc = out.stride(0);
+  } else {
+    out_buf.resize(static_cast<size_t>(M * N));
+    c = out_buf.data();
+    ldc = N;
+  }
+
+  if (K == 0) {
+    for (int64_t i = 0; i < M; i++)
+      for (int64_t j = 0; j < N; j++) c[i * ldc + j] = biasf != nullptr ? biasf[j] : 0.0f;
+  } else {
+    const BLayout lay = classify_b(b);
+    // a: used in place when f32 (the GEMM packing handles any strides; matvec wants unit k-stride)
+    std::vector<float> a_buf;
+    const float* ap = a.ptr<const float>();
+    int64_t sa0 = a.stride(0), sa1 = a.stride(1);
+    const bool small_m = M <= kMatvecMaxM;
+    if (a.dtype != DType::F32 || (small_m && sa1 != 1 && K > 1)) {
+      a_buf.resize(static_cast<size_t>(M * K));
+      for (int64_t i = 0; i < M; i++)
+        for (int64_t k = 0; k < K; k++) a_buf[i * K + k] = load_f32(a.data, a.dtype, i * sa0 + k * sa1);
+      ap = a_buf.data();
+      sa0 = K;
+      sa1 = 1;
+    }
+    if (small_m) {
+      matvec_path(M, ap, sa0, b, lay, K, N, c, ldc, biasf);
+    } else {
+      GemmArgs g{ap, sa0, sa1, &b, lay, biasf, c, ldc, M, N, K};
+      gemm_path(g);
+    }
+  }
+
+  if (!out_direct) {
+    for (int64_t i = 0; i < M; i++)
+      for (int64_t j = 0; j < N; j++) store_f32(out.data, out.dtype, i * out.stride(0) + j * out.stride(1), c[i * N + j]);
+  }
+}
+}  // namespace fast
+
+}  // namespace nx

@@ -1,0 +1,194 @@
+// gemm_test.cpp: nx::fast::gemm against nx::ref::gemm (kernels/cpu/gemm.h).
+//
+// Covers both fast b layouts (row-major [K,N] and the transposed nn.Linear view with stride(0) == 1)
+// plus a b with no unit stride (generic path); b in f32/bf16/f16; bias on/off and of every float dtype;
+// non-contiguous a and out; odd sizes around the micro-tile (MR x NR = 8 x 48 with AVX-512), the
+// matvec threshold (M <= 4), the K block (384), the M block (192) and the N block (3072); size-0 and
+// size-1 dims; 1, 2 and 3 pool threads.
+//
+// Tolerance (one formula, used by every check through `tol_for`): both sides accumulate in f32 but in
+// a different order (the fast kernels split K into blocks, keep 16-lane partial sums and reduce them
+// at the end). The difference of two f32 summations of K products is bounded in practice by
+// ~ sqrt(K) * eps * |a_row| * |b_col| (random-walk rounding, eps = 2^-23 ~ 1.19e-7); with entries
+// uniform in [-1, 1], |a_row| * |b_col| ~ K/3. We allow 2x that. bf16/f16 weights add no error of their
+// own: both kernels widen the same bits exactly. A wrong index or a dropped term is off by ~0.1 or
+// more, far above the tolerance for every K tested here (K = 1000: tol ~ 2.5e-3).
+//
+// Run: g++ -O3 -std=c++17 -march=native -I. test/cpp/harness.cpp test/cpp/gemm_test.cpp
+//        kernels/cpu/gemm.cpp native/src/core/threadpool.cpp -lpthread -o /tmp/gemm_test && /tmp/gemm_test gemm
+#include <cmath>
+#include <cstdio>
+
+#include "../../kernels/cpu/gemm.h"
+#include "harness.h"
+
+namespace {
+
+using nx::DType;
+using nxt::Layout;
+
+double tol_for(int64_t K) {
+  const double eps = 1.1920929e-7;
+  const double kk = static_cast<double>(K);
+  return 2.0 * std::sqrt(kk) * eps * (kk / 3.0) + 1e-6;  // see the header comment
+}
+
+const char* lay_name(Layout l) {
+  return l == Layout::Contiguous ? "contig" : l == Layout::Transposed ? "trans" : "strided";
+}
+
+struct Spec {
+  int64_t M, N, K;
+  DType bdt = DType::F32;
+  Layout blay = Layout::Contiguous;  // Contiguous: row-major [K,N]; Transposed: W[N,K].t(); Strided: generic
+  Layout alay = Layout::Contiguous;
+  Layout olay = Layout::Contiguous;
+  bool bias = false;
+  DType bias_dt = DType::F32;
+  Layout bias_lay = Layout::Contiguous;
+};
+
+void check(const Spec& s) {
+  auto a = nxt::make({s.M, s.K}, DType::F32, s.alay);
+  auto b = nxt::make({s.K, s.N}, s.bdt, s.blay);
+  auto bias = nxt::make({s.N}, s.bias_dt, s.bias_lay);
+  auto want = nxt::make({s.M, s.N}, DType::F32, s.olay);
+  auto got = nxt::make({s.M, s.N}, DType::F32, s.olay);
+  nxt::fill_random(a->v);
+  nxt::fill_random(b->v);
+  nxt::fill_random(bias->v);
+  nxt::fill_random(want->v, 100.0, 200.0);  // garbage that must be overwritten
+  nxt::fill_random(got->v, 100.0, 200.0);
+  nx::ref::gemm(a->v, b->v, s.bias ? &bias->v : nullptr, want->v);
+  nx::fast::gemm(a->v, b->v, s.bias ? &bias->v : nullptr, got->v);
+  char what[256];
+  std::snprintf(what, sizeof what, "M=%lld N=%lld K=%lld b=%s/%s a=%s out=%s bias=%s/%s threads=%d",
+                static_cast<long long>(s.M), static_cast<long long>(s.N), static_cast<long long>(s.K),
+                nx::dtype_name(s.bdt), lay_name(s.blay), lay_name(s.alay), lay_name(s.olay),
+                s.bias ? nx::dtype_name(s.bias_dt) : "none", lay_name(s.bias_lay), nx::num_threads());
+  // tolerance: f32 reordering error, sqrt(K) * eps * |a||b| (header comment); rtol 0 on purpose
+  nxt::allclose(got->v, want->v, tol_for(s.K), 0.0, what);
+}
+
+struct ThreadScope {  // run a block with a given pool size, restoring the previous one
+  int prev;
+  explicit ThreadScope(int n) : prev(nx::num_threads()) { nx::set_num_threads(n); }
+  ~ThreadScope() { nx::set_num_threads(prev); }
+};
+
+const DType kBDtypes[] = {DType::F32, DType::BF16, DType::F16};
+const Layout kBLayouts[] = {Layout::Contiguous, Layout::Transposed, Layout::Strided};
+
+}  // namespace
+
+// Every M around the matvec threshold and the micro-tile height, odd N and K, all b dtypes/layouts.
+NX_TEST(gemm_odd_sizes_all_b) {
+  const int64_t Ms[] = {1, 2, 3, 4, 5, 7, 8, 9, 17};
+  const int64_t Ns[] = {1, 3, 17, 48, 65};
+  const int64_t Ks[] = {1, 3, 17, 65};
+  for (DType dt : kBDtypes)
+    for (Layout bl : kBLayouts)
+      for (int64_t M : Ms)
+        for (int64_t N : Ns)
+          for (int64_t K : Ks) {
+            Spec s{M, N, K};
+            s.bdt = dt;
+            s.blay = bl;
+            s.bias = ((M + N + K) % 2) == 0;
+            check(s);
+          }
+}
+
+// Larger odd shapes: several micro-panels, K crossing the 384 block, edges in both M and N.
+NX_TEST(gemm_blocked_shapes) {
+  const int64_t shapes[][3] = {{65, 129, 129}, {129, 65, 385}, {33, 97, 800}, {8, 48, 384},
+                               {16, 96, 768},  {1, 129, 1000}, {3, 257, 385}, {4, 1000, 129}};
+  for (DType dt : kBDtypes)
+    for (Layout bl : {Layout::Contiguous, Layout::Transposed})
+      for (auto& sh : shapes)
+        for (bool bias : {false, true}) {
+          Spec s{sh[0], sh[1], sh[2]};
+          s.bdt = dt;
+          s.blay = bl;
+          s.bias = bias;
+          check(s);
+        }
+}
+
+// Non-contiguous a and out (transposed and every-other-element views) on both paths.
+NX_TEST(gemm_noncontiguous_a_out) {
+  const int64_t shapes[][3] = {{1, 65, 33}, {3, 17, 129}, {9, 65, 17}, {65, 50, 100}};
+  const Layout lays[] = {Layout::Contiguous, Layout::Transposed, Layout::Strided};
+  for (auto& sh : shapes)
+    for (Layout al : lays)
+      for (Layout ol : lays)
+        for (Layout bl : {Layout::Contiguous, Layout::Transposed}) {
+          Spec s{sh[0], sh[1], sh[2]};
+          s.alay = al;
+          s.olay = ol;
+          s.blay = bl;
+          s.bdt = DType::BF16;
+          s.bias = true;
+          check(s);
+        }
+}
+
+// Bias of every float dtype, contiguous and strided.
+NX_TEST(gemm_bias_dtypes) {
+  for (DType bdt : kBDtypes)
+    for (Layout bl : {Layout::Contiguous, Layout::Strided})
+      for (int64_t M : {1, 2, 12}) {
+        Spec s{M, 70, 40};
+        s.bias = true;
+        s.bias_dt = bdt;
+        s.bias_lay = bl;
+        check(s);
+      }
+}
+
+// Size-0 dims: M = 0 / N = 0 write nothing; K = 0 gives out = bias (or 0).
+NX_TEST(gemm_empty_dims) {
+  for (bool bias : {false, true})
+    for (int64_t M : {0, 1, 9})
+      for (int64_t N : {0, 5, 50})
+        for (int64_t K : {0, 7}) {
+          Spec s{M, N, K};
+          s.bias = bias;
+          check(s);
+          s.blay = Layout::Transposed;
+          check(s);
+        }
+}
+
+// Thread partitions: 1, 2, 3 threads; N large enough to cross the N block (3072) per thread, M large
+// enough to cross the M block (192), and matvec ranges split across threads.
+NX_TEST(gemm_threads_and_big_blocks) {
+  for (int threads : {1, 2, 3}) {
+    ThreadScope ts(threads);
+    const int64_t shapes[][3] = {{9, 6300, 24}, {420, 40, 24}, {130, 300, 64}, {1, 4099, 70}, {4, 3001, 33}, {3, 700, 301}, {1, 260, 999}};
+    for (auto& sh : shapes)
+      for (Layout bl : {Layout::Contiguous, Layout::Transposed})
+        for (DType dt : {DType::F32, DType::F16}) {
+          Spec s{sh[0], sh[1], sh[2]};
+          s.blay = bl;
+          s.bdt = dt;
+          s.bias = true;
+          check(s);
+        }
+  }
+}
+
+// Randomised shapes (fixed seed via the harness rng), every option drawn at random.
+NX_TEST(gemm_random_shapes) {
+  for (int it = 0; it < 150; it++) {
+    Spec s{nxt::rand_int(1, 70), nxt::rand_int(1, 150), nxt::rand_int(1, 450)};
+    if (it % 5 == 0) s.M = nxt::rand_int(1, 4);  // matvec path often
+    s.bdt = kBDtypes[nxt::rand_int(0, 2)];
+    s.blay = kBLayouts[nxt::rand_int(0, 2)];
+    s.alay = kBLayouts[nxt::rand_int(0, 2)];
+    s.olay = kBLayouts[nxt::rand_int(0, 2)];
+    s.bias = nxt::rand_int(0, 1) == 1;
+    s.bias_dt = kBDtypes[nxt::rand_int(0, 2)];
+    check(s);
+  }
+}

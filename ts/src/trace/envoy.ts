@@ -1,0 +1,168 @@
+/**
+ * Envoys: the model's module tree as objects, with Hugging Face names (`model.model.layers[3].mlp`).
+ * Inside a trace, `.output`, `.input` and `.inputs` read module values (graph nodes), assigning them
+ * swaps the value for the rest of the pass, `skip(v)` replaces a module's computation, and `call(x)`
+ * runs a module on any value (logit lens) without firing its hooks.
+ *
+ * List modules (`layers`, `h`) index with numbers, negative ones too (`layers[-1]`, `layers.at(-1)`),
+ * have `length` and iterate.
+ */
+import { NNsightError } from "../errors.js";
+import type { ModuleSpec } from "../models/module-tree.js";
+import { activeRecorder } from "./recorder.js";
+import type { GraphLike, TracedValue } from "./traced-value.js";
+
+export class Envoy {
+  /** dotted module path (`"model.layers.3.mlp"`; `""` for the root) */
+  readonly path: string;
+  /** the HF class name (`"LlamaMLP"`) */
+  readonly type: string;
+  /** @internal */ readonly _spec: ModuleSpec;
+  /** @internal */ readonly _owner: object;
+  /** @internal */ readonly _children: Envoy[];
+  /** @internal alias name -> child */ readonly _aliases = new Map<string, Envoy>();
+
+  /** @internal */
+  constructor(spec: ModuleSpec, owner: object, aliases: Record<string, string> = {}) {
+    this.path = spec.path;
+    this.type = spec.type;
+    this._spec = spec;
+    this._owner = owner;
+    this._children = spec.children.map((c) => makeEnvoy(c, owner, aliases));
+    for (const c of this._children) {
+      const name = c._spec.name;
+      Object.defineProperty(this, name, { value: c, enumerable: true, configurable: true });
+    }
+    // aliases: a key is either a child name (applies under every parent) or a full path
+    for (const [from, to] of Object.entries(aliases)) {
+      const key = from.startsWith(".") ? from.slice(1) : from;
+      for (const c of this._children) {
+        const full = c.path;
+        if (key === c._spec.name || key === full) {
+          if (!(to in this)) Object.defineProperty(this, to, { value: c, enumerable: false, configurable: true });
+          this._aliases.set(to, c);
+        }
+      }
+    }
+  }
+
+  private where(kind: string): string {
+    return this.path === "" ? `model.${kind}` : `${this.path}.${kind}`;
+  }
+
+  /** The module's output (decoder layers: the hidden state [batch, seq, hidden]; the root: `{ logits }`). */
+  get output(): TracedValue {
+    return activeRecorder(this.where("output"), this._owner).moduleValue(this.path, "output");
+  }
+  /** Replace the module's output for the rest of the pass. */
+  set output(v: GraphLike) {
+    activeRecorder(this.where("output"), this._owner).swap(this.path, "output", v);
+  }
+  /** The module's first positional input. */
+  get input(): TracedValue {
+    return activeRecorder(this.where("input"), this._owner).moduleValue(this.path, "input");
+  }
+  set input(v: GraphLike) {
+    activeRecorder(this.where("input"), this._owner).swap(this.path, "input", v);
+  }
+  /** All positional inputs, as an array value. */
+  get inputs(): TracedValue {
+    return activeRecorder(this.where("inputs"), this._owner).moduleValue(this.path, "inputs");
+  }
+  /** Skip the module: its computation does not run and `value` is its output. */
+  skip(value: GraphLike): void {
+    activeRecorder(this.where("skip"), this._owner).skip(this.path, value);
+  }
+  /** Run this module on any value (its hooks do not fire): `model.lm_head.call(model.model.norm.call(h))`. */
+  call(...inputs: GraphLike[]): TracedValue {
+    return activeRecorder(this.where("call"), this._owner).add("call", [this.path, ...inputs]);
+  }
+  /** Move this invoke's step cursor to the next generation step (same as `tr.next()`). */
+  next(n = 1): this {
+    activeRecorder(this.where("next"), this._owner).advanceStep(n);
+    return this;
+  }
+
+  /** Every module below this one (pre-order), this one excluded. */
+  modules(): Envoy[] {
+    const out: Envoy[] = [];
+    const walk = (e: Envoy) => {
+      for (const c of e._children) {
+        out.push(c);
+        walk(c);
+      }
+    };
+    walk(this);
+    return out;
+  }
+  /** Named children. */
+  children(): Envoy[] {
+    return [...this._children];
+  }
+  /** The module at a dotted path relative to this one (`get("layers.3.mlp")`); aliases allowed. */
+  get(path: string): Envoy {
+    let cur: Envoy = this;
+    if (path === "") return cur;
+    for (const part of path.split(".")) {
+      const next = cur.child(part);
+      if (!next) {
+        const valid = cur._children.map((c) => c._spec.name);
+        const shown = valid.length > 12 ? [...valid.slice(0, 5), "...", ...valid.slice(-2)] : valid;
+        throw new NNsightError(
+          "BAD_PATH",
+          `${cur.path || "the model"} has no module "${part}"${valid.length ? `; its children are: ${shown.join(", ")}` : " (it has no children)"}`,
+          { path: cur.path },
+        );
+      }
+      cur = next;
+    }
+    return cur;
+  }
+  /** @internal */
+  child(name: string): Envoy | undefined {
+    if (/^-?\d+$/.test(name) && this._spec.isList) {
+      const i = Number(name);
+      return this._children[i < 0 ? i + this._children.length : i];
+    }
+    return this._children.find((c) => c._spec.name === name) ?? this._aliases.get(name);
+  }
+  toString(): string {
+    return `Envoy(${this.path || "<root>"}: ${this.type})`;
+  }
+}
+
+/** A list module: numeric and negative indexing, `length`, iteration. */
+export class EnvoyList<T extends Envoy = Envoy> extends Envoy {
+  get length(): number {
+    return this._children.length;
+  }
+  at(i: number): T {
+    const n = this._children.length;
+    const j = i < 0 ? i + n : i;
+    if (!Number.isInteger(j) || j < 0 || j >= n) {
+      throw new NNsightError("BAD_PATH", `${this.path} has ${n} entries; index ${i} is out of range`, { path: this.path });
+    }
+    return this._children[j] as T;
+  }
+  [Symbol.iterator](): Iterator<T> {
+    return (this._children as T[])[Symbol.iterator]();
+  }
+  readonly [i: number]: T;
+}
+
+function makeEnvoy(spec: ModuleSpec, owner: object, aliases: Record<string, string>): Envoy {
+  if (!spec.isList) return new Envoy(spec, owner, aliases);
+  const list = new EnvoyList(spec, owner, aliases);
+  return new Proxy(list, {
+    get(target, prop, receiver) {
+      if (typeof prop === "string" && /^-\d+$/.test(prop)) return target.at(Number(prop));
+      if (typeof prop === "string" && /^\d+$/.test(prop) && !(prop in target)) return target.at(Number(prop));
+      return Reflect.get(target, prop, receiver);
+    },
+  });
+}
+
+/** Build the root envoy of a model from its module tree. */
+export function buildEnvoys(root: ModuleSpec, owner: object, aliases: Record<string, string> = {}): Envoy {
+  return new Envoy(root, owner, aliases);
+}

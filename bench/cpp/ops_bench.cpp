@@ -10,7 +10,7 @@
 // softmax [8*12*128, 128] rows, add f32 with 16M elements, gelu (tanh, GPT-2) on [128, 3072].
 //
 // Build and run:
-//   g++ -O3 -std=c++17 -march=native -I. bench/cpp/ops_bench.cpp kernels/cpu/elementwise.cpp \
+//   g++ -O3 -std=c++17 -march=native -I. bench/cpp/ops_bench.cpp kernels/cpu/elementwise.cpp
 //     kernels/cpu/reduce.cpp kernels/cpu/norm.cpp native/src/core/threadpool.cpp -lpthread -o /tmp/ops_bench
 //   /tmp/ops_bench [filter]        (NX_THREADS=n caps the pool)
 #include <algorithm>

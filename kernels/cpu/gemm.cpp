@@ -6,15 +6,18 @@
 //     * GEMM (M > kMatvecMaxM): BLIS-style cache blocking. Loops jc (N by NC) > pc (K by KC) > ic
 //       (M by MC) > jr (NR-wide micro-panels of packed B) > ir (MR-tall micro-panels of packed A), with
 //       an MR x NR register-blocked micro-kernel (AVX-512: 8 x 48 = 24 zmm accumulators, 3 B vectors,
-//       one broadcast of A per row). B is widened bf16/f16 -> f32 and transposed (for the nn.Linear
-//       layout, stride(0) == 1) while it is packed, so the micro-kernel only ever sees f32.
+//       one broadcast of A per row; alone it runs at ~97% of the FMA peak). B is widened bf16/f16 -> f32
+//       and transposed (for the nn.Linear layout, stride(0) == 1) while it is packed, so the
+//       micro-kernel only ever sees f32. When a thread's rows fit one A block (prefill-sized M), B is
+//       packed a few micro-panels at a time right before use instead of a whole KC x NC block first.
 //       Threads get disjoint 2-D blocks of out (split N when N is large, M otherwise); each packs its
 //       own A and B slices into thread-local scratch, so threads never wait on each other.
-//     * matrix-vector (M <= kMatvecMaxM, decode): streams the weights once, N split across threads.
-//       Row-major [K,N] b: axpy rows out[m,:] += a[m,k] * b[k,:] (4 rows of b per pass over an
-//       L1-resident accumulator strip). Transposed b (W [N,K]): dot products of a[m,:] with 4 rows of W
-//       at a time. bf16/f16 widen in registers (bf16 is a 16-bit shift). The AVX512_BF16 dot-product
-//       instructions are NOT used: they would round a to bf16 too, and the contract accumulates a in f32.
+//     * matrix-vector (M <= kMatvecMaxM, decode): streams the weights once. Row-major [K,N] b: threads
+//       split K (each streams one contiguous block of rows; partial sums added at the end), axpy of RR
+//       rows at a time into an accumulator strip. Transposed b (W [N,K]): threads split N, dot products
+//       of a[m,:] with 4-8 rows of W at a time. bf16/f16 widen in registers (bf16 is a 16-bit shift).
+//       The AVX512_BF16 dot-product instructions are NOT used: they would round a to bf16 too, and the
+//       contract accumulates a in f32 (and the path is bound by memory, not arithmetic, anyway).
 //     * anything else (b with no unit stride) packs / loads through load_f32: correct, not fast.
 //   Non-contiguous a is handled by the packing (GEMM) or a dense copy (matvec); out with a column
 //   stride != 1 is computed into a dense scratch and then copied.
@@ -150,15 +153,30 @@ inline vf vload_bf16(const uint16_t* p) { return {bf16_to_f32(*p)}; }
 inline vf vload_f16(const uint16_t* p) { return {f16_to_f32(*p)}; }
 #endif
 
+// Pins a loaded vector in a register. Without it GCC re-issues a weight load as a memory operand of
+// every FMA that uses it (one per row of a); in the memory-bound matvec those duplicate loads of a
+// line that is still in flight took load-queue slots and cut the lines in flight: M=2 read the
+// weights at 21 GB/s instead of 28 GB/s.
+#if defined(__AVX512F__)
+inline vf pin(vf v) {  // "v": any of zmm0-31 ("x" would be zmm0-15 only)
+  asm("" : "+v"(v));
+  return v;
+}
+#elif defined(__AVX2__) || defined(__SSE2__)
+inline vf pin(vf v) {
+  asm("" : "+x"(v));
+  return v;
+}
+#else
+inline vf pin(vf v) { return v; }
+#endif
+
 constexpr int NR = NV * VL;
 constexpr int kMatvecMaxM = 4;  // M <= this streams the weights (decode, tiny batches)
 constexpr int64_t KC_MAX = 384;  // packed B micro-panel KC x NR (72 KiB) + A block MC x KC live in L2
 constexpr int64_t MC_MAX = 192;  // A block 192 x 384 x 4 = 288 KiB (Zen4 L2: 1 MiB)
-constexpr int64_t NC_MAX = 3072;
-#ifndef NX_SLAB
-#define NX_SLAB 4
-#endif
-constexpr int64_t kSlab = NX_SLAB;  // B block 384 x 3072 x 4 = 4.5 MiB per thread, lives in L3
+constexpr int64_t NC_MAX = 3072;  // B block 384 x 3072 x 4 = 4.5 MiB per thread, lives in L3
+constexpr int64_t kSlab = 4;  // micro-panels packed together in the fused path (1, 2, 4, 8 measured alike)
 
 // Element loaders: one type per b dtype so inner loops are specialised at compile time.
 struct LdF32 {
@@ -529,7 +547,10 @@ void gemm_path(const GemmArgs& g) {
 template <class L, int MM>
 void axpy_rows(const float* a, int64_t lda, const typename L::T* b, int64_t ldb, int64_t k0, int64_t k1,
                int64_t n0, int64_t n1, float* acc, int64_t ldacc) {
-  constexpr int RR = MM <= 2 ? 8 : 4;  // MM * RR broadcasts + RR rows of b stay in registers
+#ifndef NX_AXRR
+#define NX_AXRR 4
+#endif
+  constexpr int RR = MM <= 2 ? 8 : NX_AXRR;  // MM * RR broadcasts + RR rows of b stay in registers
   const int64_t strip = std::max<int64_t>(1024, 65536 / MM);
   for (int m = 0; m < MM; m++)
     for (int64_t j = n0; j < n1; j++) acc[m * ldacc + j] = 0.0f;
@@ -547,7 +568,9 @@ void axpy_rows(const float* a, int64_t lda, const typename L::T* b, int64_t ldb,
       for (int64_t j = s0; j < sv; j += VL) {
         vf x[RR];
 #pragma GCC unroll 8
-        for (int q = 0; q < RR; q++) x[q] = L::vec(br + q * ldb + j);
+        for (int q = 0; q < RR; q++) {
+          x[q] = MM > 1 ? pin(L::vec(br + q * ldb + j)) : L::vec(br + q * ldb + j);
+        }
 #pragma GCC unroll 4
         for (int m = 0; m < MM; m++) {
           float* ar = acc + m * ldacc + j;
@@ -589,15 +612,20 @@ void dot_block(const float* a, int64_t lda, const typename L::T* w, int64_t ldn,
     for (int r = 0; r < RR; r++) acc[m][r] = vzero();
   const int64_t Kv = K / VL * VL;
   for (int64_t k = 0; k < Kv; k += VL) {
-    vf x[RR];
+    // every operand is loaded once into a register: MM + RR loads per MM * RR FMAs
+    vf x[RR], av[MM];
 #pragma GCC unroll 8
-    for (int r = 0; r < RR; r++) x[r] = L::vec(w + r * ldn + k);
+    for (int r = 0; r < RR; r++) {
+      x[r] = MM > 1 ? pin(L::vec(w + r * ldn + k)) : L::vec(w + r * ldn + k);
+    }
 #pragma GCC unroll 4
     for (int m = 0; m < MM; m++) {
-      const vf av = vload(a + m * lda + k);
-#pragma GCC unroll 8
-      for (int r = 0; r < RR; r++) acc[m][r] = vfma(av, x[r], acc[m][r]);
+      av[m] = RR > 1 ? pin(vload(a + m * lda + k)) : vload(a + m * lda + k);
     }
+#pragma GCC unroll 4
+    for (int m = 0; m < MM; m++)
+#pragma GCC unroll 8
+      for (int r = 0; r < RR; r++) acc[m][r] = vfma(av[m], x[r], acc[m][r]);
   }
   for (int m = 0; m < MM; m++) {
     for (int r = 0; r < RR; r++) {
@@ -611,7 +639,9 @@ void dot_block(const float* a, int64_t lda, const typename L::T* w, int64_t ldn,
 template <class L, int MM>
 void matvec_dots(const float* a, int64_t lda, const typename L::T* w, int64_t ldn, int64_t K, int64_t n0,
                  int64_t n1, float* c, int64_t ldc, const float* bias) {
-  constexpr int RR = MM <= 2 ? 8 : 4;  // MM * RR <= 16 accumulators, RR weight rows streamed at once
+  // RR weight rows streamed at once (more streams = more lines in flight: RR 8 vs 4 is 28 vs 24 GB/s
+  // at M=1) within the 32 vector registers: MM*RR accumulators + RR rows + MM vectors of a.
+  constexpr int RR = MM <= 2 ? 8 : (MM == 3 ? 6 : 5);
   int64_t n = n0;
   for (; n + RR <= n1; n += RR)
     dot_block<L, MM, RR>(a, lda, w + n * ldn, ldn, K, c + n, ldc, bias != nullptr ? bias + n : nullptr);

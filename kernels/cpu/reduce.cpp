@@ -328,7 +328,16 @@ float extreme_chunk(const float* p, int64_t m, bool is_max) {
 
 // First index of value v in the chunk (v is not NaN; -0 == +0).
 int64_t find_chunk(const float* p, int64_t m, float v) {
-  for (int64_t i = 0; i < m; i++)
+  int64_t i = 0;
+#if NX_RD_AVX512
+  const __m512 vv = _mm512_set1_ps(v);
+  for (; i < m; i += 16) {
+    __mmask16 live = tail_mask(std::min<int64_t>(16, m - i));
+    __mmask16 hit = _mm512_mask_cmp_ps_mask(live, _mm512_maskz_loadu_ps(live, p + i), vv, _CMP_EQ_OQ);
+    if (hit) return i + __builtin_ctz(static_cast<unsigned>(hit));
+  }
+#endif
+  for (; i < m; i++)
     if (p[i] == v) return i;
   return -1;
 }

@@ -454,7 +454,7 @@ NX_TEST(ew_fast_unary) {
           auto o1 = nxt::make(shape, dout, lo), o2 = nxt::make(shape, dout, lo);
           nx::fast::unary(op, x->v, o1->v);
           nx::ref::unary(op, x->v, o2->v);
-          double atol, rtol;
+          double atol = 0, rtol = 0;
           unary_tol(op, &atol, &rtol);
           // narrow outputs: the f32 results may straddle a rounding boundary -> 1 ulp of the output
           rtol += one_ulp(dout);
@@ -472,7 +472,7 @@ NX_TEST(ew_fast_unary) {
     auto o1 = nxt::make({37, 19}, DType::F32), o2 = nxt::make({37, 19}, DType::F32);
     nx::fast::unary(op, x->v, o1->v);
     nx::ref::unary(op, x->v, o2->v);
-    double atol, rtol;
+    double atol = 0, rtol = 0;
     unary_tol(op, &atol, &rtol);
     nxt::allclose(o1->v, o2->v, atol, rtol, uop_name(op));
     for (DType dt : {DType::I32, DType::I64}) {
@@ -505,7 +505,7 @@ NX_TEST(ew_fast_special_values) {
     auto o1 = nxt::make({n}, DType::F32), o2 = nxt::make({n}, DType::F32);
     nx::fast::unary(op, x->v, o1->v);
     nx::ref::unary(op, x->v, o2->v);
-    double atol, rtol;
+    double atol = 0, rtol = 0;
     unary_tol(op, &atol, &rtol);
     // sin/cos of 1e30: glibc float vs double argument reduction agree only loosely (a value in [-1,1])
     if (op == UnaryOp::SIN || op == UnaryOp::COS) atol = 2.0;
@@ -581,7 +581,18 @@ NX_TEST(ew_fast_cast) {
       }
     }
   }
-  // broadcast source (expand + contiguous copy), transposed copy
+  // ".transpose().contiguous()" copies (the tiled path), batched, odd sizes, every element size
+  for (DType dt : kAllTypes) {
+    for (auto shape : {std::vector<int64_t>{3, 37, 45}, std::vector<int64_t>{64, 64}, std::vector<int64_t>{2, 2, 9, 100}}) {
+      auto x = nxt::make(shape, dt, Layout::Transposed);
+      nxt::fill_random(x->v, -100, 100);
+      auto o1 = nxt::make(shape, dt), o2 = nxt::make(shape, dt);
+      nx::fast::cast(x->v, o1->v);
+      nx::ref::cast(x->v, o2->v);
+      nxt::allclose(o1->v, o2->v, 0, 0, "transposed copy");  // a pure copy: exact
+    }
+  }
+  // broadcast source (expand + contiguous copy)
   auto b = make_bcast({50, 60}, {0}, DType::BF16, Layout::Contiguous);
   auto o1 = nxt::make({50, 60}, DType::F32), o2 = nxt::make({50, 60}, DType::F32);
   nx::fast::cast(b->v, o1->v);

@@ -141,14 +141,16 @@ NX_TEST(rd_fast_reduce) {
       for (auto s : shape) total *= s;
       for (ReduceOp op : ops) {
         if (n == 0 && op != ReduceOp::SUM && op != ReduceOp::MEAN && op != ReduceOp::PROD) continue;
-        for (DType dt : {DType::F32, DType::F16, DType::BF16, DType::I32, DType::I64}) {
+        for (DType dt : {DType::F32, DType::F16, DType::BF16, DType::I32, DType::I64, DType::BOOL}) {
           if (total > 100000 && dt != DType::F32 && dt != DType::BF16) continue;
           bool arg = op == ReduceOp::ARGMAX || op == ReduceOp::ARGMIN;
           auto x = nxt::make(shape, dt, kLayouts[nxt::rand_int(0, 2)]);
           // prod of many values: keep them near 1 so the product stays finite
           if (op == ReduceOp::PROD) nxt::fill_random(x->v, dt == DType::F32 || dt == DType::F16 || dt == DType::BF16 ? 0.9 : 1, 1.1);
           else nxt::fill_random(x->v, -1, 1);
+          // ints: mean into f32; bool: counts (sum / prod) into i64, like PyTorch
           DType odt = arg ? DType::I64 : (op == ReduceOp::MEAN && !nx::dtype_is_float(dt)) ? DType::F32 : dt;
+          if (dt == DType::BOOL && (op == ReduceOp::SUM || op == ReduceOp::PROD)) odt = DType::I64;
           Layout lo = kLayouts[nxt::rand_int(0, 2)];
           auto o1 = nxt::make(reduced(shape, dim), odt, lo), o2 = nxt::make(reduced(shape, dim), odt, lo);
           int d = nd ? dim : 0;
@@ -200,11 +202,12 @@ NX_TEST(rd_fast_cumsum) {
   for (const auto& shape : kShapes) {
     int nd = static_cast<int>(shape.size());
     for (int dim = 0; dim < std::max(nd, 1); dim++) {
-      for (DType dt : {DType::F32, DType::F16, DType::BF16, DType::I32, DType::I64}) {
+      for (DType dt : {DType::F32, DType::F16, DType::BF16, DType::I32, DType::I64, DType::BOOL}) {
         auto x = nxt::make(shape, dt, kLayouts[nxt::rand_int(0, 2)]);
         nxt::fill_random(x->v, -1, 1);
         Layout lo = kLayouts[nxt::rand_int(0, 2)];
-        auto o1 = nxt::make(shape, dt, lo), o2 = nxt::make(shape, dt, lo);
+        DType odt = dt == DType::BOOL ? DType::I64 : dt;  // a running count
+        auto o1 = nxt::make(shape, odt, lo), o2 = nxt::make(shape, odt, lo);
         nx::fast::cumsum(x->v, nd ? dim : 0, o1->v);
         nx::ref::cumsum(x->v, nd ? dim : 0, o2->v);
         // fast runs the same double running sum in the same order: exact

@@ -3,7 +3,7 @@ import { readFileSync } from "node:fs";
 
 import { afterAll, beforeAll, describe, expect, it } from "vitest";
 
-import { LanguageModel } from "../../ts/src/models/language-model.js";
+import { LanguageModel } from "../../ts/src/index.js";
 
 const golden = JSON.parse(readFileSync(new URL("../fixtures/stories260K-golden.json", import.meta.url), "utf8")) as {
   prompt: string;

@@ -27,7 +27,11 @@ export {
   type TensorLike,
 } from "./tensor/index.js";
 export { loadSafetensors, saveSafetensors } from "./tensor/safetensors.js";
-export { LanguageModel, type LoadModelOptions } from "./models/language-model.js";
+export { LanguageModel, type LanguageModelOptions, type TraceOptions, type Real } from "./trace/model.js";
+export type { LoadModelOptions } from "./models/causal-lm.js";
+export { Envoy, EnvoyList } from "./trace/envoy.js";
+export { TracedValue } from "./trace/traced-value.js";
+export { Tracer } from "./trace/tracer.js";
 export { Tokenizer } from "./models/tokenizer.js";
 export type { GenerateOptions } from "./models/generate.js";
 export type { PromptInput } from "./models/batch.js";

@@ -40,6 +40,10 @@ void Executor::run_task(Task& t) {
 
 void Executor::submit(std::function<void()> fn, std::vector<std::shared_ptr<Storage>> inputs,
                       std::vector<std::shared_ptr<Storage>> outputs) {
+  for (auto& s : outputs)
+    if (s && s->meta) return;  // shape-only tensors: nothing to compute
+  for (auto& s : inputs)
+    if (s && s->meta) return;
   Task t{std::move(fn), std::move(inputs), std::move(outputs)};
   if (inline_) {
     run_task(t);

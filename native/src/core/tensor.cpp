@@ -71,7 +71,13 @@ Shape Tensor::contiguous_strides(const Shape& shape) {
   return st;
 }
 
-Tensor Tensor::empty(const Shape& shape, DType dtype) {
+namespace {
+std::atomic<bool> g_meta{false};
+}
+void set_meta_mode(bool on) { g_meta = on; }
+bool meta_mode() { return g_meta; }
+
+Tensor Tensor::empty(const Shape& shape, DType dtype, bool real) {
   NX_CHECK(static_cast<int>(shape.size()) <= kMaxDims, "SHAPE", "tensors have at most " << kMaxDims << " dims");
   int64_t n = 1;
   for (auto d : shape) {
@@ -80,7 +86,15 @@ Tensor Tensor::empty(const Shape& shape, DType dtype) {
   }
   NX_CHECK(n < (int64_t(1) << 40), "OOM", "tensor of shape " << shape_str(shape) << " is too large");
   Tensor t;
-  t.storage = Storage::allocate(static_cast<size_t>(n) * dtype_size(dtype));
+  if (g_meta && !real) {
+    auto st = std::make_shared<Storage>();
+    st->nbytes = static_cast<size_t>(n) * dtype_size(dtype);
+    st->meta = true;
+    memory_stats().storages++;
+    t.storage = std::move(st);
+  } else {
+    t.storage = Storage::allocate(static_cast<size_t>(n) * dtype_size(dtype));
+  }
   t.dtype = dtype;
   t.shape = shape;
   t.strides = contiguous_strides(shape);

@@ -34,6 +34,7 @@ struct Storage {
   void* data = nullptr;
   size_t nbytes = 0;
   bool mapped = false;        // read-only file mapping: writes are refused
+  bool meta = false;          // shape-only (scan): no memory, kernels never run
   std::function<void()> release;
   // Set by the executor thread when the kernel that fills this storage failed; read after a sync.
   std::shared_ptr<const Error> error;
@@ -71,12 +72,17 @@ struct Tensor {
   KView kview() const;
 
   static Shape contiguous_strides(const Shape& shape);
-  static Tensor empty(const Shape& shape, DType dtype);
+  // In meta mode (see set_meta_mode) the storage is shape-only unless `real` is set.
+  static Tensor empty(const Shape& shape, DType dtype, bool real = false);
   // A view over the same storage; checks that every reachable element lies inside the storage.
   Tensor view(const Shape& shape, const Shape& strides, int64_t offset) const;
 };
 
 std::string shape_str(const Shape& s);
+
+// Meta mode: tensors allocated while it is on carry shapes and dtypes only (model.scan()).
+void set_meta_mode(bool on);
+bool meta_mode();
 int normalize_dim(int64_t dim, int ndim, const char* what);
 
 }  // namespace nx

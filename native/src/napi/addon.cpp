@@ -156,7 +156,7 @@ Napi::Value FromBuffer(const Napi::CallbackInfo& info) {
     Napi::TypedArray ta = info[0].As<Napi::TypedArray>();
     nx::DType dt = to_dtype(env, info[1]);
     nx::Shape shape = to_shape(env, info[2], "shape");
-    auto t = nx::Tensor::empty(shape, dt);
+    auto t = nx::Tensor::empty(shape, dt, /*real=*/true);
     size_t need = static_cast<size_t>(t.numel()) * nx::dtype_size(dt);
     if (ta.ByteLength() != need)
       throw coded_error(env, "SHAPE", "buffer holds " + std::to_string(ta.ByteLength()) + " bytes, shape " + nx::shape_str(shape) +
@@ -201,7 +201,7 @@ Napi::Value ViewBytes(const Napi::CallbackInfo& info) {
       v.offset = off / esz;
       return Napi::Value(AddonTensor::Wrap(env, std::move(v)));
     }
-    auto c = nx::Tensor::empty(shape, dt);
+    auto c = nx::Tensor::empty(shape, dt, /*real=*/true);
     std::memcpy(c.storage->data, static_cast<char*>(t.storage->data) + off, static_cast<size_t>(n * esz));
     report_memory(env);
     return Napi::Value(AddonTensor::Wrap(env, std::move(c)));
@@ -259,6 +259,7 @@ nx::Tensor dense_for_read(const nx::Tensor& t, bool widen) {
 }
 
 void throw_if_poisoned(Napi::Env env, const nx::Tensor& t) {
+  if (t.storage->meta) throw coded_error(env, "BAD_INPUT", "this tensor comes from scan(): it has a shape and dtype but no values");
   if (auto e = t.storage->get_error()) throw coded_error(env, e->code, e->what());
 }
 
@@ -267,6 +268,7 @@ Napi::Value ReadSync(const Napi::CallbackInfo& info) {
   return guarded(env, [&] {
     const nx::Tensor& t = AddonTensor::Get(env, info[0], "tensor");
     bool widen = info.Length() > 1 && info[1].ToBoolean().Value();
+    throw_if_poisoned(env, t);
     nx::Tensor d = dense_for_read(t, widen);
     nx::executor().sync();
     throw_if_poisoned(env, d);
@@ -317,6 +319,7 @@ Napi::Value Read(const Napi::CallbackInfo& info) {
   return guarded(env, [&] {
     const nx::Tensor& t = AddonTensor::Get(env, info[0], "tensor");
     bool widen = info.Length() > 1 && info[1].ToBoolean().Value();
+    throw_if_poisoned(env, t);
     auto* w = new ReadWorker(env, dense_for_read(t, widen));
     Napi::Promise p = w->Promise();
     w->Queue();
@@ -382,6 +385,11 @@ Napi::Value SetReferenceKernels(const Napi::CallbackInfo& info) {
   return info.Env().Undefined();
 }
 
+Napi::Value SetMetaMode(const Napi::CallbackInfo& info) {
+  nx::set_meta_mode(info[0].ToBoolean().Value());
+  return info.Env().Undefined();
+}
+
 Napi::Value ProbeFma(const Napi::CallbackInfo& info) {
   nx::executor().sync();
   return Napi::Number::New(info.Env(), nx::probe_fma_peak_gflops(info[0].As<Napi::Number>().Int32Value(),
@@ -426,6 +434,7 @@ Napi::Object Init(Napi::Env env, Napi::Object exports) {
   exports.Set("setThreads", Napi::Function::New(env, SetThreads));
   exports.Set("getThreads", Napi::Function::New(env, GetThreads));
   exports.Set("setReferenceKernels", Napi::Function::New(env, SetReferenceKernels));
+  exports.Set("setMetaMode", Napi::Function::New(env, SetMetaMode));
   exports.Set("probeFmaPeak", Napi::Function::New(env, ProbeFma));
   exports.Set("probeTriad", Napi::Function::New(env, ProbeTriad));
   return exports;

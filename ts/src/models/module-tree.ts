@@ -15,6 +15,8 @@ export interface ModuleSpec {
   children: ModuleSpec[];
   /** true for list containers (`layers`, `h`): children are indexed 0..n-1 */
   isList?: boolean;
+  /** child names in the order the forward pass calls them, when it differs from `children` */
+  forwardOrder?: string[];
 }
 
 const leaf = (name: string, type: string, children: ModuleSpec[] = [], isList = false): ModuleSpec => ({
@@ -48,13 +50,15 @@ export function buildModuleTree(cfg: ModelConfig): ModuleSpec {
     ]);
     return assignPaths(leaf("", "GPT2LMHeadModel", [transformer, leaf("lm_head", "Linear")]), "");
   }
-  const layer = (i: number) =>
-    leaf(String(i), "LlamaDecoderLayer", [
+  const layer = (i: number) => ({
+    ...leaf(String(i), "LlamaDecoderLayer", [
       leaf("self_attn", "LlamaAttention", [leaf("q_proj", "Linear"), leaf("k_proj", "Linear"), leaf("v_proj", "Linear"), leaf("o_proj", "Linear")]),
       leaf("mlp", "LlamaMLP", [leaf("gate_proj", "Linear"), leaf("up_proj", "Linear"), leaf("down_proj", "Linear")]),
       leaf("input_layernorm", "LlamaRMSNorm"),
       leaf("post_attention_layernorm", "LlamaRMSNorm"),
-    ]);
+    ]),
+    forwardOrder: ["input_layernorm", "self_attn", "post_attention_layernorm", "mlp"],
+  });
   const model = leaf("model", "LlamaModel", [
     leaf("embed_tokens", "Embedding"),
     leaf("layers", "ModuleList", Array.from({ length: cfg.numLayers }, (_, i) => layer(i)), true),
@@ -72,4 +76,21 @@ export function allPaths(root: ModuleSpec): string[] {
   };
   walk(root);
   return out;
+}
+
+/**
+ * Hook events in the order one forward pass fires them: each module's input event before its children's,
+ * its output event after them. Keys are `path + "\0" + kind` with kind "input" or "output".
+ */
+export function eventOrder(root: ModuleSpec): Map<string, number> {
+  const order = new Map<string, number>();
+  let n = 0;
+  const visit = (m: ModuleSpec) => {
+    order.set(`${m.path}\0input`, n++);
+    const kids = m.forwardOrder ? m.forwardOrder.map((name) => m.children.find((c) => c.name === name)!) : m.children;
+    for (const c of kids) visit(c);
+    order.set(`${m.path}\0output`, n++);
+  };
+  visit(root);
+  return order;
 }

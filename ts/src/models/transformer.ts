@@ -88,6 +88,45 @@ export class TransformerLM {
     });
   }
 
+  /**
+   * Run one module on given inputs without hooks (`envoy.call(x)`, e.g. the logit lens). Attention-bearing
+   * modules see a fresh causal sequence: positions 0..T-1, no padding, no cache.
+   */
+  callModule(path: string, inputs: Tensor[]): Tensor {
+    const c = this.config;
+    const x = inputs[0];
+    if (!x) throw new NNsightError("BAD_INPUT", `${path}.call() needs an input`);
+    const gpt2 = c.modelType === "gpt2";
+    const wOut = (p: string) => linear(x, this.w(`${p}.weight`), this.wOpt(`${p}.bias`), gpt2 ? "in_out" : "out_in");
+    if (path === "lm_head") {
+      const head = this.wOpt("lm_head.weight") ?? this.w(gpt2 ? "transformer.wte.weight" : "model.embed_tokens.weight");
+      return linear(x, head, null, "out_in");
+    }
+    const name = path.split(".").pop()!;
+    if (path === "model.norm" || /layernorm$/.test(name)) return x.rmsnormW(this.w(`${path}.weight`), c.normEps);
+    if (path === "transformer.ln_f" || name === "ln_1" || name === "ln_2") return x.layernormW(this.w(`${path}.weight`), this.w(`${path}.bias`), c.normEps);
+    if (name === "embed_tokens" || name === "wte" || name === "wpe") return embed(this.w(`${path}.weight`), x);
+    if (this.weights.has(`${path}.weight`)) return wOut(path);
+    // composite modules need a batch context
+    const B = x.shape[0] ?? 1, T = x.shape[1] ?? 1;
+    const positions = new Int32Array(B * T);
+    for (let b = 0; b < B; b++) for (let t = 0; t < T; t++) positions[b * T + t] = t;
+    const batch: ForwardBatch = { batch: B, seq: T, ids: new Int32Array(B * T), positions, keyMask: null };
+    return scope(() => {
+      const ctx: Ctx = { b: batch, pos: fromArray(positions, "int32", [B, T]), mask: null, cache: null, run: (_p, ins, body) => body(ins), lastOnly: false };
+      const m = /^(model\.layers|transformer\.h)\.(\d+)(?:\.(\w+))?$/.exec(path);
+      if (m) {
+        const l = Number(m[2]);
+        const p = `${m[1]}.${l}`;
+        const sub = m[3];
+        if (!sub) return gpt2 ? this.gpt2Block(l, p, x, ctx) : this.llamaLayer(l, p, x, ctx);
+        if (sub === "mlp") return gpt2 ? this.gpt2Mlp(p, x) : this.llamaMlp(p, x, ctx);
+        if (sub === "self_attn" || sub === "attn") return this.attnModule(l, p, x, ctx);
+      }
+      throw new NNsightError("UNSUPPORTED", `${path}.call() is not supported for this module`, { path });
+    });
+  }
+
   // ------------------------------------------------------------------ Llama
   private llama(ids: Tensor, ctx: Ctx): Tensor {
     const c = this.config;
@@ -109,24 +148,39 @@ export class TransformerLM {
     const c = this.config;
     const run = ctx.run;
     const lw = (n: string) => this.w(`${p}.${n}`);
-    const lwo = (n: string) => this.wOpt(`${p}.${n}`);
     const hn = run(`${p}.input_layernorm`, [x], ([v]) => v!.rmsnormW(lw("input_layernorm.weight"), c.normEps));
-    const attn = run(`${p}.self_attn`, [hn], ([v]) => {
-      const proj = (n: string) =>
-        run(`${p}.self_attn.${n}`, [v!], ([u]) => linear(u!, lw(`self_attn.${n}.weight`), lwo(`self_attn.${n}.bias`), "out_in"));
-      const q = proj("q_proj"), k = proj("k_proj"), vv = proj("v_proj");
-      const o = this.attention(l, q, k, vv, ctx);
-      return run(`${p}.self_attn.o_proj`, [o], ([u]) => linear(u!, lw("self_attn.o_proj.weight"), lwo("self_attn.o_proj.bias"), "out_in"));
-    });
+    const attn = run(`${p}.self_attn`, [hn], ([v]) => this.attnModule(l, p, v!, ctx));
     const h1 = x.add(attn);
     const hn2 = run(`${p}.post_attention_layernorm`, [h1], ([v]) => v!.rmsnormW(lw("post_attention_layernorm.weight"), c.normEps));
-    const mlp = run(`${p}.mlp`, [hn2], ([v]) => {
-      const g = run(`${p}.mlp.gate_proj`, [v!], ([u]) => linear(u!, lw("mlp.gate_proj.weight"), lwo("mlp.gate_proj.bias"), "out_in"));
-      const up = run(`${p}.mlp.up_proj`, [v!], ([u]) => linear(u!, lw("mlp.up_proj.weight"), lwo("mlp.up_proj.bias"), "out_in"));
-      const act = g.silu().mul(up);
-      return run(`${p}.mlp.down_proj`, [act], ([u]) => linear(u!, lw("mlp.down_proj.weight"), lwo("mlp.down_proj.bias"), "out_in"));
-    });
+    const mlp = run(`${p}.mlp`, [hn2], ([v]) => this.llamaMlp(p, v!, ctx));
     return h1.add(mlp);
+  }
+
+  private llamaMlp(p: string, v: Tensor, ctx: Ctx): Tensor {
+    const run = ctx.run;
+    const lin = (n: string) => (u: Tensor[]) => linear(u[0]!, this.w(`${p}.mlp.${n}.weight`), this.wOpt(`${p}.mlp.${n}.bias`), "out_in");
+    const g = run(`${p}.mlp.gate_proj`, [v], lin("gate_proj"));
+    const up = run(`${p}.mlp.up_proj`, [v], lin("up_proj"));
+    const act = g.silu().mul(up);
+    return run(`${p}.mlp.down_proj`, [act], lin("down_proj"));
+  }
+
+  /** The attention module (projections, RoPE, attention, output projection) of layer l. */
+  private attnModule(l: number, p: string, v: Tensor, ctx: Ctx): Tensor {
+    const run = ctx.run;
+    if (this.config.modelType === "gpt2") {
+      const D = this.config.hiddenSize;
+      const conv = (n: string) => (u: Tensor[]) => linear(u[0]!, this.w(`${p}.attn.${n}.weight`), this.w(`${p}.attn.${n}.bias`), "in_out");
+      const qkv = run(`${p}.attn.c_attn`, [v], conv("c_attn"));
+      const o = this.attention(l, qkv.slice(-1, 0, D), qkv.slice(-1, D, 2 * D), qkv.slice(-1, 2 * D, 3 * D), ctx);
+      return run(`${p}.attn.c_proj`, [o], conv("c_proj"));
+    }
+    const lin = (n: string) => (u: Tensor[]) => linear(u[0]!, this.w(`${p}.self_attn.${n}.weight`), this.wOpt(`${p}.self_attn.${n}.bias`), "out_in");
+    const q = run(`${p}.self_attn.q_proj`, [v], lin("q_proj"));
+    const k = run(`${p}.self_attn.k_proj`, [v], lin("k_proj"));
+    const vv = run(`${p}.self_attn.v_proj`, [v], lin("v_proj"));
+    const o = this.attention(l, q, k, vv, ctx);
+    return run(`${p}.self_attn.o_proj`, [o], lin("o_proj"));
   }
 
   // ------------------------------------------------------------------ GPT-2
@@ -152,22 +206,20 @@ export class TransformerLM {
     const c = this.config;
     const run = ctx.run;
     const lw = (n: string) => this.w(`${p}.${n}`);
-    const D = c.hiddenSize;
     const h1 = run(`${p}.ln_1`, [x], ([v]) => v!.layernormW(lw("ln_1.weight"), lw("ln_1.bias"), c.normEps));
-    const attn = run(`${p}.attn`, [h1], ([v]) => {
-      const qkv = run(`${p}.attn.c_attn`, [v!], ([u]) => linear(u!, lw("attn.c_attn.weight"), lw("attn.c_attn.bias"), "in_out"));
-      const q = qkv.slice(-1, 0, D), k = qkv.slice(-1, D, 2 * D), vv = qkv.slice(-1, 2 * D, 3 * D);
-      const o = this.attention(l, q, k, vv, ctx);
-      return run(`${p}.attn.c_proj`, [o], ([u]) => linear(u!, lw("attn.c_proj.weight"), lw("attn.c_proj.bias"), "in_out"));
-    });
+    const attn = run(`${p}.attn`, [h1], ([v]) => this.attnModule(l, p, v!, ctx));
     const r1 = x.add(attn);
     const h2 = run(`${p}.ln_2`, [r1], ([v]) => v!.layernormW(lw("ln_2.weight"), lw("ln_2.bias"), c.normEps));
-    const mlp = run(`${p}.mlp`, [h2], ([v]) => {
-      const f = run(`${p}.mlp.c_fc`, [v!], ([u]) => linear(u!, lw("mlp.c_fc.weight"), lw("mlp.c_fc.bias"), "in_out"));
-      const a = f.gelu({ approximate: c.hiddenAct === "gelu" ? "none" : "tanh" });
-      return run(`${p}.mlp.c_proj`, [a], ([u]) => linear(u!, lw("mlp.c_proj.weight"), lw("mlp.c_proj.bias"), "in_out"));
-    });
+    const mlp = run(`${p}.mlp`, [h2], ([v]) => this.gpt2Mlp(p, v!, ctx));
     return r1.add(mlp);
+  }
+
+  private gpt2Mlp(p: string, v: Tensor, ctx?: Ctx): Tensor {
+    const run = ctx ? ctx.run : (_p: string, ins: Tensor[], body: (x: Tensor[]) => Tensor) => body(ins);
+    const conv = (n: string) => (u: Tensor[]) => linear(u[0]!, this.w(`${p}.mlp.${n}.weight`), this.w(`${p}.mlp.${n}.bias`), "in_out");
+    const f = run(`${p}.mlp.c_fc`, [v], conv("c_fc"));
+    const a = f.gelu({ approximate: this.config.hiddenAct === "gelu" ? "none" : "tanh" });
+    return run(`${p}.mlp.c_proj`, [a], conv("c_proj"));
   }
 
   // ------------------------------------------------------------------ shared attention

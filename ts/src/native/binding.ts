@@ -48,6 +48,8 @@ export interface NativeAddon {
   setThreads(n: number): void;
   getThreads(): number;
   setReferenceKernels(on: boolean): void;
+  /** tensors allocated while on carry shapes only and run no kernels (scan) */
+  setMetaMode(on: boolean): void;
   probeFmaPeak(threads: number, isa: 512 | 256): number;
   probeTriad(threads: number, bytesPerArray: number): number;
 }

@@ -53,3 +53,29 @@ export function openScope(): (keepSet: Set<Tensor>) => void {
     }
   };
 }
+
+/**
+ * @internal A scope owned by a long-lived activity (a trace): tensors created inside `within(fn)` belong
+ * to it even when fn runs while another scope is open (hooks run inside the model's per-layer scopes).
+ */
+export class OwnedScope {
+  readonly tensors = new Set<Tensor>();
+  within<T>(fn: () => T): T {
+    stack.push(this.tensors);
+    try {
+      return fn();
+    } finally {
+      const i = stack.lastIndexOf(this.tensors);
+      if (i >= 0) stack.splice(i, 1);
+    }
+  }
+  /** Dispose everything not in keepSet; kept tensors move to the scope open around the caller, if any. */
+  close(keepSet: Set<Tensor>): void {
+    const parent = stack[stack.length - 1];
+    for (const t of this.tensors) {
+      if (keepSet.has(t)) parent?.add(t);
+      else t.dispose();
+    }
+    this.tensors.clear();
+  }
+}

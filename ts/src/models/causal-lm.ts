@@ -37,9 +37,18 @@ export interface LoadModelOptions {
   token?: string;
 }
 
+/** What a model is built from (weights are shared between models built from the same parts). */
+export interface CausalLMParts {
+  dir: string;
+  spec: ModelConfig;
+  tokenizer: Tokenizer;
+  lm: TransformerLM;
+  generationConfig: Record<string, unknown> | null;
+}
+
 export const BUNDLED_MODELS_DIR = join(PACKAGE_ROOT, "models");
 
-export class LanguageModel {
+export class CausalLM {
   /** the parsed config.json, as in Hugging Face */
   readonly config: Record<string, unknown>;
   /** the normalized config the runtime uses */
@@ -51,22 +60,22 @@ export class LanguageModel {
   readonly _lm: TransformerLM;
   /** the directory the model was loaded from */
   readonly dir: string;
-  private readonly generationConfig: Record<string, unknown>;
+  /** @internal */ readonly _generationConfig: Record<string, unknown>;
   private disposed = false;
 
   /** @internal Use LanguageModel.load(). */
-  protected constructor(init: { dir: string; spec: ModelConfig; tokenizer: Tokenizer; lm: TransformerLM; generationConfig: Record<string, unknown> | null }) {
+  constructor(init: CausalLMParts) {
     this.dir = init.dir;
     this.spec = init.spec;
     this.config = init.spec.raw;
     this.tokenizer = init.tokenizer;
     this._lm = init.lm;
     this.moduleTree = buildModuleTree(init.spec);
-    this.generationConfig = init.generationConfig ?? {};
+    this._generationConfig = init.generationConfig ?? {};
   }
 
   /** @internal Shared by subclasses: read the directory, tokenizer and weights. */
-  protected static async loadParts(idOrDir: string, opts: LoadModelOptions) {
+  protected static async loadParts(idOrDir: string, opts: LoadModelOptions): Promise<CausalLMParts> {
     const device = opts.device ?? "cpu";
     if (device !== "cpu") {
       throw new NNsightError("UNSUPPORTED", `device "${device}" is not available: this build runs on the CPU${native.cudaCompiled ? " (CUDA kernels are compiled but no device path exists yet)" : ""}`);
@@ -91,8 +100,8 @@ export class LanguageModel {
   }
 
   /** Load a model from a directory, a Hub id in the local cache, or the bundled `"stories260K"`. */
-  static async load(idOrDir = "stories260K", opts: LoadModelOptions = {}): Promise<LanguageModel> {
-    return new LanguageModel(await LanguageModel.loadParts(idOrDir, opts));
+  static async load(idOrDir = "stories260K", opts: LoadModelOptions = {}): Promise<CausalLM> {
+    return new CausalLM(await CausalLM.loadParts(idOrDir, opts));
   }
 
   /** @internal */
@@ -121,7 +130,7 @@ export class LanguageModel {
 
   /** Default stop ids: generation_config.json, else config.json, else the tokenizer's. */
   get eosTokenIds(): number[] {
-    const g = this.generationConfig.eos_token_id;
+    const g = this._generationConfig.eos_token_id;
     if (typeof g === "number") return [g];
     if (Array.isArray(g)) return g.filter((x): x is number => typeof x === "number");
     if (this.spec.eosTokenIds.length) return this.spec.eosTokenIds;
@@ -131,7 +140,7 @@ export class LanguageModel {
   /** @internal Generation over rows with optional per-step hooks. */
   _generateRows(rows: Row[], opts: GenerateOptions, hooks?: GenerateHooks): Promise<GenerateResult> {
     this._checkAlive();
-    const sampleDefault = this.generationConfig.do_sample === true;
+    const sampleDefault = this._generationConfig.do_sample === true;
     return generateTokens(
       this._lm,
       rows,

@@ -1,0 +1,607 @@
+/**
+ * The interleaver runs a validated graph inside the model's forward passes. It is the `ModuleHooks`
+ * the forward calls at every module boundary.
+ *
+ * Scheduling: before each forward pass (generation step), every node that belongs to the step gets an
+ * event: the hook where it must run. A module read runs at its module's event; a write (`set` through a
+ * view of an activation, `swap`, `skip`) runs at the event of the activation it changes, and all its
+ * inputs must be available by then, or the graph asks a value to flow backwards in time (OUT_OF_ORDER,
+ * raised before the step runs). Any other node runs at the latest event among its inputs. At one event,
+ * nodes run in recording order, which is a topological order. A node whose event never fires (a skipped
+ * or stopped module, a step past the end) is a MISSED_PROVIDER.
+ *
+ * Rows: each invoke owns rows [start, start + n) of the batch; its module reads see a view of those
+ * rows, so in-place writes touch only them. Empty invokes (and code outside invokes) see every row.
+ */
+import { type ErrorCode, NNsightError, toNNsightError } from "../errors.js";
+import type { ModuleHooks, TransformerLM } from "../models/transformer.js";
+import type { OwnedScope } from "../tensor/scope.js";
+import { Tensor, cat, full } from "../tensor/tensor.js";
+import { type Arg, type BlockSpec, type GraphNode, type TraceGraph, isRef, isTensorRef, refsOf } from "./graph.js";
+import { OPS, type Value } from "./ops.js";
+
+export interface RowRange {
+  start: number;
+  count: number;
+}
+
+export interface InterleaveContext {
+  graph: TraceGraph;
+  lm: TransformerLM;
+  events: Map<string, number>;
+  attachments: Tensor[];
+  /** rows per invoke (null for an empty invoke: the whole batch) */
+  rows: Array<RowRange | null>;
+  batchSize: number;
+  /** values of nodes from earlier traces of a session */
+  outer: Map<number, Value>;
+  scope: OwnedScope;
+  /** scan: values are shapes only; ops that read data are refused */
+  scan?: boolean;
+  log?: (values: Value[], node: GraphNode) => void;
+  /** number of generation steps that will run at most (0-based last step), for MISSED_PROVIDER of steps past the end */
+  kind: "trace" | "generate";
+}
+
+/** Thrown inside the forward pass to end it after tr.stop(). */
+export class StopSignal extends Error {
+  constructor() {
+    super("stopped");
+  }
+}
+
+interface Instance {
+  node: GraphNode;
+  /** block instance values (null for non-block nodes) */
+  frame: Frame | null;
+  event: number;
+  done: boolean;
+  /** cache capture of one module (for cache nodes) */
+  capture?: { path: string; kind: "output" | "input" };
+}
+
+interface Frame {
+  block: BlockSpec;
+  step: number;
+  values: Map<number, Value>;
+}
+
+const key = (path: string, kind: string) => `${path}\0${kind}`;
+
+export class Interleaver implements ModuleHooks {
+  private readonly g: TraceGraph;
+  private readonly ctx: InterleaveContext;
+  /** values of non-block nodes */
+  readonly values = new Map<number, Value>();
+  /** per block: the value its callback returned, once per step it ran */
+  readonly blockResults = new Map<number, Value[]>();
+  /** the last frame of each block (for values used after the block) */
+  private readonly lastFrame = new Map<number, Frame>();
+  private readonly byId = new Map<number, GraphNode>();
+  private readonly blockNodes = new Map<number, GraphNode[]>();
+  private readonly children = new Map<number, BlockSpec[]>();
+  /** modules that have scheduled work this step */
+  private active = new Set<string>();
+  private schedule = new Map<number, Instance[]>();
+  private instances: Instance[] = [];
+  private provided = new Map<string, Tensor | Tensor[]>();
+  private skips = new Map<string, Array<{ invoke: number | null; value: Value }>>();
+  private step = 0;
+  /** cache node id -> collected entries */
+  readonly caches = new Map<number, Record<string, { output?: Value; inputs?: Value }>>();
+  stopped = false;
+  lastStep = -1;
+
+  constructor(ctx: InterleaveContext) {
+    this.ctx = ctx;
+    this.g = ctx.graph;
+    for (const n of this.g.nodes) {
+      this.byId.set(n.id, n);
+      if (n.block !== null) {
+        let l = this.blockNodes.get(n.block);
+        if (!l) this.blockNodes.set(n.block, (l = []));
+        l.push(n);
+      }
+    }
+    for (const b of this.g.blocks) {
+      const p = b.parent ?? -1;
+      let l = this.children.get(p);
+      if (!l) this.children.set(p, (l = []));
+      l.push(b);
+    }
+  }
+
+  // ------------------------------------------------------------------ scheduling
+  private ev(path: string, kind: "input" | "output", node: GraphNode): number {
+    const e = this.ctx.events.get(key(path, kind));
+    if (e === undefined) {
+      throw this.err("BAD_PATH", `there is no module "${path}" in this model`, node, path);
+    }
+    return e;
+  }
+
+  /** Does this step have any work (else the forward runs without hooks)? */
+  hasWork(step: number): boolean {
+    return this.g.nodes.some((n) => (n.block === null && n.step === step && !isPost(n, this))) || this.g.blocks.some((b) => b.parent === null && stepIn(b, step, this.ctx.kind));
+  }
+
+  /** Prepare the instances of one forward pass; throws OUT_OF_ORDER before anything runs. */
+  beginStep(step: number): void {
+    this.step = step;
+    this.lastStep = step;
+    this.provided.clear();
+    this.skips.clear();
+    this.schedule = new Map();
+    this.instances = [];
+    this.active = new Set();
+    const events = new Map<number, number>(); // node id -> event (this step)
+    const frames = new Map<number, Frame>();
+    // the nodes of this step, in id order
+    const list: Array<{ node: GraphNode; frame: Frame | null }> = [];
+    for (const n of this.g.nodes) {
+      if (n.block === null) {
+        if (n.step === step && !isPost(n, this)) list.push({ node: n, frame: null });
+      }
+    }
+    const addBlock = (b: BlockSpec) => {
+      const f: Frame = { block: b, step, values: new Map() };
+      frames.set(b.id, f);
+      for (const n of this.blockNodes.get(b.id) ?? []) list.push({ node: n, frame: f });
+      for (const c of this.children.get(b.id) ?? []) if (c.steps === null || stepIn(c, step, this.ctx.kind)) addBlock(c);
+    };
+    for (const b of this.children.get(-1) ?? []) if (stepIn(b, step, this.ctx.kind)) addBlock(b);
+    list.sort((a, b) => a.node.id - b.node.id);
+
+    let maxSoFar = 0;
+    for (const { node, frame } of list) {
+      const depEvent = (r: number): number => {
+        const e = events.get(r);
+        return e === undefined ? 0 : e; // from an earlier step, an outer trace, or a constant: available
+      };
+      const refs = refsOf(node.args as Arg);
+      const blk = frame ? frame.block : null;
+      if (blk && blk.cond !== null) refs.push(...refsOf(blk.cond));
+      let deps = 0;
+      for (const r of refs) deps = Math.max(deps, depEvent(r));
+      let event = deps;
+      const a = node.args;
+      const anchorCheck = (anchor: number, what: string) => {
+        if (deps > anchor) {
+          throw this.err(
+            "OUT_OF_ORDER",
+            `${what} needs a value that is computed later in the forward pass than the point where it must run`,
+            node,
+            String(a[0]),
+          );
+        }
+        return anchor;
+      };
+      switch (node.op) {
+        case "module": {
+          const [path, kind] = a as [string, string];
+          event = this.ev(path, kind === "output" ? "output" : "input", node);
+          this.active.add(path);
+          break;
+        }
+        case "swap": {
+          const [path, kind] = a as [string, "input" | "output"];
+          event = anchorCheck(this.ev(path, kind, node), `setting ${path}.${kind}`);
+          this.active.add(path);
+          break;
+        }
+        case "skip": {
+          const [path] = a as [string];
+          event = anchorCheck(this.ev(path, "input", node), `skipping ${path}`);
+          this.active.add(path);
+          break;
+        }
+        case "set": {
+          const anchor = this.viewAnchor(a[0] as Arg, events);
+          if (anchor !== undefined) event = anchorCheck(anchor, "an in-place edit");
+          break;
+        }
+        case "stop":
+          event = maxSoFar;
+          break;
+        case "cache": {
+          const opts = (a[0] ?? {}) as { modules?: string[] | null; inputs?: boolean };
+          const mods = opts.modules ?? [...this.ctx.events.keys()].filter((k) => k.endsWith("\0output")).map((k) => k.slice(0, -7)).filter((p) => p !== "");
+          for (const path of mods) {
+            const inst: Instance = { node, frame, event: this.ev(path, "output", node), done: false, capture: { path, kind: "output" } };
+            this.push(inst);
+            this.active.add(path);
+          }
+          event = 0;
+          break;
+        }
+      }
+      events.set(node.id, event);
+      maxSoFar = Math.max(maxSoFar, event);
+      if (node.op !== "cache") this.push({ node, frame, event, done: false });
+    }
+    for (const f of frames.values()) this.lastFrame.set(f.block.id, f);
+    this.frames = frames;
+  }
+  private frames = new Map<number, Frame>();
+
+  private push(inst: Instance): void {
+    let l = this.schedule.get(inst.event);
+    if (!l) this.schedule.set(inst.event, (l = []));
+    l.push(inst);
+    this.instances.push(inst);
+  }
+
+  /** The event of the activation a value is a view of, if any. */
+  private viewAnchor(a: Arg, events: Map<number, number>): number | undefined {
+    if (!isRef(a)) return undefined;
+    const n = this.byId.get(a.$ref);
+    if (!n) return undefined;
+    if (n.op === "module") return events.get(n.id);
+    if (n.op === "set" || OPS[n.op]?.view) return this.viewAnchor(n.args[0] as Arg, events);
+    return undefined;
+  }
+
+  // ------------------------------------------------------------------ hooks
+  call(path: string, inputs: Tensor[], body: (inputs: Tensor[]) => Tensor): Tensor {
+    if (!this.active.has(path) && path !== "") return body(inputs);
+    const ein = this.ctx.events.get(key(path, "input"))!;
+    this.provided.set(key(path, "input"), inputs);
+    this.fire(ein);
+    let ins = this.provided.get(key(path, "input")) as Tensor[];
+    const skip = this.skips.get(path);
+    let out: Tensor;
+    if (skip && this.coversAll(skip.map((s) => s.invoke))) {
+      out = this.assembleSkip(skip);
+    } else {
+      out = body(ins);
+      if (skip) out = this.applyRows(out, skip);
+    }
+    ins = [];
+    const eout = this.ctx.events.get(key(path, "output"))!;
+    this.provided.set(key(path, "output"), out);
+    this.fire(eout);
+    return this.provided.get(key(path, "output")) as Tensor;
+  }
+
+  private fire(event: number): void {
+    const list = this.schedule.get(event);
+    if (!list) return;
+    for (const inst of list) {
+      if (inst.done) continue;
+      this.execute(inst);
+    }
+  }
+
+  private execute(inst: Instance): void {
+    const { node } = inst;
+    inst.done = true;
+    if (inst.frame && !this.condHolds(inst.frame.block, inst.frame)) {
+      inst.frame.values.set(node.id, undefined);
+      return;
+    }
+    let v: Value;
+    try {
+      v = this.ctx.scope.within(() => this.run(inst));
+    } catch (e) {
+      if (e instanceof StopSignal) throw e;
+      const err = toNNsightError(e);
+      if (err.details.node !== undefined) throw err;
+      throw this.err(err.code, err.message, node, this.pathOf(node), e);
+    }
+    if (inst.capture) return;
+    if (inst.frame) inst.frame.values.set(node.id, v);
+    else this.values.set(node.id, v);
+  }
+
+  private condHolds(b: BlockSpec, frame: Frame): boolean {
+    if (b.cond !== null) {
+      const c = this.resolve(b.cond, frame);
+      const truthy = c instanceof Tensor ? c.item() !== 0 : !!c;
+      if (!truthy) return false;
+    }
+    if (b.parent !== null) {
+      const pf = this.frames.get(b.parent);
+      if (pf && !this.condHolds(pf.block, pf)) return false;
+    }
+    return true;
+  }
+
+  private run(inst: Instance): Value {
+    const { node, frame } = inst;
+    const a = node.args;
+    if (inst.capture) {
+      this.capture(node, inst.capture.path);
+      return undefined;
+    }
+    switch (node.op) {
+      case "module": {
+        const [path, kind] = a as [string, "output" | "input" | "inputs"];
+        if (path === "" && kind === "output") return { logits: this.rowsView(this.get(path, "output", node) as Tensor, node.invoke) };
+        if (kind === "output") return this.rowsView(this.get(path, "output", node) as Tensor, node.invoke);
+        const ins = this.get(path, "input", node) as Tensor[];
+        if (kind === "input") return this.rowsView(ins[0]!, node.invoke);
+        return ins.map((t) => this.rowsView(t, node.invoke));
+      }
+      case "swap": {
+        const [path, kind, value] = a as [string, "input" | "output", Arg];
+        const v = this.resolve(value, frame);
+        if (kind === "output") {
+          const cur = this.get(path, "output", node) as Tensor;
+          const nv = path === "" && v !== null && typeof v === "object" && !(v instanceof Tensor) && "logits" in v ? (v as { logits: Value }).logits : v;
+          this.provided.set(key(path, "output"), this.replaceRows(cur, nv, node.invoke));
+        } else {
+          const ins = [...(this.get(path, "input", node) as Tensor[])];
+          ins[0] = this.replaceRows(ins[0]!, v, node.invoke);
+          this.provided.set(key(path, "input"), ins);
+        }
+        return undefined;
+      }
+      case "skip": {
+        const [path, value] = a as [string, Arg];
+        let l = this.skips.get(path);
+        if (!l) this.skips.set(path, (l = []));
+        l.push({ invoke: node.invoke, value: this.resolve(value, frame) });
+        return undefined;
+      }
+      case "step":
+        return this.step;
+      case "stop":
+        this.stopped = true;
+        throw new StopSignal();
+      case "log": {
+        const vals = a.map((x) => this.resolve(x, frame));
+        if (this.ctx.log) this.ctx.log(vals, node);
+        return undefined;
+      }
+      case "call": {
+        const [path, ...rest] = a as [string, ...Arg[]];
+        const ins = rest.map((x) => this.resolve(x, frame));
+        for (const t of ins) if (!(t instanceof Tensor)) throw new NNsightError("BAD_INPUT", `${path}.call() takes tensors`);
+        return this.ctx.lm.callModule(path, ins as Tensor[]);
+      }
+      case "cache":
+        return this.cacheValue(node);
+      case "blockResult":
+        return this.blockResults.get(a[0] as number) ?? [];
+      default: {
+        const def = OPS[node.op];
+        if (!def) throw new NNsightError("INVALID_GRAPH", `unknown op "${node.op}"`);
+        if (this.ctx.scan && def.reads) throw new NNsightError("BAD_INPUT", `${node.op} reads values, which scan() does not compute`);
+        return def.run(a.map((x) => this.resolve(x, frame)));
+      }
+    }
+  }
+
+  private get(path: string, kind: "input" | "output", node: GraphNode): Tensor | Tensor[] {
+    const v = this.provided.get(key(path, kind));
+    if (v === undefined) throw this.err("MISSED_PROVIDER", `${path || "model"}.${kind} was not produced in this pass`, node, path);
+    return v;
+  }
+
+  /** A fresh view handle of the invoke's rows (never the model's own handle, which the model may free). */
+  private rowsView(t: Tensor, invoke: number | null): Tensor {
+    const r = invoke === null ? null : this.ctx.rows[invoke]!;
+    if (r === null || (r.start === 0 && r.count === t.shape[0])) return t._view([...t.shape], [...t.strides], t.offset);
+    return t.narrow(0, r.start, r.count);
+  }
+
+  private coversAll(invokes: Array<number | null>): boolean {
+    if (invokes.includes(null)) return true;
+    let n = 0;
+    for (const i of new Set(invokes)) n += this.ctx.rows[i!]?.count ?? this.ctx.batchSize;
+    return n >= this.ctx.batchSize;
+  }
+
+  /** The value that replaces rows of `cur` for `invoke`: the whole value when the invoke has every row. */
+  private replaceRows(cur: Tensor, v: Value, invoke: number | null): Tensor {
+    const r = invoke === null ? null : this.ctx.rows[invoke]!;
+    if (r === null || (r.start === 0 && r.count === cur.shape[0])) {
+      if (v instanceof Tensor) return v._view([...v.shape], [...v.strides], v.offset);
+      if (typeof v === "number" || typeof v === "boolean") return full([...cur.shape], Number(v), { dtype: cur.dtype });
+      throw new NNsightError("BAD_INPUT", "a module value can only be replaced by a tensor or a number");
+    }
+    const next = cur.clone();
+    const region = next.narrow(0, r.start, r.count);
+    region.copy_(v as Tensor | number);
+    return next;
+  }
+
+  private assembleSkip(skips: Array<{ invoke: number | null; value: Value }>): Tensor {
+    const whole = skips.find((s) => s.invoke === null || this.ctx.rows[s.invoke]?.count === this.ctx.batchSize);
+    if (whole) {
+      const v = whole.value;
+      if (!(v instanceof Tensor)) throw new NNsightError("BAD_INPUT", "skip() needs a tensor value");
+      return v._view([...v.shape], [...v.strides], v.offset);
+    }
+    const ordered = [...skips].sort((x, y) => this.ctx.rows[x.invoke!]!.start - this.ctx.rows[y.invoke!]!.start);
+    return cat(ordered.map((s) => s.value as Tensor), 0);
+  }
+
+  private applyRows(out: Tensor, skips: Array<{ invoke: number | null; value: Value }>): Tensor {
+    let cur = out;
+    for (const s of skips) cur = this.replaceRows(cur, s.value, s.invoke);
+    return cur;
+  }
+
+  // ------------------------------------------------------------------ cache
+  private cacheValue(node: GraphNode): Value {
+    let c = this.caches.get(node.id);
+    if (!c) this.caches.set(node.id, (c = {}));
+    return c as Value;
+  }
+  private capture(node: GraphNode, path: string): void {
+    const c = this.cacheValue(node) as Record<string, { output?: Value; inputs?: Value }>;
+    const opts = (node.args[0] ?? {}) as { inputs?: boolean };
+    const out = this.provided.get(key(path, "output"));
+    if (!(out instanceof Tensor)) return;
+    const entry = (c[path] ??= {});
+    const o = this.rowsView(out, node.invoke);
+    const ins = opts.inputs ? ((this.provided.get(key(path, "input")) as Tensor[] | undefined) ?? []).map((t) => this.rowsView(t, node.invoke)) : undefined;
+    if (this.ctx.kind === "generate") {
+      ((entry.output ??= []) as Value[]).push(o);
+      if (ins) ((entry.inputs ??= []) as Value[]).push(ins);
+    } else {
+      entry.output = o;
+      if (ins) entry.inputs = ins;
+    }
+    this.values.set(node.id, c as Value);
+  }
+
+  // ------------------------------------------------------------------ values
+  resolve(a: Arg, frame: Frame | null): Value {
+    if (a === null || typeof a !== "object") return a;
+    if (Array.isArray(a)) return a.map((x) => this.resolve(x, frame));
+    if (isRef(a)) return this.valueOf(a.$ref, frame);
+    if (isTensorRef(a)) {
+      const t = this.ctx.attachments[a.$tensor];
+      if (!t) throw new NNsightError("INVALID_GRAPH", `attachment ${a.$tensor} is missing`);
+      return t;
+    }
+    const out: Record<string, Value> = {};
+    for (const [k, v] of Object.entries(a)) out[k] = this.resolve(v, frame);
+    return out;
+  }
+
+  valueOf(id: number, frame: Frame | null): Value {
+    for (let f: Frame | null = frame; f; f = f.block.parent !== null ? (this.frames.get(f.block.parent) ?? null) : null) {
+      if (f.values.has(id)) return f.values.get(id);
+    }
+    if (this.values.has(id)) return this.values.get(id);
+    if (this.ctx.outer.has(id)) return this.ctx.outer.get(id);
+    const n = this.byId.get(id);
+    if (n && n.block !== null) {
+      const lf = this.lastFrame.get(n.block);
+      if (lf && lf.values.has(id)) return lf.values.get(id);
+    }
+    if (n) {
+      const st = this.ctx.kind === "generate" ? `step ${n.step}` : "this pass";
+      throw this.err("MISSED_PROVIDER", `node ${id} (${n.op}) has no value: its module did not run in ${st}`, n, this.pathOf(n));
+    }
+    throw new NNsightError("INVALID_GRAPH", `node ${id} is unknown`);
+  }
+
+  /** Raise MISSED_PROVIDER for work scheduled this step that never ran (unless a stop ended the pass). */
+  endStep(): void {
+    // block results: one entry per step the block ran
+    for (const f of this.frames.values()) {
+      if (!this.condHolds(f.block, f)) continue;
+      let l = this.blockResults.get(f.block.id);
+      if (!l) this.blockResults.set(f.block.id, (l = []));
+      l.push(this.resolveLenient(f.block.result, f));
+    }
+    if (this.stopped) return;
+    for (const inst of this.instances) {
+      if (inst.done || inst.capture) continue;
+      const n = inst.node;
+      if (inst.frame && !this.safeCond(inst.frame)) continue;
+      const path = this.pathOf(n);
+      throw this.err(
+        "MISSED_PROVIDER",
+        `${path ? `${path} ` : ""}never ran in ${this.ctx.kind === "generate" ? `step ${this.step}` : "this pass"} (skipped, or after the module's own output was replaced), so node ${n.id} (${n.op}) could not run`,
+        n,
+        path,
+      );
+    }
+  }
+  private safeCond(f: Frame): boolean {
+    try {
+      return this.condHolds(f.block, f);
+    } catch {
+      return true;
+    }
+  }
+
+  /** Resolve, giving undefined for nodes that have no value (after a stop, an unreached step). */
+  resolveLenient(a: Arg, frame: Frame | null): Value {
+    if (a === null || typeof a !== "object") return a;
+    if (Array.isArray(a)) return a.map((x) => this.resolveLenient(x, frame));
+    if (isRef(a)) {
+      try {
+        return this.valueOf(a.$ref, frame);
+      } catch {
+        return undefined;
+      }
+    }
+    if (isTensorRef(a)) return this.ctx.attachments[a.$tensor];
+    const out: Record<string, Value> = {};
+    for (const [k, v] of Object.entries(a)) out[k] = this.resolveLenient(v, frame);
+    return out;
+  }
+
+  /** Nodes that run after the last forward pass: reads of the generator's output and anything using block values. */
+  runPost(generatorOutput: Tensor | null): void {
+    if (generatorOutput) this.provided.set(key("generator", "output"), generatorOutput);
+    for (const n of this.g.nodes) {
+      if (n.block !== null || !isPost(n, this)) continue;
+      const inst: Instance = { node: n, frame: null, event: 0, done: false };
+      if (n.op === "module") {
+        const v = this.provided.get(key(n.args[0] as string, "output"));
+        if (!(v instanceof Tensor)) throw this.err("MISSED_PROVIDER", `${String(n.args[0])}.output is not available`, n, String(n.args[0]));
+        this.values.set(n.id, this.ctx.scope.within(() => this.rowsView(v, n.invoke)));
+        continue;
+      }
+      if (this.stopped && refsOf(n.args as Arg).some((r) => !this.values.has(r) && !this.ctx.outer.has(r) && !this.isBlockNode(r))) continue;
+      this.execute(inst);
+    }
+  }
+  private isBlockNode(id: number): boolean {
+    return (this.byId.get(id)?.block ?? null) !== null;
+  }
+
+  /** @internal post nodes: cached per node id */
+  postCache = new Map<number, boolean>();
+
+  pathOf(n: GraphNode): string {
+    if (n.op === "module" || n.op === "swap" || n.op === "skip" || n.op === "call") return String(n.args[0]);
+    for (const r of refsOf(n.args as Arg)) {
+      const d = this.byId.get(r);
+      if (d) {
+        const p = this.pathOf(d);
+        if (p) return p;
+      }
+    }
+    return "";
+  }
+
+  err(code: ErrorCode, msg: string, n: GraphNode, path: string, cause?: unknown): NNsightError {
+    const where = [
+      path ? `module ${path}` : null,
+      n.invoke !== null ? `invoke ${n.invoke}` : null,
+      this.ctx.kind === "generate" ? `step ${n.block === null ? n.step : this.step}` : null,
+      n.src ? `recorded at ${n.src}` : null,
+    ].filter(Boolean);
+    return new NNsightError(code, `${msg} [${where.join(", ")}]`, { path, invoke: n.invoke ?? undefined, step: n.block === null ? n.step : this.step, source: n.src, node: n.id }, { cause });
+  }
+}
+
+/** Whether a block runs at `step`. A plain trace has one pass: step 0. */
+export function stepIn(b: BlockSpec, step: number, kind: "trace" | "generate"): boolean {
+  const s = b.steps;
+  if (s === null) return true;
+  if ("all" in s) return true;
+  if ("list" in s) return s.list.includes(step);
+  if (step < s.start) return false;
+  if (s.stop !== null && step >= s.stop) return false;
+  void kind;
+  return (step - s.start) % s.step === 0;
+}
+
+/** A node that runs after generation: a read of the generator's output, or anything using such or block values. */
+function isPost(n: GraphNode, il: Interleaver): boolean {
+  const c = il.postCache.get(n.id);
+  if (c !== undefined) return c;
+  let r = false;
+  if ((n.op === "module" && n.args[0] === "generator") || n.op === "blockResult") r = true;
+  else if (n.block === null) {
+    for (const id of refsOf(n.args as Arg)) {
+      const d = (il as unknown as { byId: Map<number, GraphNode> }).byId.get(id);
+      if (d && (d.block !== null || isPost(d, il))) {
+        r = true;
+        break;
+      }
+    }
+  }
+  il.postCache.set(n.id, r);
+  return r;
+}
+

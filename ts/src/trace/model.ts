@@ -1,0 +1,371 @@
+/**
+ * `LanguageModel`: a loaded model you can trace. The model object is the root of its module tree
+ * (`model.model.layers[3].mlp`, `model.lm_head`), and offers `trace`, `generate`, `scan`, `session` and
+ * `edit` as in NNsight.
+ *
+ * ```ts
+ * const model = await LanguageModel.load("stories260K");
+ * const { logits } = await model.trace("Once upon a time", () => {
+ *   model.model.layers[2].mlp.output.set([":", -1], 0);
+ *   return { logits: model.lm_head.output.at([":", -1]) };
+ * });
+ * ```
+ */
+import { NNsightError } from "../errors.js";
+import type { PromptInput } from "../models/batch.js";
+import { CausalLM, type CausalLMParts, type LoadModelOptions } from "../models/causal-lm.js";
+import type { GenerateOptions } from "../models/generate.js";
+import type { Tensor } from "../tensor/tensor.js";
+import { Envoy, type EnvoyList, buildEnvoys } from "./envoy.js";
+import type { Arg, GraphNode, SessionGraph, TraceGraph } from "./graph.js";
+import type { Value } from "./ops.js";
+import { Recorder, activeRecorder } from "./recorder.js";
+import { executeSession, executeTrace, mergeResult } from "./runner.js";
+import { roundTrip } from "./serialize.js";
+import { TracedValue } from "./traced-value.js";
+import { Tracer, inputToJSON } from "./tracer.js";
+
+/** What a trace gives back: graph values become real values (TracedValue → Tensor). */
+export type Real<T> = T extends TracedValue ? any : T extends Tensor ? T : T extends Array<infer U> ? Array<Real<U>> : T extends object ? { [K in keyof T]: Real<T[K]> } : T;
+
+export interface TraceOptions {
+  /** run the graph through serialize → parse → validate first (proves it is remote-safe); also NNSIGHT_ROUNDTRIP=1 */
+  roundTrip?: boolean;
+  /** where tr.log() output goes (default: console.log) */
+  log?: (...values: unknown[]) => void;
+}
+
+export interface LlamaLayerEnvoy extends Envoy {
+  readonly self_attn: Envoy & { readonly q_proj: Envoy; readonly k_proj: Envoy; readonly v_proj: Envoy; readonly o_proj: Envoy };
+  readonly mlp: Envoy & { readonly gate_proj: Envoy; readonly up_proj: Envoy; readonly down_proj: Envoy };
+  readonly input_layernorm: Envoy;
+  readonly post_attention_layernorm: Envoy;
+}
+export interface GPT2BlockEnvoy extends Envoy {
+  readonly ln_1: Envoy;
+  readonly attn: Envoy & { readonly c_attn: Envoy; readonly c_proj: Envoy };
+  readonly ln_2: Envoy;
+  readonly mlp: Envoy & { readonly c_fc: Envoy; readonly c_proj: Envoy };
+}
+
+interface EditRecord {
+  graph: TraceGraph;
+  attachments: Tensor[];
+}
+
+export interface LanguageModelOptions extends LoadModelOptions {
+  /** module aliases: `{ "layers": "blocks" }` (a child name anywhere) or `{ "model.layers": "layers" }` (a path) */
+  rename?: Record<string, string>;
+}
+
+export class LanguageModel extends CausalLM {
+  /** the root envoy (the model itself is also usable as one: `model.get(...)`, `model.output`) */
+  readonly envoy: Envoy;
+  /** Llama: `model.model.layers[i]...` */
+  declare readonly model: Envoy & { readonly embed_tokens: Envoy; readonly layers: EnvoyList<LlamaLayerEnvoy>; readonly norm: Envoy };
+  /** GPT-2: `model.transformer.h[i]...` */
+  declare readonly transformer: Envoy & { readonly wte: Envoy; readonly wpe: Envoy; readonly h: EnvoyList<GPT2BlockEnvoy>; readonly ln_f: Envoy };
+  declare readonly lm_head: Envoy;
+  /** aliases given with `rename` resolve here too (`model.layers` when renamed at the root) */
+  readonly [alias: string]: unknown;
+  /** @internal */ _edits: EditRecord[];
+  private readonly renames: Record<string, string>;
+
+  /** @internal */
+  constructor(init: CausalLMParts, opts: { rename?: Record<string, string>; edits?: EditRecord[] } = {}) {
+    super(init);
+    this.renames = opts.rename ?? {};
+    this._edits = opts.edits ?? [];
+    this.envoy = buildEnvoys(this.moduleTree, this, this.renames);
+    for (const c of this.envoy.children()) Object.defineProperty(this, c._spec.name, { value: c, enumerable: true });
+    for (const [name, c] of this.envoy._aliases) if (!(name in this)) Object.defineProperty(this, name, { value: c, enumerable: false });
+  }
+
+  /** Load a model from a directory, a Hub id in the local cache, or the bundled `"stories260K"`. */
+  static override async load(idOrDir = "stories260K", opts: LanguageModelOptions = {}): Promise<LanguageModel> {
+    return new LanguageModel(await CausalLM.loadParts(idOrDir, opts), { rename: opts.rename });
+  }
+
+  // ------------------------------------------------------------------ root envoy surface
+  /** The model's output: `{ logits }`. */
+  get output(): TracedValue {
+    return this.envoy.output;
+  }
+  set output(v: unknown) {
+    this.envoy.output = v as never;
+  }
+  /** The token ids of the batch rows (the root module's input). */
+  get input(): TracedValue {
+    return this.envoy.input;
+  }
+  /** Generation: `model.generator.output` is every row's tokens (prompt + generated) once generation ends. */
+  get generator(): { readonly output: TracedValue } {
+    return {
+      get output(): TracedValue {
+        const rec = activeRecorder("model.generator.output");
+        if (rec.kind !== "generate") throw new NNsightError("BAD_INPUT", "model.generator.output exists only inside model.generate(...)");
+        return rec.add("module", ["generator", "output"], { step: 0 });
+      },
+    };
+  }
+  get(path: string): Envoy {
+    return this.envoy.get(path);
+  }
+  modules(): Envoy[] {
+    return this.envoy.modules();
+  }
+
+  // ------------------------------------------------------------------ recording
+  private recordTrace<R>(kind: "trace" | "generate", input: unknown, fn: ((tr: Tracer) => R) | undefined, firstId = 0, sessionPeers: Recorder[] = []) {
+    this._checkAlive();
+    const editNodes = this._edits.reduce((n, e) => n + e.graph.nodes.length, 0);
+    const rec = new Recorder(this, kind, firstId + editNodes);
+    for (const p of sessionPeers) rec.share(p);
+    if (sessionPeers.length) rec.sessionLookup = (id) => sessionPeers.map((p) => p.nodeById(id)).find((n) => n !== undefined);
+    const tr = new Tracer(rec);
+    let ret: R | undefined;
+    rec.run(() => {
+      if (input !== undefined) {
+        if (input === "") throw new NNsightError("BAD_INPUT", "the prompt is an empty string: give at least one token of text");
+        const idx = rec.addInvoke(inputToJSON(input));
+        ret = fn ? rec.inInvoke(idx, () => fn(tr)) : undefined;
+      } else if (fn) {
+        ret = fn(tr);
+      }
+    });
+    const result: Arg = { main: rec.arg(ret), parts: tr._returns };
+    const own = rec.toGraph(result);
+    const { graph, attachments } = this.withEdits(own, rec.attachments, firstId);
+    return { rec, graph, attachments, ret };
+  }
+
+  /** Prepend persistent edits (renumbered, whole-batch) to a recorded graph. */
+  private withEdits(g: TraceGraph, attachments: Tensor[], firstId: number): { graph: TraceGraph; attachments: Tensor[] } {
+    if (this._edits.length === 0) return { graph: g, attachments };
+    const nodes: GraphNode[] = [];
+    const allAtt: Tensor[] = [];
+    let nextId = firstId;
+    for (const e of this._edits) {
+      const idMap = new Map<number, number>();
+      const attBase = allAtt.length;
+      allAtt.push(...e.attachments);
+      for (const n of e.graph.nodes) {
+        idMap.set(n.id, nextId);
+        nodes.push({ ...n, id: nextId++, invoke: null, args: n.args.map((a) => remap(a, idMap, attBase)) });
+      }
+    }
+    const attBase = allAtt.length;
+    allAtt.push(...attachments);
+    const shift = (a: Arg) => remap(a, new Map(), attBase);
+    return {
+      graph: {
+        ...g,
+        nodes: [...nodes, ...g.nodes.map((n) => ({ ...n, args: n.args.map(shift) }))],
+        blocks: g.blocks.map((b) => ({ ...b, result: shift(b.result), cond: b.cond === null ? null : shift(b.cond) })),
+        result: shift(g.result),
+      },
+      attachments: allAtt,
+    };
+  }
+
+  private async runRecorded(rec: Recorder, graph: TraceGraph, attachments: Tensor[], opts: TraceOptions, scan = false): Promise<Value> {
+    let g = graph, att = attachments;
+    if (opts.roundTrip || process.env.NNSIGHT_ROUNDTRIP === "1") {
+      const rt = roundTrip(graph, attachments);
+      g = rt.graph as TraceGraph;
+      att = rt.attachments;
+    }
+    const log = opts.log ?? ((...v: unknown[]) => console.log(...v));
+    const res = await executeTrace(this, g, att, { scan, log: (vals) => log(...vals) });
+    publish(rec, res.result, res.saved, g);
+    return mergeResult(res.result);
+  }
+
+  // ------------------------------------------------------------------ public calls
+  /**
+   * Record the callback as an intervention graph and run it interleaved with one forward pass.
+   * `model.trace(input, (tr) => ...)` traces one input; `model.trace((tr) => { tr.invoke(...) })` batches invokes.
+   */
+  trace<R>(input: PromptInput, fn: (tr: Tracer) => R, opts?: TraceOptions): Promise<Real<R>>;
+  trace<R>(fn: (tr: Tracer) => R, opts?: TraceOptions): Promise<Real<R>>;
+  async trace<R>(a: unknown, b?: unknown, c?: unknown): Promise<Real<R>> {
+    const [input, fn, opts] = typeof a === "function" ? [undefined, a, b] : [a, b, c];
+    const { rec, graph, attachments } = this.recordTrace("trace", input, fn as (tr: Tracer) => R);
+    return (await this.runRecorded(rec, graph, attachments, (opts as TraceOptions) ?? {})) as Real<R>;
+  }
+
+  /**
+   * Generate with interventions. `fn` may use `tr.all`, `tr.iter`, `tr.next` and `model.generator.output`.
+   * Without `fn`, returns `{ tokens }`.
+   */
+  generate<R>(input: PromptInput, options: GenerateOptions & TraceOptions, fn?: (tr: Tracer) => R): Promise<Real<R> & { tokens?: Tensor }>;
+  generate<R>(options: GenerateOptions & TraceOptions, fn: (tr: Tracer) => R): Promise<Real<R>>;
+  async generate<R>(a: unknown, b?: unknown, c?: unknown): Promise<any> {
+    const noInput = typeof b === "function" || (b === undefined && a !== null && typeof a === "object" && !Array.isArray(a) && !("input_ids" in (a as object)));
+    const [input, options, fn] = noInput ? [undefined, a as GenerateOptions & TraceOptions, b as ((tr: Tracer) => R) | undefined] : [a, (b ?? {}) as GenerateOptions & TraceOptions, c as ((tr: Tracer) => R) | undefined];
+    const { stream, roundTrip: rt, log, ...gen } = options;
+    const userFn = fn ?? (() => ({ tokens: this.generator.output }) as unknown as R);
+    const { rec, graph, attachments } = this.recordTrace("generate", input, userFn);
+    graph.generate = gen;
+    if (stream) {
+      // streaming needs a callback on this side: run locally with the stream option
+      return this.runGenerateStreaming(rec, graph, attachments, { roundTrip: rt, log }, stream);
+    }
+    return this.runRecorded(rec, graph, attachments, { roundTrip: rt, log });
+  }
+
+  private async runGenerateStreaming(rec: Recorder, graph: TraceGraph, attachments: Tensor[], opts: TraceOptions, stream: NonNullable<GenerateOptions["stream"]>) {
+    const prev = this._streamHook;
+    this._streamHook = stream;
+    try {
+      return await this.runRecorded(rec, graph, attachments, opts);
+    } finally {
+      this._streamHook = prev;
+    }
+  }
+  /** @internal */ _streamHook: GenerateOptions["stream"] | undefined;
+  override _generateRows(...args: Parameters<CausalLM["_generateRows"]>) {
+    const [rows, opts, hooks] = args;
+    return super._generateRows(rows, this._streamHook ? { ...opts, stream: this._streamHook } : opts, hooks);
+  }
+
+  /** Record and check like trace, computing nothing: returned values come back as `{ shape, dtype }`. */
+  async scan<R>(input: PromptInput, fn: (tr: Tracer) => R): Promise<Real<R>> {
+    const { rec, graph, attachments } = this.recordTrace("trace", input, fn);
+    const res = await this.runRecorded(rec, graph, attachments, {}, true);
+    return toShapes(res) as Real<R>;
+  }
+
+  /**
+   * Several traces as one unit, run in order: inside, `s.trace(input, fn)` returns what fn returns as graph
+   * values that later traces may use. Resolves to what the callback returns, made real.
+   */
+  async session<R>(fn: (s: { trace: <T>(input: PromptInput | ((tr: Tracer) => T), fn?: (tr: Tracer) => T) => T }) => R, opts: TraceOptions = {}): Promise<Real<R>> {
+    this._checkAlive();
+    const recs: Recorder[] = [];
+    const graphs: TraceGraph[] = [];
+    const attachments: Tensor[] = [];
+    let nextId = 0;
+    const s = {
+      trace: <T>(input: PromptInput | ((tr: Tracer) => T), f?: (tr: Tracer) => T): T => {
+        const [inp, body] = typeof input === "function" ? [undefined, input] : [input, f];
+        const r = this.recordTrace("trace", inp, body, nextId, recs);
+        // attachments are per trace: shift this trace's into the session's list
+        const base = attachments.length;
+        attachments.push(...r.attachments);
+        const shift = (a: Arg) => remap(a, new Map(), base);
+        const g: TraceGraph = { ...r.graph, nodes: r.graph.nodes.map((n) => ({ ...n, args: n.args.map(shift) })), blocks: r.graph.blocks.map((b) => ({ ...b, result: shift(b.result), cond: b.cond === null ? null : shift(b.cond) })), result: shift(r.graph.result) };
+        graphs.push(g);
+        recs.push(r.rec);
+        nextId = r.rec.lastId + 1;
+        return r.ret as T;
+      },
+    };
+    const sessionRec = new Recorder(this, "trace", 0);
+    const ret = fn(s);
+    for (const r of recs) sessionRec.share(r);
+    const resultArg = recs.length ? recs[recs.length - 1]!.arg(ret) : sessionRec.arg(ret);
+    let session: SessionGraph = { version: 1, kind: "session", traces: graphs, result: resultArg };
+    let att = attachments;
+    if (opts.roundTrip || process.env.NNSIGHT_ROUNDTRIP === "1") {
+      const rt = roundTrip(session, attachments);
+      session = rt.graph as SessionGraph;
+      att = rt.attachments;
+    }
+    const log = opts.log ?? ((...v: unknown[]) => console.log(...v));
+    const res = await executeSession(this, session, att, { log: (vals) => log(...vals) });
+    res.traces.forEach((t, i) => publish(recs[i]!, t.result, t.saved, graphs[i]!));
+    return res.result as Real<R>;
+  }
+
+  /**
+   * Record interventions applied to every later trace. Returns a new model sharing the weights, or with
+   * `{ inplace: true }` applies them to this model and returns a handle whose `remove()` takes them off.
+   */
+  edit(fn: (tr: Tracer) => unknown, opts: { inplace: true }): { remove(): void };
+  edit(fn: (tr: Tracer) => unknown, opts?: { inplace?: false }): LanguageModel;
+  edit(fn: (tr: Tracer) => unknown, opts: { inplace?: boolean } = {}): LanguageModel | { remove(): void } {
+    this._checkAlive();
+    const rec = new Recorder(this, "trace", 0);
+    const tr = new Tracer(rec);
+    rec.run(() => {
+      const idx = rec.addInvoke(null);
+      rec.inInvoke(idx, () => fn(tr));
+    });
+    const e: EditRecord = { graph: rec.toGraph(null), attachments: rec.attachments };
+    if (opts.inplace) {
+      this._edits.push(e);
+      return { remove: () => void (this._edits = this._edits.filter((x) => x !== e)) };
+    }
+    const copy = new LanguageModel(
+      { dir: this.dir, spec: this.spec, tokenizer: this.tokenizer, lm: this._lm, generationConfig: this._generationConfig },
+      { rename: this.renames, edits: [...this._edits, e] },
+    );
+    // the copy's envoys must record into traces of the copy: rebind the edit's owner
+    rebindEdit(e, copy);
+    return copy;
+  }
+  /** Remove every edit applied in place. */
+  clearEdits(): void {
+    this._edits = [];
+  }
+
+  /** @internal used by edit() copies: they share weights, so disposing a copy must not free them */
+  override async dispose(): Promise<void> {
+    if (this._sharedFrom) return;
+    await super.dispose();
+  }
+  private _sharedFrom = false;
+}
+
+function rebindEdit(_e: EditRecord, copy: LanguageModel): void {
+  (copy as unknown as { _sharedFrom: boolean })._sharedFrom = true;
+}
+
+/** Give TracedValues their results: saved values, and every returned value. */
+function publish(rec: Recorder, result: Value, saved: Map<number, Value>, graph: TraceGraph): void {
+  for (const [id, v] of saved) setResult(rec, id, v);
+  const walk = (a: Arg, v: Value) => {
+    if (a === null || typeof a !== "object") return;
+    if (Array.isArray(a)) {
+      a.forEach((x, i) => walk(x, Array.isArray(v) ? v[i] : undefined));
+      return;
+    }
+    if ("$ref" in a && typeof a.$ref === "number") {
+      if (v !== undefined) setResult(rec, a.$ref, v);
+      return;
+    }
+    for (const [k, x] of Object.entries(a)) walk(x as Arg, v && typeof v === "object" && !Array.isArray(v) ? (v as Record<string, Value>)[k] : undefined);
+  };
+  walk(graph.result as Arg, result);
+}
+function setResult(rec: Recorder, id: number, v: Value): void {
+  for (const tv of rec.values.get(id) ?? []) {
+    tv._result = v;
+    tv._hasResult = true;
+  }
+}
+
+function remap(a: Arg, ids: Map<number, number>, attBase: number): Arg {
+  if (a === null || typeof a !== "object") return a;
+  if (Array.isArray(a)) return a.map((x) => remap(x, ids, attBase));
+  if ("$ref" in a && typeof a.$ref === "number") return { $ref: ids.get(a.$ref) ?? a.$ref };
+  if ("$tensor" in a && typeof a.$tensor === "number") return { $tensor: a.$tensor + attBase };
+  const out: Record<string, Arg> = {};
+  for (const [k, v] of Object.entries(a)) out[k] = remap(v as Arg, ids, attBase);
+  return out;
+}
+
+function toShapes(v: unknown): unknown {
+  if (v === null || typeof v !== "object") return v;
+  if ((v as { shape?: unknown }).shape !== undefined && typeof (v as Tensor).dtype === "string" && typeof (v as Tensor).dispose === "function") {
+    const t = v as Tensor;
+    const r = { shape: [...t.shape], dtype: t.dtype };
+    t.dispose();
+    return r;
+  }
+  if (Array.isArray(v)) return v.map(toShapes);
+  const out: Record<string, unknown> = {};
+  for (const [k, x] of Object.entries(v)) out[k] = toShapes(x);
+  return out;
+}

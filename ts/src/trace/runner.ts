@@ -1,0 +1,211 @@
+/**
+ * Running a recorded graph on a loaded model: builds the batch from the invokes, drives the forward pass
+ * (or generation) with the interleaver as hooks, and collects returned and saved values. The same code
+ * runs local traces and the server's jobs; it only sees graph data and attachments.
+ */
+import { NNsightError, toNNsightError } from "../errors.js";
+import type { Row } from "../models/batch.js";
+import type { CausalLM } from "../models/causal-lm.js";
+import { eventOrder } from "../models/module-tree.js";
+import { native } from "../native/binding.js";
+import { OwnedScope, collectTensors } from "../tensor/scope.js";
+import { Tensor, fromArray } from "../tensor/tensor.js";
+import type { Arg, GraphNode, SessionGraph, TraceGraph } from "./graph.js";
+import { type InterleaveContext, Interleaver, type RowRange, StopSignal } from "./interleaver.js";
+import type { Value } from "./ops.js";
+
+export interface ExecOptions {
+  scan?: boolean;
+  log?: (values: Value[], node: GraphNode) => void;
+  /** values of earlier traces (sessions) */
+  outer?: Map<number, Value>;
+  /** the owned scope to create tensors in (sessions share one) */
+  scope?: OwnedScope;
+}
+
+export interface ExecResult {
+  /** graph.result resolved (undefined where a value was never computed) */
+  result: Value;
+  /** values of saved nodes */
+  saved: Map<number, Value>;
+  /** values of every non-block node computed (for sessions) */
+  values: Map<number, Value>;
+  stopped: boolean;
+}
+
+const isTensor = (x: unknown): x is Tensor => x instanceof Tensor;
+
+/** Rows of every invoke and the row range each owns (empty invokes own none and see all). */
+function invokeRows(model: CausalLM, graph: TraceGraph): { rows: Row[]; ranges: Array<RowRange | null> } {
+  const rows: Row[] = [];
+  const ranges: Array<RowRange | null> = [];
+  for (const inv of graph.invokes) {
+    if (inv.input === null) {
+      ranges.push(null);
+      continue;
+    }
+    const r = model.toRows(inv.input as never);
+    ranges.push({ start: rows.length, count: r.length });
+    rows.push(...r);
+  }
+  if (rows.length === 0) {
+    throw new NNsightError("BAD_INPUT", "Cannot run the trace: no invoke has an input, so there is nothing to interleave with");
+  }
+  return { rows, ranges };
+}
+
+export async function executeTrace(model: CausalLM, graph: TraceGraph, attachments: Tensor[], opts: ExecOptions = {}): Promise<ExecResult> {
+  const { rows, ranges } = invokeRows(model, graph);
+  const ownScope = !opts.scope;
+  const scope = opts.scope ?? new OwnedScope();
+  const ctx: InterleaveContext = {
+    graph,
+    lm: model._lm,
+    events: eventOrderOf(model),
+    attachments,
+    rows: ranges,
+    batchSize: rows.length,
+    outer: opts.outer ?? new Map(),
+    scope,
+    scan: opts.scan,
+    log: opts.log,
+    kind: graph.kind,
+  };
+  const il = new Interleaver(ctx);
+  let generatorOutput: Tensor | null = null;
+  try {
+    if (graph.kind === "trace") {
+      il.beginStep(0);
+      if (opts.scan) native.setMetaMode(true); // shapes only: no memory, no kernels
+      try {
+        const logits = model._forwardRows(rows, il);
+        logits.dispose();
+      } catch (e) {
+        if (!(e instanceof StopSignal)) throw e;
+      } finally {
+        if (opts.scan) native.setMetaMode(false);
+      }
+      il.endStep();
+    } else {
+      const g = graph.generate ?? {};
+      let res;
+      try {
+        res = await model._generateRows(rows, g, {
+          forStep: (s) => {
+            if (!il.hasWork(s)) return null;
+            il.beginStep(s);
+            return il;
+          },
+          afterStep: (s) => {
+            if (il.lastStep === s) il.endStep();
+            return il.stopped;
+          },
+        });
+      } catch (e) {
+        if (!(e instanceof StopSignal)) throw e;
+        il.endStep();
+      }
+      if (res) {
+        const T = Math.max(...res.sequences.map((s) => s.length));
+        const pad = model.tokenizer.padTokenId;
+        const ids = new Int32Array(res.sequences.length * T).fill(pad);
+        res.sequences.forEach((s, b) => ids.set(s, b * T));
+        generatorOutput = scope.within(() => fromArray(ids, "int32", [res.sequences.length, T]));
+      }
+    }
+    il.runPost(generatorOutput);
+    await native.sync();
+    const result = il.resolveLenient(graph.result as Arg, null);
+    const saved = new Map<number, Value>();
+    for (const id of graph.saves) saved.set(id, il.resolveLenient({ $ref: id }, null));
+    const keepSet = new Set<Tensor>();
+    collectTensors(result, keepSet, isTensor);
+    for (const v of saved.values()) collectTensors(v, keepSet, isTensor);
+    // surface kernel errors of returned values now, with the trace, not at a later read
+    for (const t of keepSet) {
+      const err = native.errorOf(t._handle());
+      if (err) throw toNNsightError(err);
+    }
+    if (ownScope) scope.close(keepSet);
+    return { result, saved, values: il.values, stopped: il.stopped };
+  } catch (e) {
+    if (ownScope) scope.close(new Set());
+    throw e;
+  }
+}
+
+const orders = new WeakMap<object, Map<string, number>>();
+function eventOrderOf(model: CausalLM): Map<string, number> {
+  let o = orders.get(model.moduleTree);
+  if (!o) orders.set(model.moduleTree, (o = eventOrder(model.moduleTree)));
+  return o;
+}
+
+/** Run the traces of a session in order; later traces see earlier traces' values. */
+export async function executeSession(model: CausalLM, session: SessionGraph, attachments: Tensor[], opts: ExecOptions = {}): Promise<{ result: Value; saved: Map<number, Value>; traces: ExecResult[] }> {
+  const scope = new OwnedScope();
+  const outer = new Map<number, Value>();
+  const traces: ExecResult[] = [];
+  const saved = new Map<number, Value>();
+  try {
+    for (const g of session.traces) {
+      const r = await executeTrace(model, g, attachments, { ...opts, outer, scope });
+      for (const [k, v] of r.values) outer.set(k, v);
+      for (const [k, v] of r.saved) saved.set(k, v);
+      traces.push(r);
+    }
+    const result = resolveWith(session.result as Arg, outer);
+    const keepSet = new Set<Tensor>();
+    collectTensors(result, keepSet, isTensor);
+    for (const v of saved.values()) collectTensors(v, keepSet, isTensor);
+    for (const t of traces) collectTensors(t.result, keepSet, isTensor);
+    scope.close(keepSet);
+    return { result, saved, traces };
+  } catch (e) {
+    scope.close(new Set());
+    throw e;
+  }
+}
+
+function resolveWith(a: Arg, values: Map<number, Value>): Value {
+  if (a === null || typeof a !== "object") return a;
+  if (Array.isArray(a)) return a.map((x) => resolveWith(x, values));
+  if ("$ref" in a && typeof a.$ref === "number") return values.get(a.$ref);
+  const out: Record<string, Value> = {};
+  for (const [k, v] of Object.entries(a)) out[k] = resolveWith(v as Arg, values);
+  return out;
+}
+
+/**
+ * The user-facing result of a trace: the callback's return value merged with what invokes and blocks
+ * returned (block values become one entry per step); a name used twice is an error.
+ */
+export function mergeResult(result: Value): Value {
+  const r = result as { main: Value; parts: Value[] } | undefined;
+  if (!r || typeof r !== "object" || !("parts" in r)) return result;
+  const parts = r.parts.map((p) => (Array.isArray(p) && p.every((x) => x === undefined || (x !== null && typeof x === "object" && !Array.isArray(x) && !(x instanceof Tensor))) ? perStep(p) : p));
+  if (parts.length === 0) return r.main;
+  const objs = [r.main, ...parts].filter((p) => p !== undefined && p !== null);
+  if (objs.length === 1) return objs[0];
+  const out: Record<string, Value> = {};
+  for (const o of objs) {
+    if (typeof o !== "object" || Array.isArray(o) || o instanceof Tensor) {
+      throw new NNsightError("BAD_INPUT", "when several invokes or blocks return values, each must return an object of named values");
+    }
+    for (const [k, v] of Object.entries(o)) {
+      if (k in out) throw new NNsightError("BAD_INPUT", `the result name "${k}" is returned twice (by two invokes or blocks); use distinct names`);
+      out[k] = v;
+    }
+  }
+  return out;
+}
+
+/** [{h: a}, {h: b}] -> {h: [a, b]} */
+function perStep(list: Value[]): Value {
+  const out: Record<string, Value[]> = {};
+  for (const item of list) {
+    if (!item || typeof item !== "object") continue;
+    for (const [k, v] of Object.entries(item)) (out[k] ??= []).push(v);
+  }
+  return out;
+}

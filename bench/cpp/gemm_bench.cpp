@@ -177,7 +177,7 @@ int main(int argc, char** argv) {
     gcases.push_back({512, 2304, 768});  // GPT-2 QKV over a 512-token prefill
   }
   const nx::DType bdts[] = {nx::DType::F32, nx::DType::BF16, nx::DType::F16};
-  const int rounds = quick ? 2 : 5, reps = quick ? 10 : 20;
+  const int rounds = quick ? 4 : 8, reps = quick ? 6 : 10;  // many short alternating rounds: noise-robust best-of
   for (const auto& gc : gcases) {
     const int64_t M = gc.M, N = gc.N, K = gc.K;
     std::vector<float> a(static_cast<size_t>(M * K)), c(static_cast<size_t>(M * N));

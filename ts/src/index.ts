@@ -27,7 +27,7 @@ export {
   type TensorLike,
 } from "./tensor/index.js";
 export { loadSafetensors, saveSafetensors } from "./tensor/safetensors.js";
-export { LanguageModel, type LanguageModelOptions, type TraceOptions, type Real } from "./trace/model.js";
+export { LanguageModel, type LanguageModelOptions, type TraceOptions, type Real, type TraceResult } from "./trace/model.js";
 export type { LoadModelOptions } from "./models/causal-lm.js";
 export { Envoy, EnvoyList } from "./trace/envoy.js";
 export { TracedValue } from "./trace/traced-value.js";

@@ -4,6 +4,7 @@
 // issues hundreds) do not pay a futex wake-up each, while an idle process burns no CPU. The caller
 // of parallel_for takes part as worker 0. A parallel_for issued from inside a task runs serially.
 #include <atomic>
+#include <exception>
 #include <condition_variable>
 #include <mutex>
 #include <thread>
@@ -60,6 +61,12 @@ class Pool {
       std::this_thread::yield();
     }
     fn_ = nullptr;
+    std::exception_ptr err;
+    {
+      std::lock_guard<std::mutex> lk(err_mu_);
+      std::swap(err, error_);
+    }
+    if (err) std::rethrow_exception(err);
   }
 
  private:
@@ -68,7 +75,13 @@ class Pool {
     int64_t lo = begin_ + n * c / nchunks_;
     int64_t hi = begin_ + n * (c + 1) / nchunks_;
     in_task_ = true;
-    if (lo < hi) (*fn_)(lo, hi);
+    try {
+      if (lo < hi) (*fn_)(lo, hi);
+    } catch (...) {
+      // a kernel error inside a task is rethrown on the calling thread (never std::terminate)
+      std::lock_guard<std::mutex> lk(err_mu_);
+      if (!error_) error_ = std::current_exception();
+    }
     in_task_ = false;
     pending_.fetch_sub(1, std::memory_order_acq_rel);
   }
@@ -122,6 +135,8 @@ class Pool {
   int nchunks_ = 0;
   std::atomic<int> next_chunk_{0};
   std::atomic<int> pending_{0};
+  std::mutex err_mu_;
+  std::exception_ptr error_;
   static thread_local bool in_task_;
 };
 

@@ -107,12 +107,13 @@ export async function generateTokens(
   let batch: ForwardBatch = first;
   let steps = 0;
   try {
-    for (let step = 0; step <= maxNew; step++) {
+    // maxNewTokens forward passes (each yields one token); with maxNewTokens = 0, just the prompt's pass
+    for (let step = 0; step < Math.max(maxNew, 1); step++) {
       const h = hooks?.forStep(step) ?? null;
       const logits: Tensor = lm.forward(batch, { cache, hooks: h, lastOnly: h === null });
       steps++;
       const stop = hooks?.afterStep?.(step) === true;
-      if (step === maxNew || stop) {
+      if (maxNew === 0 || stop) {
         logits.dispose();
         break;
       }
@@ -135,7 +136,7 @@ export async function generateTokens(
         if (eos.has(tok)) done[b] = true;
       }
       opts.stream?.(next, step);
-      if (done.every(Boolean)) break;
+      if (done.every(Boolean) || step === maxNew - 1) break;
       const ids = new Int32Array(B);
       const positions = new Int32Array(B);
       for (let b = 0; b < B; b++) {

@@ -33,12 +33,12 @@ export class Envoy {
       const name = c._spec.name;
       Object.defineProperty(this, name, { value: c, enumerable: true, configurable: true });
     }
-    // aliases: a key is either a child name (applies under every parent) or a full path
+    // aliases by child name (".h" or "h") apply under every parent; dotted paths alias at the root
     for (const [from, to] of Object.entries(aliases)) {
       const key = from.startsWith(".") ? from.slice(1) : from;
+      if (key.includes(".")) continue;
       for (const c of this._children) {
-        const full = c.path;
-        if (key === c._spec.name || key === full) {
+        if (key === c._spec.name) {
           if (!(to in this)) Object.defineProperty(this, to, { value: c, enumerable: false, configurable: true });
           this._aliases.set(to, c);
         }
@@ -162,7 +162,15 @@ function makeEnvoy(spec: ModuleSpec, owner: object, aliases: Record<string, stri
   });
 }
 
-/** Build the root envoy of a model from its module tree. */
+/** Build the root envoy of a model from its module tree. Dotted-path aliases become root attributes. */
 export function buildEnvoys(root: ModuleSpec, owner: object, aliases: Record<string, string> = {}): Envoy {
-  return new Envoy(root, owner, aliases);
+  const env = new Envoy(root, owner, aliases);
+  for (const [from, to] of Object.entries(aliases)) {
+    const key = from.startsWith(".") ? from.slice(1) : from;
+    if (!key.includes(".")) continue;
+    const target = env.get(key);
+    env._aliases.set(to, target);
+    if (!(to in env)) Object.defineProperty(env, to, { value: target, enumerable: false, configurable: true });
+  }
+  return env;
 }

@@ -167,11 +167,12 @@ export class Interleaver implements ModuleHooks {
       const a = node.args;
       const anchorCheck = (anchor: number, what: string) => {
         if (deps > anchor) {
+          const path = this.pathOf(node);
           throw this.err(
             "OUT_OF_ORDER",
-            `${what} needs a value that is computed later in the forward pass than the point where it must run`,
+            `${what}${path ? ` of ${path}` : ""} needs a value that is computed later in the forward pass than the point where it must run`,
             node,
-            String(a[0]),
+            path,
           );
         }
         return anchor;
@@ -362,7 +363,7 @@ export class Interleaver implements ModuleHooks {
       case "cache":
         return this.cacheValue(node);
       case "blockResult":
-        return this.blockResults.get(a[0] as number) ?? [];
+        return perStep(this.blockResults.get(a[0] as number) ?? [], (a[1] as string[] | undefined) ?? []);
       default: {
         const def = OPS[node.op];
         if (!def) throw new NNsightError("INVALID_GRAPH", `unknown op "${node.op}"`);
@@ -548,6 +549,17 @@ export class Interleaver implements ModuleHooks {
     return (this.byId.get(id)?.block ?? null) !== null;
   }
 
+  /** MISSED_PROVIDER for nodes bound to a step that never ran (generation ended earlier). */
+  checkUnreached(): void {
+    if (this.stopped) return;
+    for (const n of this.g.nodes) {
+      if (n.block === null && n.step > this.lastStep && !isPost(n, this)) {
+        const path = this.pathOf(n);
+        throw this.err("MISSED_PROVIDER", `${path || "the model"} was not provided at step ${n.step}: generation ended after step ${this.lastStep}`, n, path);
+      }
+    }
+  }
+
   /** @internal post nodes: cached per node id */
   postCache = new Map<number, boolean>();
 
@@ -572,6 +584,16 @@ export class Interleaver implements ModuleHooks {
     ].filter(Boolean);
     return new NNsightError(code, `${msg} [${where.join(", ")}]`, { path, invoke: n.invoke ?? undefined, step: n.block === null ? n.step : this.step, source: n.src, node: n.id }, { cause });
   }
+}
+
+/** Block values, one per step: objects become an object of per-step arrays ([{h: a}, {h: b}] -> {h: [a, b]}). */
+function perStep(list: Value[], keys: string[]): Value {
+  const objects = list.every((x) => x !== null && typeof x === "object" && !Array.isArray(x) && !(x instanceof Tensor));
+  if (!objects || (list.length === 0 && keys.length === 0)) return list;
+  const out: Record<string, Value[]> = {};
+  for (const k of keys) out[k] = [];
+  for (const item of list) for (const [k, v] of Object.entries(item as Record<string, Value>)) (out[k] ??= []).push(v);
+  return out;
 }
 
 /** Whether a block runs at `step`. A plain trace has one pass: step 0. */

@@ -25,7 +25,13 @@ import { roundTrip } from "./serialize.js";
 import { TracedValue } from "./traced-value.js";
 import { Tracer, inputToJSON } from "./tracer.js";
 
-/** What a trace gives back: graph values become real values (TracedValue → Tensor). */
+/**
+ * What a trace gives back: the callback's return value with graph values made real (TracedValue → Tensor),
+ * merged with what invokes and blocks returned (hence the open record).
+ */
+export type TraceResult<R> = [R] extends [void | undefined] ? Record<string, any> : Real<R> & Record<string, any>;
+
+/** Graph values made real. */
 export type Real<T> = T extends TracedValue ? any : T extends Tensor ? T : T extends Array<infer U> ? Array<Real<U>> : T extends object ? { [K in keyof T]: Real<T[K]> } : T;
 
 export interface TraceOptions {
@@ -186,20 +192,20 @@ export class LanguageModel extends CausalLM {
    * Record the callback as an intervention graph and run it interleaved with one forward pass.
    * `model.trace(input, (tr) => ...)` traces one input; `model.trace((tr) => { tr.invoke(...) })` batches invokes.
    */
-  trace<R>(input: PromptInput, fn: (tr: Tracer) => R, opts?: TraceOptions): Promise<Real<R>>;
-  trace<R>(fn: (tr: Tracer) => R, opts?: TraceOptions): Promise<Real<R>>;
-  async trace<R>(a: unknown, b?: unknown, c?: unknown): Promise<Real<R>> {
+  trace<R>(input: PromptInput, fn: (tr: Tracer) => R, opts?: TraceOptions): Promise<TraceResult<R>>;
+  trace<R>(fn: (tr: Tracer) => R, opts?: TraceOptions): Promise<TraceResult<R>>;
+  async trace<R>(a: unknown, b?: unknown, c?: unknown): Promise<TraceResult<R>> {
     const [input, fn, opts] = typeof a === "function" ? [undefined, a, b] : [a, b, c];
     const { rec, graph, attachments } = this.recordTrace("trace", input, fn as (tr: Tracer) => R);
-    return (await this.runRecorded(rec, graph, attachments, (opts as TraceOptions) ?? {})) as Real<R>;
+    return (await this.runRecorded(rec, graph, attachments, (opts as TraceOptions) ?? {})) as TraceResult<R>;
   }
 
   /**
    * Generate with interventions. `fn` may use `tr.all`, `tr.iter`, `tr.next` and `model.generator.output`.
    * Without `fn`, returns `{ tokens }`.
    */
-  generate<R>(input: PromptInput, options: GenerateOptions & TraceOptions, fn?: (tr: Tracer) => R): Promise<Real<R> & { tokens?: Tensor }>;
-  generate<R>(options: GenerateOptions & TraceOptions, fn: (tr: Tracer) => R): Promise<Real<R>>;
+  generate<R>(input: PromptInput, options: GenerateOptions & TraceOptions, fn?: (tr: Tracer) => R): Promise<TraceResult<R>>;
+  generate<R>(options: GenerateOptions & TraceOptions, fn: (tr: Tracer) => R): Promise<TraceResult<R>>;
   async generate<R>(a: unknown, b?: unknown, c?: unknown): Promise<any> {
     const noInput = typeof b === "function" || (b === undefined && a !== null && typeof a === "object" && !Array.isArray(a) && !("input_ids" in (a as object)));
     const [input, options, fn] = noInput ? [undefined, a as GenerateOptions & TraceOptions, b as ((tr: Tracer) => R) | undefined] : [a, (b ?? {}) as GenerateOptions & TraceOptions, c as ((tr: Tracer) => R) | undefined];
@@ -230,10 +236,10 @@ export class LanguageModel extends CausalLM {
   }
 
   /** Record and check like trace, computing nothing: returned values come back as `{ shape, dtype }`. */
-  async scan<R>(input: PromptInput, fn: (tr: Tracer) => R): Promise<Real<R>> {
+  async scan<R>(input: PromptInput, fn: (tr: Tracer) => R): Promise<Record<string, any>> {
     const { rec, graph, attachments } = this.recordTrace("trace", input, fn);
     const res = await this.runRecorded(rec, graph, attachments, {}, true);
-    return toShapes(res) as Real<R>;
+    return toShapes(res) as Record<string, any>;
   }
 
   /**
@@ -340,6 +346,7 @@ function publish(rec: Recorder, result: Value, saved: Map<number, Value>, graph:
   walk(graph.result as Arg, result);
 }
 function setResult(rec: Recorder, id: number, v: Value): void {
+  if (v === undefined) return; // never computed (after a stop, a step not reached)
   for (const tv of rec.values.get(id) ?? []) {
     tv._result = v;
     tv._hasResult = true;

@@ -113,6 +113,7 @@ export async function executeTrace(model: CausalLM, graph: TraceGraph, attachmen
         generatorOutput = scope.within(() => fromArray(ids, "int32", [res.sequences.length, T]));
       }
     }
+    if (graph.kind === "generate") il.checkUnreached();
     il.runPost(generatorOutput);
     await native.sync();
     const result = il.resolveLenient(graph.result as Arg, null);
@@ -177,35 +178,26 @@ function resolveWith(a: Arg, values: Map<number, Value>): Value {
 }
 
 /**
- * The user-facing result of a trace: the callback's return value merged with what invokes and blocks
- * returned (block values become one entry per step); a name used twice is an error.
+ * The user-facing result of a trace: the callback's return value merged with the objects that invokes
+ * and blocks returned (block values hold one entry per step). A name used twice for different values is
+ * an error; returning a block's own result again is not.
  */
 export function mergeResult(result: Value): Value {
   const r = result as { main: Value; parts: Value[] } | undefined;
   if (!r || typeof r !== "object" || !("parts" in r)) return result;
-  const parts = r.parts.map((p) => (Array.isArray(p) && p.every((x) => x === undefined || (x !== null && typeof x === "object" && !Array.isArray(x) && !(x instanceof Tensor))) ? perStep(p) : p));
+  const isObj = (o: Value): o is Record<string, Value> => o !== null && typeof o === "object" && !Array.isArray(o) && !(o instanceof Tensor);
+  const parts = r.parts.filter(isObj);
   if (parts.length === 0) return r.main;
-  const objs = [r.main, ...parts].filter((p) => p !== undefined && p !== null);
-  if (objs.length === 1) return objs[0];
+  if (r.main !== undefined && r.main !== null && !isObj(r.main)) {
+    throw new NNsightError("BAD_INPUT", "when invokes or blocks return values, the trace callback must return an object of named values (or nothing)");
+  }
   const out: Record<string, Value> = {};
-  for (const o of objs) {
-    if (typeof o !== "object" || Array.isArray(o) || o instanceof Tensor) {
-      throw new NNsightError("BAD_INPUT", "when several invokes or blocks return values, each must return an object of named values");
-    }
+  for (const o of [r.main, ...parts]) {
+    if (!isObj(o)) continue;
     for (const [k, v] of Object.entries(o)) {
-      if (k in out) throw new NNsightError("BAD_INPUT", `the result name "${k}" is returned twice (by two invokes or blocks); use distinct names`);
+      if (k in out && out[k] !== v) throw new NNsightError("BAD_INPUT", `the result name "${k}" is returned twice (by two invokes or blocks); use distinct names`);
       out[k] = v;
     }
-  }
-  return out;
-}
-
-/** [{h: a}, {h: b}] -> {h: [a, b]} */
-function perStep(list: Value[]): Value {
-  const out: Record<string, Value[]> = {};
-  for (const item of list) {
-    if (!item || typeof item !== "object") continue;
-    for (const [k, v] of Object.entries(item)) (out[k] ??= []).push(v);
   }
   return out;
 }

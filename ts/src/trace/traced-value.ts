@@ -13,7 +13,7 @@
  */
 import { NNsightError } from "../errors.js";
 import type { Index } from "../tensor/tensor.js";
-import type { Recorder } from "./recorder.js";
+import { type Recorder, activeRecorder } from "./recorder.js";
 
 /** Anything a graph op accepts as an argument. */
 export type GraphLike = TracedValue | number | boolean | string | null | import("../tensor/tensor.js").Tensor | GraphLike[] | { [k: string]: GraphLike };
@@ -36,13 +36,17 @@ export class TracedValue {
     list.push(this);
   }
 
+  /** The trace being recorded now (a value from an earlier trace of a session records into the current one). */
+  private get rec(): Recorder {
+    return activeRecorder(`an operation on graph value ${this.id} (graph values only work inside a trace)`);
+  }
   private op(name: string, ...args: unknown[]): TracedValue {
-    return this.recorder.add(name, [this, ...args]);
+    return this.rec.add(name, [this, ...args]);
   }
 
   /** Keep this value after the trace: `.value` is a real Tensor once the trace has finished. */
   save(): this {
-    this.recorder.saves.add(this.id);
+    this.rec.saves.add(this.id);
     return this;
   }
   /** The real value, once the trace that recorded this node has run. */
@@ -60,8 +64,8 @@ export class TracedValue {
   at(index: Index): TracedValue { return this.op("at", index); }
   /** In-place write of value into the region `index` selects (or the whole value). Affects the live forward pass. */
   set(indexOrValue: Index | GraphLike, value?: GraphLike): TracedValue {
-    if (value === undefined) return this.recorder.add("set", [this, null, indexOrValue]);
-    return this.recorder.add("set", [this, indexOrValue, value]);
+    if (value === undefined) return this.rec.add("set", [this, null, indexOrValue]);
+    return this.rec.add("set", [this, indexOrValue, value]);
   }
   /** A property of the value: `"shape"`, `"ndim"`, `"dtype"`, or a field/element of a structured value. */
   get(key: string | number): TracedValue { return this.op("get", key); }

@@ -37,6 +37,10 @@ export function inputToJSON(input: unknown): InputJSON {
   );
 }
 
+function isPlainObject(v: unknown): v is Record<string, unknown> {
+  return v !== null && typeof v === "object" && Object.getPrototypeOf(v) === Object.prototype;
+}
+
 export interface CacheOptions {
   /** module paths or envoys to record (default: every module) */
   modules?: Array<string | { path: string }>;
@@ -69,7 +73,7 @@ export class Tracer {
     const idx = rec.addInvoke(hasInput ? inputToJSON(inputOrFn) : null);
     if (!fn) return undefined as T;
     const r = rec.inInvoke(idx, fn);
-    if (r !== undefined) this._returns.push(rec.arg(r));
+    if (isPlainObject(r)) this._returns.push(rec.arg(r));
     return r;
   }
 
@@ -105,11 +109,13 @@ export class Tracer {
       b.result = rec.arg(v);
       return v;
     });
-    if (value !== undefined && value !== null) {
-      const ref = rec.add("blockResult", [block.id], { step: 0 });
-      this._returns.push({ $ref: ref.id });
-    }
-    return value;
+    if (!isPlainObject(value)) return value;
+    // after the run each name holds one value per step: return graph values that say so
+    const ref = rec.add("blockResult", [block.id, Object.keys(value as object)], { step: 0 });
+    this._returns.push({ $ref: ref.id });
+    const perStep: Record<string, TracedValue> = {};
+    for (const k of Object.keys(value as object)) perStep[k] = ref.get(k);
+    return perStep as T;
   }
 
   /** Move the step cursor (of the current invoke, or of all invokes outside one) to the next generation step. */

@@ -8,5 +8,12 @@ trap 'rm -rf "$work"' EXIT
 cp -r "$root/binding.gyp" "$root/kernels" "$root/native" "$work/"
 mkdir -p "$work/scripts" && cp "$root/scripts/gyp-sources.mjs" "$work/scripts/"
 ln -s "$root/node_modules" "$work/node_modules"
-(cd "$work" && "$root/node_modules/.bin/node-gyp" rebuild --loglevel=error >/dev/null)
+# Build against the headers of the running Node (no download): npm's nodedir if set, else the prefix of
+# the node binary when it ships include/node.
+nodedir="${npm_config_nodedir:-$(node -p "require('path').resolve(process.execPath, '../..')")}"
+if [ ! -f "$nodedir/include/node/node_api.h" ]; then
+  echo "build-gyp: no Node headers under $nodedir/include/node; skipping the node-gyp build (it would download them)"
+  exit 0
+fi
+(cd "$work" && "$root/node_modules/.bin/node-gyp" rebuild --nodedir="$nodedir" --loglevel=error >/dev/null)
 node -e "const a = require('$work/build/Release/nnsight_native.node'); if (!a.opNames.length) process.exit(1); console.log('node-gyp build ok: ' + a.opNames.length + ' ops')"

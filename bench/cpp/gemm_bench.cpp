@@ -258,7 +258,8 @@ int main(int argc, char** argv) {
   probe_into(pk);
   for (int t = 1; t <= 2; t++)
     std::printf("{\"bench\":\"probe\",\"threads\":%d,\"fma512_gflops\":%.1f,\"fma256_gflops\":%.1f,"
-                "\"triad_gbps\":%.1f,\"triad_mib_per_array\":64,\"note\":\"best of a run before and after the kernels\"}\n",
+                "\"triad_gbps\":%.1f,\"triad_mib_per_array\":64,"
+                "\"note\":\"best of a run before and after the kernels\"}\n",
                 t, pk.fma512[t], pk.fma256[t], pk.triad[t]);
   if (blas.sgemm == nullptr)
     std::printf("{\"bench\":\"gemm\",\"impl\":\"openblas\",\"skipped\":\"%s\"}\n", blas.why_not.c_str());
@@ -278,7 +279,8 @@ int main(int argc, char** argv) {
                   "\"frac_fma_peak\":%.3f",
                   r.blas ? "openblas" : "nx", M, N, K, nx::dtype_name(r.dt), r.kn ? "kn" : "nk_t", r.threads,
                   r.t.best_ms, r.t.median_ms, gf, gf / pk.fma(r.threads));
-      if (r.blas) std::printf(",\"coretype\":\"%s\",\"speedup_nx\":%.3f", std::getenv("OPENBLAS_CORETYPE"), r.blas_ratio);
+      if (r.blas)
+        std::printf(",\"coretype\":\"%s\",\"speedup_nx\":%.3f", std::getenv("OPENBLAS_CORETYPE"), r.blas_ratio);
       std::printf("}\n");
     }
   }

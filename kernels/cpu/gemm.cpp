@@ -173,10 +173,14 @@ inline vf pin(vf v) { return v; }
 
 constexpr int NR = NV * VL;
 constexpr int kMatvecMaxM = 4;  // M <= this streams the weights (decode, tiny batches)
-constexpr int64_t KC_MAX = 384;  // packed B micro-panel KC x NR (72 KiB) + A block MC x KC live in L2
-constexpr int64_t MC_MAX = 192;  // A block 192 x 384 x 4 = 288 KiB (Zen4 L2: 1 MiB)
-constexpr int64_t NC_MAX = 3072;  // B block 384 x 3072 x 4 = 4.5 MiB per thread, lives in L3
-constexpr int64_t kSlab = 4;  // micro-panels packed together in the fused path (1, 2, 4, 8 measured alike)
+// Blocking (Zen4: L1d 32 KiB, L2 1 MiB per core, L3 32 MiB shared). Measured at M=128, N=3072, K=768
+// on one core: KC 768 > 512 > 384 > 256 > 128 (99 vs 95 vs 90 GFLOP/s for 768 / 384 / 128): a long K
+// block amortises the micro-kernel's C update and call overhead, and the B micro-panel is read from L2
+// either way. Slabs of 1..8 micro-panels packed at once measured alike at KC 384; at KC 768, 1 is best.
+constexpr int64_t KC_MAX = 768;  // B micro-panel KC x NR = 144 KiB and A block MC x KC live in L2
+constexpr int64_t MC_MAX = 192;  // A block 192 x 768 x 4 = 576 KiB
+constexpr int64_t NC_MAX = 3072;  // B block (non-fused path) 768 x 3072 x 4 = 9 MiB per thread, in L3
+constexpr int64_t kSlab = 1;  // micro-panels packed together in the fused path
 
 // Element loaders: one type per b dtype so inner loops are specialised at compile time.
 struct LdF32 {
@@ -211,7 +215,7 @@ struct Scratch {
   }
   ~Scratch() { std::free(p); }
 };
-thread_local Scratch t_apack, t_bpack, t_vec;
+thread_local Scratch t_apack, t_bpack;
 
 inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
@@ -469,8 +473,9 @@ void gemm_block(const GemmArgs& g, int64_t m0, int64_t m1, int64_t n0, int64_t n
   const int64_t MC = std::min<int64_t>(MC_MAX, ceil_div(m1 - m0, MR) * MR);
   // With a single A block (the thread's rows fit in MC: prefill-sized M), every B micro-panel is used
   // by exactly one sweep over the A panels, so it is packed right before that sweep into a KC x NR
-  // buffer that stays in L1/L2. Packing the whole KC x NC block first would write it to L3 and read it
-  // back: that round trip measured ~17% of the single-thread time at M=128, N=3072, K=768.
+  // buffer that stays in L2, instead of packing the whole KC x NC block first (a round trip through
+  // L3; ~4% slower at M=128, N=3072, K=768). Packing B still costs 12-16% of the time there (perf):
+  // its reads wait on L3/DRAM, and software prefetch of the next panel measured no gain on this VM.
   const bool fused = m1 - m0 <= MC;
   const int64_t NC = fused ? n1 - n0 : std::min<int64_t>(NC_MAX, ceil_div(n1 - n0, NR) * NR);
   float* bp = t_bpack.get(static_cast<size_t>(KC * (fused ? kSlab * NR : NC)));
@@ -804,7 +809,8 @@ void gemm(const KView& a, const KView& b, const KView* bias, const KView& out) {
 
   if (!out_direct) {
     for (int64_t i = 0; i < M; i++)
-      for (int64_t j = 0; j < N; j++) store_f32(out.data, out.dtype, i * out.stride(0) + j * out.stride(1), c[i * N + j]);
+      for (int64_t j = 0; j < N; j++)
+        store_f32(out.data, out.dtype, i * out.stride(0) + j * out.stride(1), c[i * N + j]);
   }
 }
 }  // namespace fast

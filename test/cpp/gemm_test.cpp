@@ -3,7 +3,7 @@
 // Covers both fast b layouts (row-major [K,N] and the transposed nn.Linear view with stride(0) == 1)
 // plus a b with no unit stride (generic path); b in f32/bf16/f16; bias on/off and of every float dtype;
 // non-contiguous a and out; odd sizes around the micro-tile (MR x NR = 8 x 48 with AVX-512), the
-// matvec threshold (M <= 4), the K block (384), the M block (192) and the N block (3072); size-0 and
+// matvec threshold (M <= 4), the K block (768), the M block (192) and the N block (3072); size-0 and
 // size-1 dims; 1, 2 and 3 pool threads.
 //
 // Tolerance (one formula, used by every check through `tol_for`): both sides accumulate in f32 but in
@@ -99,7 +99,7 @@ NX_TEST(gemm_odd_sizes_all_b) {
           }
 }
 
-// Larger odd shapes: several micro-panels, K crossing the 384 block, edges in both M and N.
+// Larger odd shapes: several micro-panels, K crossing the 768 block, edges in both M and N.
 NX_TEST(gemm_blocked_shapes) {
   const int64_t shapes[][3] = {{65, 129, 129}, {129, 65, 385}, {33, 97, 800}, {8, 48, 384},
                                {16, 96, 768},  {1, 129, 1000}, {3, 257, 385}, {4, 1000, 129}};
@@ -165,7 +165,8 @@ NX_TEST(gemm_empty_dims) {
 NX_TEST(gemm_threads_and_big_blocks) {
   for (int threads : {1, 2, 3}) {
     ThreadScope ts(threads);
-    const int64_t shapes[][3] = {{9, 6300, 24}, {420, 40, 24}, {130, 300, 64}, {1, 4099, 70}, {4, 3001, 33}, {3, 700, 301}, {1, 260, 999}};
+    const int64_t shapes[][3] = {{9, 6300, 24},  {420, 40, 24}, {130, 300, 64}, {1, 4099, 70},
+                                 {4, 3001, 33},  {3, 700, 301}, {1, 260, 999},  {200, 3100, 8}};
     for (auto& sh : shapes)
       for (Layout bl : {Layout::Contiguous, Layout::Transposed})
         for (DType dt : {DType::F32, DType::F16}) {

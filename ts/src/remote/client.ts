@@ -174,6 +174,15 @@ export class Connection implements JobLink {
   }
 
   private onMessage(msg: Record<string, unknown>, payload: Uint8Array): void {
+    // answers first: a subscribe's answer registers the job its event is for
+    let answered: Pending | undefined;
+    if (typeof msg.rid === "number") {
+      answered = this.pending.get(msg.rid);
+      if (answered) {
+        this.pending.delete(msg.rid);
+        if (msg.type !== "error") answered.onAnswer?.(msg);
+      }
+    }
     if (msg.type === "event" && typeof msg.job === "string") {
       const job = this.jobs.get(msg.job);
       const status = msg.status as EventStatus;
@@ -196,13 +205,9 @@ export class Connection implements JobLink {
         job._event(status, extra);
       }
     }
-    if (typeof msg.rid === "number") {
-      const p = this.pending.get(msg.rid);
-      if (!p) return;
-      this.pending.delete(msg.rid);
-      if (msg.type !== "error") p.onAnswer?.(msg);
-      if (msg.type === "error") p.reject(errorFromJSON(msg.error as ErrorJSON, typeof msg.job === "string" ? msg.job : undefined));
-      else p.resolve({ msg, payload });
+    if (answered) {
+      if (msg.type === "error") answered.reject(errorFromJSON(msg.error as ErrorJSON, typeof msg.job === "string" ? msg.job : undefined));
+      else answered.resolve({ msg, payload });
     }
   }
 

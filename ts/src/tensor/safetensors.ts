@@ -10,7 +10,7 @@
  */
 import { NNsightError, toNNsightError } from "../errors.js";
 import { native } from "../native/binding.js";
-import { type DType, dtypeId, isFloat, parseDType } from "./dtype.js";
+import { type DType, dtypeId, dtypeSize, isFloat, parseDType } from "./dtype.js";
 import {
   RUNTIME_DTYPES,
   type SafetensorsDtype,
@@ -75,7 +75,9 @@ export async function loadSafetensors(files: string[], opts: LoadOptions = {}): 
 
 /** Write tensors (any layout; stored row-major in their dtype) to a safetensors file. */
 export async function saveSafetensors(path: string, tensors: Record<string, Tensor> | Map<string, Tensor>, metadata?: Record<string, string>) {
-  const entries = tensors instanceof Map ? [...tensors.entries()] : Object.entries(tensors);
+  // widest dtypes first: with the 8-byte-aligned header every tensor then starts aligned to its own
+  // size, so readers can map it without copying
+  const entries = (tensors instanceof Map ? [...tensors.entries()] : Object.entries(tensors)).sort((a, b) => dtypeSize(b[1].dtype) - dtypeSize(a[1].dtype));
   await writeSafetensorsFile(
     path,
     entries.map(([name, t]) => ({ name, dtype: TO_ST[t.dtype], shape: [...t.shape], bytes: () => t.bytesSync() })),

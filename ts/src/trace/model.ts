@@ -17,7 +17,9 @@ import { CausalLM, type CausalLMParts, type LoadModelOptions } from "../models/c
 import type { GenerateOptions } from "../models/generate.js";
 import type { Tensor } from "../tensor/tensor.js";
 import { Envoy, type EnvoyList, buildEnvoys } from "./envoy.js";
-import type { Arg, GraphNode, SessionGraph, TraceGraph } from "./graph.js";
+import type { ConnectOptions, RemoteLanguageModel } from "../remote/client.js";
+import type { RemoteJob } from "../remote/job.js";
+import type { AnyGraph, Arg, GraphNode, SessionGraph, TraceGraph } from "./graph.js";
 import type { Value } from "./ops.js";
 import { Recorder, activeRecorder } from "./recorder.js";
 import { executeSession, executeTrace, mergeResult } from "./runner.js";
@@ -39,6 +41,24 @@ export interface TraceOptions {
   roundTrip?: boolean;
   /** where tr.log() output goes (default: console.log) */
   log?: (...values: unknown[]) => void;
+  /** remote models: `false` returns a RemoteJob (status, result, cancel, events) as soon as the job is queued */
+  blocking?: boolean;
+}
+
+/** What running a graph gives back (sessions add one entry per trace). */
+export interface BackendResult {
+  result: Value;
+  saved: Map<number, Value>;
+  traces?: Array<{ result: Value; saved: Map<number, Value> }>;
+}
+
+/**
+ * @internal Where recorded graphs run when not here (a remote model sends them to a server). `finish` turns
+ * the raw result into what the call returns (and fills saved values); `run` resolves to that, or to a
+ * RemoteJob when `opts.blocking === false`.
+ */
+export interface TraceBackend {
+  run(req: { graph: AnyGraph; attachments: Tensor[]; scan: boolean; opts: TraceOptions }, finish: (r: BackendResult) => unknown): Promise<unknown>;
 }
 
 export interface LlamaLayerEnvoy extends Envoy {
@@ -75,6 +95,8 @@ export class LanguageModel extends CausalLM {
   /** aliases given with `rename` resolve here too (`model.layers` when renamed at the root) */
   readonly [alias: string]: unknown;
   /** @internal */ _edits: EditRecord[];
+  /** @internal set on remote models: graphs run there */
+  _backend: TraceBackend | null = null;
   private readonly renames: Record<string, string>;
 
   /** @internal */
@@ -90,6 +112,15 @@ export class LanguageModel extends CausalLM {
   /** Load a model from a directory, a Hub id in the local cache, or the bundled `"stories260K"`. */
   static override async load(idOrDir = "stories260K", opts: LanguageModelOptions = {}): Promise<LanguageModel> {
     return new LanguageModel(await CausalLM.loadParts(idOrDir, opts), { rename: opts.rename });
+  }
+
+  /**
+   * A model served by `nnsight serve` at `url`: the same module tree and trace/generate/session/edit calls,
+   * run remotely (`{ blocking: false }` returns a job handle). API key: `opts.apiKey` or $NNSIGHT_API_KEY.
+   */
+  static async connect(url: string, modelId: string, opts: ConnectOptions = {}): Promise<RemoteLanguageModel> {
+    const { connect } = await import("../remote/client.js");
+    return connect(url, modelId, opts);
   }
 
   // ------------------------------------------------------------------ root envoy surface
@@ -175,6 +206,14 @@ export class LanguageModel extends CausalLM {
   }
 
   private async runRecorded(rec: Recorder, graph: TraceGraph, attachments: Tensor[], opts: TraceOptions, scan = false): Promise<Value> {
+    if (this._backend) {
+      const finish = (res: BackendResult) => {
+        publish(rec, res.result, res.saved, graph);
+        return mergeResult(res.result);
+      };
+      return (await this._backend.run({ graph, attachments, scan, opts }, finish)) as Value;
+    }
+    if (opts.blocking === false) throw new NNsightError("UNSUPPORTED", "{ blocking: false } needs a remote model (LanguageModel.connect)");
     let g = graph, att = attachments;
     if (opts.roundTrip || process.env.NNSIGHT_ROUNDTRIP === "1") {
       const rt = roundTrip(graph, attachments);
@@ -192,24 +231,27 @@ export class LanguageModel extends CausalLM {
    * Record the callback as an intervention graph and run it interleaved with one forward pass.
    * `model.trace(input, (tr) => ...)` traces one input; `model.trace((tr) => { tr.invoke(...) })` batches invokes.
    */
+  trace<R>(input: PromptInput, fn: (tr: Tracer) => R, opts: TraceOptions & { blocking: false }): Promise<RemoteJob<TraceResult<R>>>;
   trace<R>(input: PromptInput, fn: (tr: Tracer) => R, opts?: TraceOptions): Promise<TraceResult<R>>;
+  trace<R>(fn: (tr: Tracer) => R, opts: TraceOptions & { blocking: false }): Promise<RemoteJob<TraceResult<R>>>;
   trace<R>(fn: (tr: Tracer) => R, opts?: TraceOptions): Promise<TraceResult<R>>;
-  async trace<R>(a: unknown, b?: unknown, c?: unknown): Promise<TraceResult<R>> {
+  async trace<R>(a: unknown, b?: unknown, c?: unknown): Promise<any> {
     const [input, fn, opts] = typeof a === "function" ? [undefined, a, b] : [a, b, c];
     const { rec, graph, attachments } = this.recordTrace("trace", input, fn as (tr: Tracer) => R);
-    return (await this.runRecorded(rec, graph, attachments, (opts as TraceOptions) ?? {})) as TraceResult<R>;
+    return this.runRecorded(rec, graph, attachments, (opts as TraceOptions) ?? {});
   }
 
   /**
    * Generate with interventions. `fn` may use `tr.all`, `tr.iter`, `tr.next` and `model.generator.output`.
    * Without `fn`, returns `{ tokens }`.
    */
+  generate<R>(input: PromptInput, options: GenerateOptions & TraceOptions & { blocking: false }, fn?: (tr: Tracer) => R): Promise<RemoteJob<TraceResult<R>>>;
   generate<R>(input: PromptInput, options: GenerateOptions & TraceOptions, fn?: (tr: Tracer) => R): Promise<TraceResult<R>>;
   generate<R>(options: GenerateOptions & TraceOptions, fn: (tr: Tracer) => R): Promise<TraceResult<R>>;
   async generate<R>(a: unknown, b?: unknown, c?: unknown): Promise<any> {
     const noInput = typeof b === "function" || (b === undefined && a !== null && typeof a === "object" && !Array.isArray(a) && !("input_ids" in (a as object)));
     const [input, options, fn] = noInput ? [undefined, a as GenerateOptions & TraceOptions, b as ((tr: Tracer) => R) | undefined] : [a, (b ?? {}) as GenerateOptions & TraceOptions, c as ((tr: Tracer) => R) | undefined];
-    const { stream, roundTrip: rt, log, ...gen } = options;
+    const { stream, roundTrip: rt, log, blocking, ...gen } = options;
     const userFn = fn ?? (() => ({ tokens: this.generator.output }) as unknown as R);
     const { rec, graph, attachments } = this.recordTrace("generate", input, userFn);
     graph.generate = gen;
@@ -217,7 +259,7 @@ export class LanguageModel extends CausalLM {
       // streaming needs a callback on this side: run locally with the stream option
       return this.runGenerateStreaming(rec, graph, attachments, { roundTrip: rt, log }, stream);
     }
-    return this.runRecorded(rec, graph, attachments, { roundTrip: rt, log });
+    return this.runRecorded(rec, graph, attachments, { roundTrip: rt, log, blocking });
   }
 
   private async runGenerateStreaming(rec: Recorder, graph: TraceGraph, attachments: Tensor[], opts: TraceOptions, stream: NonNullable<GenerateOptions["stream"]>) {
@@ -246,7 +288,9 @@ export class LanguageModel extends CausalLM {
    * Several traces as one unit, run in order: inside, `s.trace(input, fn)` returns what fn returns as graph
    * values that later traces may use. Resolves to what the callback returns, made real.
    */
-  async session<R>(fn: (s: { trace: <T>(input: PromptInput | ((tr: Tracer) => T), fn?: (tr: Tracer) => T) => T }) => R, opts: TraceOptions = {}): Promise<Real<R>> {
+  session<R>(fn: (s: { trace: <T>(input: PromptInput | ((tr: Tracer) => T), fn?: (tr: Tracer) => T) => T }) => R, opts: TraceOptions & { blocking: false }): Promise<RemoteJob<Real<R>>>;
+  session<R>(fn: (s: { trace: <T>(input: PromptInput | ((tr: Tracer) => T), fn?: (tr: Tracer) => T) => T }) => R, opts?: TraceOptions): Promise<Real<R>>;
+  async session<R>(fn: (s: { trace: <T>(input: PromptInput | ((tr: Tracer) => T), fn?: (tr: Tracer) => T) => T }) => R, opts: TraceOptions = {}): Promise<any> {
     this._checkAlive();
     const recs: Recorder[] = [];
     const graphs: TraceGraph[] = [];
@@ -273,6 +317,14 @@ export class LanguageModel extends CausalLM {
     const resultArg = recs.length ? recs[recs.length - 1]!.arg(ret) : sessionRec.arg(ret);
     let session: SessionGraph = { version: 1, kind: "session", traces: graphs, result: resultArg };
     let att = attachments;
+    if (this._backend) {
+      const finish = (res: BackendResult) => {
+        (res.traces ?? []).forEach((t, i) => publish(recs[i]!, t.result, t.saved, graphs[i]!));
+        return res.result;
+      };
+      return this._backend.run({ graph: session, attachments, scan: false, opts }, finish);
+    }
+    if (opts.blocking === false) throw new NNsightError("UNSUPPORTED", "{ blocking: false } needs a remote model (LanguageModel.connect)");
     if (opts.roundTrip || process.env.NNSIGHT_ROUNDTRIP === "1") {
       const rt = roundTrip(session, attachments);
       session = rt.graph as SessionGraph;
@@ -309,6 +361,7 @@ export class LanguageModel extends CausalLM {
     );
     // the copy's envoys must record into traces of the copy: rebind the edit's owner
     rebindEdit(e, copy);
+    copy._backend = this._backend; // an edited remote model runs remotely too
     return copy;
   }
   /** Remove every edit applied in place. */

@@ -1,0 +1,264 @@
+/**
+ * `nnsight serve`: the NDIF front end. One port serves HTTP (`GET /health`, `GET /models`, `GET /metrics`)
+ * and the WebSocket endpoint `/ws` speaking the protocol of remote/protocol.ts. Model code runs only in
+ * the workers; this process authenticates, admits, queues, schedules and answers.
+ *
+ * ```ts
+ * const server = await serve({ models: ["stories260K"], port: 0 });
+ * console.log(server.url);   // http://127.0.0.1:PORT
+ * await server.close();
+ * ```
+ */
+import { type IncomingMessage, type ServerResponse, createServer } from "node:http";
+import path from "node:path";
+import type { Duplex } from "node:stream";
+
+import { WebSocket, WebSocketServer } from "ws";
+
+import { NNsightError } from "../errors.js";
+import { type ClientMessage, PROTOCOL_VERSION, type ServerLimits, decodeFrame, encodeFrame, errorToJSON, parseClientMessage, splitPayload } from "../remote/protocol.js";
+import { DEFAULT_QUOTA, type KeyStore, type Principal, type Quota, loadKeys } from "./auth.js";
+import { JobManager, type Subscriber } from "./jobs.js";
+import { Metrics } from "./metrics.js";
+import { ResultStore } from "./result-store.js";
+import { ModelWorker } from "./worker-pool.js";
+
+export interface ServeOptions {
+  /** model ids or directories; `name=dir` names one (default: ["stories260K"]) */
+  models?: string[];
+  port?: number;
+  /** default 127.0.0.1 */
+  host?: string;
+  /** JSON file of API keys (see auth.ts); NNSIGHT_API_KEYS adds comma-separated keys */
+  apiKeys?: string;
+  /** keys given directly (tests, embedding) */
+  keys?: KeyStore;
+  /** default quota for keys that set none, and for everyone on an open server */
+  quota?: Partial<Quota>;
+  limits?: Partial<ServerLimits>;
+  /** where results are kept (default: a temp dir removed at close) */
+  resultsDir?: string;
+  resultTtlMs?: number;
+  /** native threads per worker */
+  threads?: number;
+  /** worker entry (default dist/server/worker.js) */
+  workerEntry?: string;
+  /** where warnings go (default: stderr) */
+  warn?: (msg: string) => void;
+}
+
+export interface RunningServer {
+  url: string;
+  host: string;
+  port: number;
+  /** model id → worker pid (operators and tests) */
+  workerPids(): Record<string, number | undefined>;
+  close(): Promise<void>;
+}
+
+export const DEFAULT_LIMITS: ServerLimits = {
+  maxFrameBytes: 256 * 1024 ** 2,
+  maxGraphBytes: 16 * 1024 ** 2,
+  maxAttachmentBytes: 256 * 1024 ** 2,
+  maxResultBytes: 256 * 1024 ** 2,
+  maxCost: 1e12,
+  jobTimeoutMs: 600_000,
+};
+
+const SERVER_NAME = "nnsight-ts";
+
+/** `name=dir` → [name, dir]; a directory → [basename, dir]; an id → [id, id]. */
+export function modelSpec(s: string): [string, string] {
+  const eq = s.indexOf("=");
+  if (eq > 0) return [s.slice(0, eq), s.slice(eq + 1)];
+  if (s.includes("/") || s.includes("\\") || s.startsWith(".")) {
+    const base = path.basename(path.resolve(s));
+    // a Hub-style id (org/name) that is not a path keeps its full name
+    return [s.startsWith("/") || s.startsWith(".") ? base : s, s];
+  }
+  return [s, s];
+}
+
+export async function serve(opts: ServeOptions = {}): Promise<RunningServer> {
+  const warn = opts.warn ?? ((m: string) => process.stderr.write(`warning: ${m}\n`));
+  const limits: ServerLimits = { ...DEFAULT_LIMITS, ...(opts.limits ?? {}) };
+  const quota: Quota = { ...DEFAULT_QUOTA, ...(opts.quota ?? {}) };
+  const keys = opts.keys ?? loadKeys(opts.apiKeys, process.env.NNSIGHT_API_KEYS, quota);
+  if (keys.open) warn("no API keys configured (--api-keys or NNSIGHT_API_KEYS): this server is open to anyone who can reach it");
+
+  const workers = new Map<string, ModelWorker>();
+  for (const m of opts.models?.length ? opts.models : ["stories260K"]) {
+    const [id, src] = modelSpec(m);
+    if (workers.has(id)) throw new NNsightError("BAD_INPUT", `the model id "${id}" is served twice`);
+    workers.set(id, new ModelWorker(id, { model: src, threads: opts.threads }, opts.workerEntry));
+  }
+  try {
+    await Promise.all([...workers.values()].map((w) => w.start()));
+  } catch (e) {
+    for (const w of workers.values()) w.stop();
+    throw e;
+  }
+  const store = new ResultStore({ dir: opts.resultsDir, ttlMs: opts.resultTtlMs });
+  const metrics = new Metrics();
+  const jobs = new JobManager(workers, store, metrics, limits);
+
+  const http = createServer((req, res) => handleHttp(req, res));
+  const wss = new WebSocketServer({ noServer: true, maxPayload: limits.maxFrameBytes * 2 + 1024, perMessageDeflate: false });
+  http.on("upgrade", (req: IncomingMessage, socket: Duplex, head: Buffer) => {
+    const url = new URL(req.url ?? "/", "http://x");
+    if (url.pathname !== "/ws") {
+      socket.end("HTTP/1.1 404 Not Found\r\nConnection: close\r\n\r\n");
+      return;
+    }
+    wss.handleUpgrade(req, socket, head, (ws) => onConnection(ws));
+  });
+
+  function json(res: ServerResponse, code: number, body: unknown): void {
+    const s = JSON.stringify(body);
+    res.writeHead(code, { "content-type": "application/json", "content-length": Buffer.byteLength(s) });
+    res.end(s);
+  }
+  function handleHttp(req: IncomingMessage, res: ServerResponse): void {
+    const url = new URL(req.url ?? "/", "http://x");
+    if (req.method !== "GET") return json(res, 405, { error: "only GET" });
+    switch (url.pathname) {
+      case "/health":
+        return json(res, 200, { status: "ok", server: SERVER_NAME, protocol: PROTOCOL_VERSION, models: [...workers.values()].map((w) => ({ id: w.id, status: w.state })) });
+      case "/models":
+        return json(res, 200, {
+          models: [...workers.values()].map((w) => ({
+            id: w.id,
+            status: w.state,
+            queue: jobs.queueLength(w.id),
+            running: jobs.runningCount(w.id),
+            config: w.config,
+            generationConfig: w.generationConfig,
+          })),
+        });
+      case "/metrics": {
+        const body = metrics.render([...workers.keys()].map((m) => ({ model: m, queued: jobs.queueLength(m), running: jobs.runningCount(m) })));
+        res.writeHead(200, { "content-type": "text/plain; version=0.0.4" });
+        res.end(body);
+        return;
+      }
+      default:
+        return json(res, 404, { error: `no route ${url.pathname}` });
+    }
+  }
+
+  function onConnection(ws: WebSocket): void {
+    let principal: Principal | null = null;
+    const sub: Subscriber = {
+      send(msg, ...payload) {
+        if (ws.readyState !== WebSocket.OPEN) return;
+        const f = encodeFrame(msg, ...payload);
+        metrics.bytesOut += f.length;
+        ws.send(f);
+      },
+    };
+    const fail = (e: unknown, rid?: number, job?: string) => {
+      const error = errorToJSON(e);
+      if (error.code === "INTERNAL" && !(e instanceof NNsightError)) error.message = "internal server error";
+      sub.send({ type: "error", ...(rid !== undefined ? { rid } : {}), ...(job ? { job } : {}), error });
+    };
+    const helloTimer = setTimeout(() => ws.close(4008, "no hello"), 10_000);
+    helloTimer.unref();
+    ws.on("error", () => {});
+    ws.on("close", () => {
+      clearTimeout(helloTimer);
+      jobs.unsubscribe(sub);
+    });
+    ws.on("message", (data: Buffer, isBinary: boolean) => {
+      metrics.bytesIn += data.length;
+      let rid: number | undefined;
+      try {
+        const frame = decodeFrame(isBinary ? new Uint8Array(data.buffer, data.byteOffset, data.byteLength) : data.toString());
+        const r = (frame.msg as { rid?: unknown } | null)?.rid;
+        if (typeof r === "number") rid = r;
+        if (data.length > limits.maxFrameBytes) throw new NNsightError("TOO_LARGE", `the message is ${data.length} bytes; this server accepts at most ${limits.maxFrameBytes} per message`);
+        const msg = parseClientMessage(frame.msg);
+        if (!principal) {
+          if (msg.type !== "hello") throw new NNsightError("UNAUTHORIZED", "say hello (with your API key) first");
+          if (msg.protocol !== PROTOCOL_VERSION) {
+            throw new NNsightError("VERSION", `this server speaks protocol version ${PROTOCOL_VERSION}, the client ${msg.protocol}: upgrade the older side`, { server: PROTOCOL_VERSION, client: msg.protocol });
+          }
+          principal = keys.authenticate(msg.apiKey);
+          clearTimeout(helloTimer);
+          sub.send({ type: "welcome", protocol: PROTOCOL_VERSION, server: SERVER_NAME, limits });
+          return;
+        }
+        handle(principal, msg, frame.payload).catch((e) => fail(e, rid, (msg as { job?: string }).job));
+      } catch (e) {
+        fail(e, rid);
+        if (e instanceof NNsightError && e.code !== "TOO_LARGE") metrics.jobRejected(e.code);
+        if (!principal) ws.close(4001, "handshake failed");
+      }
+    });
+
+    async function handle(p: Principal, msg: ClientMessage, payload: Uint8Array): Promise<void> {
+      switch (msg.type) {
+        case "hello":
+          throw new NNsightError("BAD_INPUT", "hello was already said on this connection");
+        case "submit": {
+          const { json: graph, bytes } = splitPayload(payload, msg.split);
+          let res;
+          try {
+            res = jobs.submit(p, { model: msg.model, cid: msg.cid, scan: msg.scan, graph, attachments: bytes.slice() }, sub);
+          } catch (e) {
+            if (e instanceof NNsightError) metrics.jobRejected(e.code);
+            throw e;
+          }
+          sub.send({ type: "ack", rid: msg.rid, job: res.job.id, state: res.job.state });
+          if (res.fresh) jobs.announce(res.job);
+          else await jobs.subscribe(p, res.job.id, sub);
+          return;
+        }
+        case "cancel": {
+          const j = jobs.cancel(p, msg.job);
+          sub.send({ type: "ack", rid: msg.rid, job: j.id, state: j.state });
+          return;
+        }
+        case "status": {
+          const j = jobs.get(p, msg.job);
+          const pos = jobs.position(j);
+          sub.send({ type: "ack", rid: msg.rid, job: j.id, state: j.state, ...(pos !== undefined ? { position: pos } : {}), ...(j.error ? { error: j.error } : {}) });
+          return;
+        }
+        case "subscribe":
+        case "result":
+          // the job's current state, answering the request (with the result when done); later events follow
+          await jobs.subscribe(p, msg.job, sub, msg.rid);
+          return;
+      }
+    }
+  }
+
+  const host = opts.host ?? "127.0.0.1";
+  await new Promise<void>((resolve, reject) => {
+    http.once("error", reject);
+    http.listen(opts.port ?? 8080, host, () => resolve());
+  });
+  const addr = http.address();
+  const port = typeof addr === "object" && addr ? addr.port : (opts.port ?? 8080);
+  const shownHost = host.includes(":") ? `[${host}]` : host;
+  let closed: Promise<void> | null = null;
+  return {
+    url: `http://${shownHost}:${port}`,
+    host,
+    port,
+    workerPids: () => Object.fromEntries([...workers].map(([id, w]) => [id, w.pid])),
+    close() {
+      closed ??= (async () => {
+        for (const c of wss.clients) c.terminate();
+        wss.close();
+        const done = new Promise<void>((r) => http.close(() => r()));
+        http.closeAllConnections();
+        await done;
+        jobs.close();
+        for (const w of workers.values()) w.stop();
+        await store.close();
+      })();
+      return closed;
+    },
+  };
+}

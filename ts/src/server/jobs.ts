@@ -1,0 +1,332 @@
+/**
+ * The job manager: admission (validation, size and cost limits, per-key quotas), one fair queue per
+ * model, dispatch to the model's worker, cancellation, the run-time limit, status events to subscribers,
+ * and results into the result store. Every job reaches exactly one terminal state (COMPLETED, ERROR or
+ * CANCELLED), announced once.
+ */
+import { randomUUID } from "node:crypto";
+
+import { NNsightError } from "../errors.js";
+import { type ErrorJSON, type JobState, type ServerLimits, TERMINAL_STATES, errorToJSON } from "../remote/protocol.js";
+import { parseSafetensorsHeader } from "../tensor/safetensors-format.js";
+import { type AnyGraph, type InputJSON, type TraceGraph, validateGraph } from "../trace/graph.js";
+import { ALLOWED_OPS } from "../trace/ops.js";
+import type { Principal } from "./auth.js";
+import type { Metrics } from "./metrics.js";
+import { FairQueue } from "./queue.js";
+import { type ResultStore, isJobId } from "./result-store.js";
+import type { ModelWorker } from "./worker-pool.js";
+
+/** Someone listening to a job's events (a WebSocket connection). */
+export interface Subscriber {
+  send(msg: Record<string, unknown>, ...payload: Uint8Array[]): void;
+}
+
+export interface Job {
+  id: string;
+  owner: string;
+  model: string;
+  cid: string;
+  kind: "trace" | "generate" | "session";
+  scan: boolean;
+  cost: number;
+  graph: string;
+  attachments: Uint8Array;
+  state: JobState;
+  error?: ErrorJSON;
+  createdAt: number;
+  startedAt?: number;
+  finishedAt?: number;
+  resultBytes: number;
+  subscribers: Set<Subscriber>;
+  timer?: NodeJS.Timeout;
+}
+
+interface OwnerStats {
+  active: number;
+  recent: number[];
+  resultBytes: number;
+}
+
+const enc = new TextEncoder();
+
+export class JobManager {
+  private readonly jobs = new Map<string, Job>();
+  private readonly byCid = new Map<string, string>();
+  private readonly queues = new Map<string, FairQueue<Job>>();
+  private readonly owners = new Map<string, OwnerStats>();
+  private readonly running = new Map<string, Job>();
+  private readonly sweeper: NodeJS.Timeout;
+
+  constructor(
+    private readonly workers: Map<string, ModelWorker>,
+    private readonly store: ResultStore,
+    private readonly metrics: Metrics,
+    readonly limits: ServerLimits,
+  ) {
+    for (const [id, w] of workers) {
+      this.queues.set(id, new FairQueue<Job>());
+      w.on("ready", () => this.dispatch(id));
+      w.on("restart", () => metrics.workerRestarts++);
+      w.on("failed", () => this.failQueued(id, { code: "INTERNAL", message: `the worker for ${id} cannot load the model: ${w.lastError?.message ?? "it keeps exiting"}` }));
+    }
+    store.onExpire = (id) => {
+      const j = this.jobs.get(id);
+      if (j) this.forget(j);
+    };
+    this.sweeper = setInterval(() => this.sweep(), Math.max(1000, Math.min(60_000, store.ttlMs / 4)));
+    this.sweeper.unref();
+  }
+
+  queueLength(model: string): number {
+    return this.queues.get(model)?.length ?? 0;
+  }
+  runningCount(model: string): number {
+    return this.running.has(model) ? 1 : 0;
+  }
+
+  private stats(owner: string): OwnerStats {
+    let s = this.owners.get(owner);
+    if (!s) this.owners.set(owner, (s = { active: 0, recent: [], resultBytes: 0 }));
+    return s;
+  }
+
+  // ---------------------------------------------------------------- admission
+  /** Check and queue a job; throws the NNsightError a client should see. */
+  submit(p: Principal, req: { model: string; cid: string; scan?: boolean; graph: string; attachments: Uint8Array }, sub: Subscriber): { job: Job; fresh: boolean } {
+    const dup = this.byCid.get(`${p.id}:${req.cid}`);
+    const known = dup ? this.jobs.get(dup) : undefined;
+    if (known) return { job: known, fresh: false }; // a resubmit after a reconnect: the same job
+    const worker = this.workers.get(req.model);
+    if (!worker) throw new NNsightError("UNKNOWN_MODEL", `this server does not serve "${req.model}"; it serves: ${[...this.workers.keys()].join(", ")}`);
+    if (worker.state === "failed") throw new NNsightError("INTERNAL", `the model ${req.model} failed to load on this server`);
+    const L = this.limits;
+    if (req.graph.length > L.maxGraphBytes) throw new NNsightError("TOO_LARGE", `the graph is ${req.graph.length} bytes; this server accepts at most ${L.maxGraphBytes}`);
+    if (req.attachments.length > L.maxAttachmentBytes) throw new NNsightError("TOO_LARGE", `the attachments are ${req.attachments.length} bytes; this server accepts at most ${L.maxAttachmentBytes}`);
+    let raw: unknown;
+    try {
+      raw = JSON.parse(req.graph);
+    } catch (e) {
+      throw new NNsightError("INVALID_GRAPH", `the graph is not valid JSON: ${(e as Error).message}`);
+    }
+    let count = 0;
+    if (req.attachments.length) {
+      try {
+        count = parseSafetensorsHeader(req.attachments, req.attachments.length, "attachments").tensors.size;
+      } catch (e) {
+        throw new NNsightError("INVALID_GRAPH", `the attachments are not a valid safetensors buffer: ${(e as Error).message}`);
+      }
+    }
+    const graph = validateGraph(raw, { attachments: count, ops: ALLOWED_OPS });
+    const cost = estimateCost(graph, worker.numLayers);
+    if (cost > L.maxCost) throw new NNsightError("TOO_LARGE", `the estimated cost ${cost} (tokens × layers × nodes) exceeds this server's limit of ${L.maxCost}`, { cost, limit: L.maxCost });
+    // quotas
+    const s = this.stats(p.id);
+    const now = Date.now();
+    while (s.recent.length && now - s.recent[0]! > 60_000) s.recent.shift();
+    if (s.active >= p.quota.maxConcurrent) throw new NNsightError("QUOTA", `you have ${s.active} jobs queued or running; your quota is ${p.quota.maxConcurrent} at once`, { quota: "maxConcurrent" });
+    if (s.recent.length >= p.quota.jobsPerMinute) throw new NNsightError("QUOTA", `you submitted ${s.recent.length} jobs in the last minute; your quota is ${p.quota.jobsPerMinute}`, { quota: "jobsPerMinute" });
+    if (s.resultBytes >= p.quota.resultBytes) {
+      throw new NNsightError("QUOTA", `your stored results hold ${s.resultBytes} bytes; your quota is ${p.quota.resultBytes} (they expire after ${Math.round(this.store.ttlMs / 1000)} s)`, { quota: "resultBytes" });
+    }
+    s.active++;
+    s.recent.push(now);
+    const job: Job = {
+      id: randomUUID(),
+      owner: p.id,
+      model: req.model,
+      cid: req.cid,
+      kind: graph.kind,
+      scan: !!req.scan,
+      cost,
+      graph: req.graph,
+      attachments: req.attachments,
+      state: "QUEUED",
+      createdAt: now,
+      resultBytes: 0,
+      subscribers: new Set([sub]),
+    };
+    this.jobs.set(job.id, job);
+    this.byCid.set(`${p.id}:${req.cid}`, job.id);
+    this.queues.get(req.model)!.push(job);
+    return { job, fresh: true };
+  }
+
+  /** After the ack went out: announce QUEUED and start what can start. */
+  announce(job: Job): void {
+    if (job.state === "QUEUED") this.emit(job, { status: "QUEUED", position: this.queues.get(job.model)!.position(job) });
+    this.dispatch(job.model);
+  }
+
+  // ---------------------------------------------------------------- lookup (only your own jobs)
+  get(p: Principal, id: string): Job {
+    const j = isJobId(id) ? this.jobs.get(id) : undefined;
+    if (!j || j.owner !== p.id) throw new NNsightError("BAD_INPUT", `no job ${id} of yours on this server (results expire after ${Math.round(this.store.ttlMs / 1000)} s)`, { job: id });
+    return j;
+  }
+
+  position(j: Job): number | undefined {
+    return j.state === "QUEUED" ? this.queues.get(j.model)!.position(j) : undefined;
+  }
+
+  /** Subscribe to a job and send its current state (with the result when COMPLETED). */
+  async subscribe(p: Principal, id: string, sub: Subscriber, rid?: number): Promise<void> {
+    const j = isJobId(id) ? this.jobs.get(id) : undefined;
+    if (!j) {
+      // a result from before a restart of this server (persistent results dir)
+      const r = await this.store.get(id);
+      if (!r || r.meta.owner !== p.id) throw new NNsightError("BAD_INPUT", `no job ${id} of yours on this server (results expire after ${Math.round(this.store.ttlMs / 1000)} s)`, { job: id });
+      const json = enc.encode(r.json);
+      sub.send({ type: "event", job: id, status: "COMPLETED", split: json.length, kind: r.meta.kind, ...(rid !== undefined ? { rid } : {}) }, json, r.bytes);
+      return;
+    }
+    if (j.owner !== p.id) throw new NNsightError("BAD_INPUT", `no job ${id} of yours on this server`, { job: id });
+    if (!TERMINAL_STATES.has(j.state)) j.subscribers.add(sub);
+    await this.sendState(j, sub, rid);
+  }
+
+  private async sendState(j: Job, sub: Subscriber, rid?: number): Promise<void> {
+    const r = rid !== undefined ? { rid } : {};
+    if (j.state === "COMPLETED") {
+      const res = await this.store.get(j.id);
+      if (!res) {
+        sub.send({ type: "event", job: j.id, status: "ERROR", error: { code: "IO", message: `the result of job ${j.id} has expired` }, ...r });
+        return;
+      }
+      const json = enc.encode(res.json);
+      sub.send({ type: "event", job: j.id, status: "COMPLETED", split: json.length, kind: j.kind, ...r }, json, res.bytes);
+    } else {
+      const pos = this.position(j);
+      sub.send({ type: "event", job: j.id, status: j.state, ...(pos !== undefined ? { position: pos } : {}), ...(j.error ? { error: j.error } : {}), ...r });
+    }
+  }
+
+  unsubscribe(sub: Subscriber): void {
+    for (const j of this.jobs.values()) j.subscribers.delete(sub);
+  }
+
+  // ---------------------------------------------------------------- cancellation
+  cancel(p: Principal, id: string): Job {
+    const j = this.get(p, id);
+    if (TERMINAL_STATES.has(j.state)) return j;
+    if (j.state === "QUEUED") this.queues.get(j.model)!.remove(j);
+    const wasRunning = j.state === "RUNNING";
+    this.finish(j, "CANCELLED", { code: "CANCELLED", message: `job ${j.id} was cancelled` });
+    if (wasRunning) this.workers.get(j.model)!.kill(j.id);
+    return j;
+  }
+
+  // ---------------------------------------------------------------- running
+  private dispatch(model: string): void {
+    const w = this.workers.get(model)!;
+    const q = this.queues.get(model)!;
+    while (w.idle && q.length > 0) {
+      const job = q.pop()!;
+      job.state = "RUNNING";
+      job.startedAt = Date.now();
+      this.running.set(model, job);
+      this.metrics.observeWait(model, (job.startedAt - job.createdAt) / 1000);
+      this.emit(job, { status: "RUNNING" });
+      job.timer = setTimeout(() => {
+        this.finish(job, "ERROR", { code: "TIMEOUT", message: `job ${job.id} ran longer than this server's limit of ${this.limits.jobTimeoutMs} ms`, details: { limitMs: this.limits.jobTimeoutMs } });
+        w.kill(job.id);
+      }, this.limits.jobTimeoutMs);
+      job.timer.unref();
+      const req = { job: job.id, scan: job.scan, graph: job.graph, attachments: job.attachments, maxResultBytes: this.limits.maxResultBytes };
+      job.graph = "";
+      job.attachments = new Uint8Array(0);
+      w.run(req, (json, bytes) => {
+        if (job.state !== "RUNNING") return;
+        const j = enc.encode(json);
+        this.emit(job, { status: "LOG", split: j.length }, j, bytes);
+      }).then(
+        (res) => this.complete(job, res),
+        (e) => this.finish(job, "ERROR", errorToJSON(e)),
+      );
+    }
+  }
+
+  private complete(job: Job, res: { json: string; bytes: Uint8Array }): void {
+    if (job.state !== "RUNNING") return;
+    const json = enc.encode(res.json);
+    job.resultBytes = json.length + res.bytes.length;
+    this.stats(job.owner).resultBytes += job.resultBytes;
+    this.store.put(job.id, { meta: { owner: job.owner, kind: job.kind, model: job.model, createdAt: Date.now() }, json: res.json, bytes: res.bytes });
+    this.emit(job, { status: "COMPLETED", split: json.length, kind: job.kind }, json, res.bytes);
+    this.finish(job, "COMPLETED");
+  }
+
+  /** The one place a job ends: idempotent, so a job is answered once. */
+  private finish(job: Job, state: "COMPLETED" | "ERROR" | "CANCELLED", error?: ErrorJSON): void {
+    if (TERMINAL_STATES.has(job.state)) return;
+    const wasRunning = job.state === "RUNNING";
+    job.state = state;
+    job.finishedAt = Date.now();
+    if (error) job.error = error;
+    if (job.timer) clearTimeout(job.timer);
+    job.graph = "";
+    job.attachments = new Uint8Array(0);
+    this.stats(job.owner).active--;
+    if (wasRunning) {
+      this.running.delete(job.model);
+      this.metrics.observeRun(job.model, (job.finishedAt - (job.startedAt ?? job.finishedAt)) / 1000);
+    }
+    this.metrics.jobFinished(job.model, error?.code === "TIMEOUT" ? "TIMEOUT" : state);
+    if (state !== "COMPLETED") this.emit(job, { status: state, error });
+    job.subscribers.clear();
+  }
+
+  private emit(job: Job, msg: Record<string, unknown>, ...payload: Uint8Array[]): void {
+    const m = { type: "event", job: job.id, ...msg };
+    for (const s of job.subscribers) s.send(m, ...payload);
+  }
+
+  private failQueued(model: string, error: ErrorJSON): void {
+    const q = this.queues.get(model)!;
+    for (let j = q.pop(); j; j = q.pop()) this.finish(j, "ERROR", error);
+  }
+
+  /** Forget finished jobs whose results have expired. */
+  private sweep(now = Date.now()): void {
+    for (const j of this.jobs.values()) {
+      if (j.finishedAt !== undefined && now - j.finishedAt > this.store.ttlMs) {
+        this.forget(j);
+        void this.store.delete(j.id);
+      }
+    }
+  }
+  private forget(j: Job): void {
+    if (!this.jobs.delete(j.id)) return;
+    this.byCid.delete(`${j.owner}:${j.cid}`);
+    this.stats(j.owner).resultBytes -= j.resultBytes;
+  }
+
+  close(): void {
+    clearInterval(this.sweeper);
+    for (const j of this.jobs.values()) if (j.timer) clearTimeout(j.timer);
+  }
+}
+
+// ------------------------------------------------------------------ cost
+/** Upper bound on tokens of a prompt (text: one per UTF-8 byte plus specials; ids: exact). */
+function inputTokens(inp: InputJSON | null): number {
+  if (inp === null) return 0;
+  if (typeof inp === "string") return Buffer.byteLength(inp, "utf8") + 2;
+  if (Array.isArray(inp)) return (inp as Array<string | number[]>).reduce<number>((a, r) => a + (typeof r === "string" ? Buffer.byteLength(r, "utf8") + 2 : r.length), 0);
+  return inp.input_ids.reduce((a, r) => a + r.length, 0);
+}
+
+/** tokens × layers × nodes, summed over the traces of the graph. */
+export function estimateCost(g: AnyGraph, layers: number): number {
+  const traces: TraceGraph[] = g.kind === "session" ? g.traces : [g];
+  let cost = 0;
+  for (const t of traces) {
+    let tokens = t.invokes.reduce((a, i) => a + inputTokens(i.input), 0);
+    if (t.kind === "generate") {
+      const rows = t.invokes.reduce((a, i) => a + (i.input === null ? 0 : typeof i.input === "string" ? 1 : Array.isArray(i.input) ? i.input.length : i.input.input_ids.length), 0);
+      tokens += rows * (t.generate?.maxNewTokens ?? 20);
+    }
+    cost += tokens * Math.max(1, layers) * Math.max(1, t.nodes.length);
+  }
+  return cost;
+}

@@ -1,0 +1,146 @@
+/**
+ * One worker process per served model (`child_process.fork` of dist/server/worker.js): it loads the
+ * model once and runs one job at a time. A worker that crashes, or is killed to cancel or time out a job,
+ * fails only that job and is started again; the front end never runs model code.
+ */
+import { type ChildProcess, fork } from "node:child_process";
+import { EventEmitter } from "node:events";
+import { existsSync } from "node:fs";
+import path from "node:path";
+
+import { NNsightError } from "../errors.js";
+import { PACKAGE_ROOT } from "../native/binding.js";
+import { type ErrorJSON, errorFromJSON } from "../remote/protocol.js";
+import type { RunRequest, WorkerMessage, WorkerSpec } from "./worker.js";
+
+export function defaultWorkerEntry(): string {
+  return path.join(PACKAGE_ROOT, "dist", "server", "worker.js");
+}
+
+export type WorkerState = "starting" | "ready" | "busy" | "failed" | "stopped";
+
+interface Current {
+  job: string;
+  onLog: (json: string, bytes: Uint8Array) => void;
+  resolve: (r: { json: string; bytes: Uint8Array }) => void;
+  reject: (e: NNsightError) => void;
+  /** why we killed the worker (the job is answered by whoever killed it) */
+  killed?: boolean;
+}
+
+/** Emits "ready" whenever the worker can take a job, "restart" after a crash or kill. */
+export class ModelWorker extends EventEmitter {
+  readonly id: string;
+  state: WorkerState = "starting";
+  config: Record<string, unknown> | null = null;
+  generationConfig: Record<string, unknown> | null = null;
+  numLayers = 1;
+  lastError: ErrorJSON | null = null;
+  private proc: ChildProcess | null = null;
+  private current: Current | null = null;
+  private failures = 0;
+  private readonly entry: string;
+  private readonly spec: WorkerSpec;
+
+  constructor(id: string, spec: WorkerSpec, entry = defaultWorkerEntry()) {
+    super();
+    this.id = id;
+    this.spec = spec;
+    this.entry = entry;
+  }
+
+  get pid(): number | undefined {
+    return this.proc?.pid;
+  }
+  get idle(): boolean {
+    return this.state === "ready" && this.current === null;
+  }
+
+  /** Start the process; resolves when the model is loaded (rejects if loading fails). */
+  start(): Promise<void> {
+    if (!existsSync(this.entry)) {
+      return Promise.reject(new NNsightError("INTERNAL", `the worker entry ${this.entry} is missing: run \`npm run build:ts\``));
+    }
+    this.state = "starting";
+    const env = { ...process.env, NNSIGHT_WORKER_SPEC: JSON.stringify(this.spec) };
+    delete env.NNSIGHT_API_KEYS;
+    delete env.NNSIGHT_API_KEY;
+    const proc = fork(this.entry, [], { serialization: "advanced", env, stdio: ["ignore", "inherit", "inherit", "ipc"], execArgv: [] });
+    this.proc = proc;
+    return new Promise<void>((resolve, reject) => {
+      proc.on("message", (m: WorkerMessage) => {
+        if (m.type === "ready") {
+          this.config = m.config;
+          this.generationConfig = m.generationConfig;
+          this.numLayers = m.numLayers;
+          this.state = "ready";
+          this.failures = 0;
+          resolve();
+          this.emit("ready");
+        } else if (m.type === "fatal") {
+          this.lastError = m.error;
+          reject(errorFromJSON(m.error));
+        } else this.onMessage(m);
+      });
+      proc.on("error", () => {}); // reported through "exit"
+      proc.on("exit", (code, signal) => {
+        if (this.proc !== proc) return;
+        this.proc = null;
+        const cur = this.current;
+        this.current = null;
+        if (cur) {
+          // a killed worker's job was already answered by whoever killed it: this rejection is ignored
+          cur.reject(new NNsightError("INTERNAL", `the model worker exited (${signal ?? `code ${code}`}) while running this job; the job was lost, the worker restarts`, { job: cur.job }));
+        }
+        if (this.state === "stopped") return;
+        const wasStarting = this.state === "starting";
+        reject(new NNsightError("INTERNAL", `the model worker for ${this.id} exited while loading (${signal ?? `code ${code}`})`));
+        if (wasStarting && ++this.failures >= 3) {
+          this.state = "failed";
+          this.emit("failed");
+          return;
+        }
+        this.emit("restart");
+        this.state = "starting";
+        setTimeout(() => this.state !== "stopped" && this.start().catch(() => {}), wasStarting ? 500 : 0).unref();
+      });
+    });
+  }
+
+  private onMessage(m: WorkerMessage): void {
+    const cur = this.current;
+    if (!cur || !("job" in m) || m.job !== cur.job) return;
+    if (m.type === "log") {
+      cur.onLog(m.json, m.bytes);
+      return;
+    }
+    this.current = null;
+    this.state = "ready";
+    if (m.type === "done") cur.resolve({ json: m.json, bytes: m.bytes });
+    else if (m.type === "failed") cur.reject(errorFromJSON(m.error));
+    this.emit("ready");
+  }
+
+  /** Run one job (the worker must be idle). */
+  run(req: Omit<RunRequest, "type">, onLog: Current["onLog"]): Promise<{ json: string; bytes: Uint8Array }> {
+    if (!this.idle || !this.proc) return Promise.reject(new NNsightError("INTERNAL", "the worker is not idle"));
+    this.state = "busy";
+    return new Promise((resolve, reject) => {
+      this.current = { job: req.job, onLog, resolve, reject };
+      this.proc!.send({ type: "run", ...req } satisfies RunRequest);
+    });
+  }
+
+  /** Kill the worker (to cancel or time out `job`); it restarts. The caller answers the job. */
+  kill(job: string): void {
+    if (this.current?.job !== job || !this.proc) return;
+    this.current.killed = true;
+    this.proc.kill("SIGKILL");
+  }
+
+  stop(): void {
+    this.state = "stopped";
+    this.proc?.kill("SIGKILL");
+    this.proc = null;
+  }
+}

@@ -35,3 +35,7 @@ export { Tracer } from "./trace/tracer.js";
 export { Tokenizer } from "./models/tokenizer.js";
 export type { GenerateOptions } from "./models/generate.js";
 export type { PromptInput } from "./models/batch.js";
+export { RemoteLanguageModel, type ConnectOptions } from "./remote/client.js";
+export { RemoteJob, type JobEvent, type JobStatusInfo } from "./remote/job.js";
+export { PROTOCOL_VERSION, type JobState, type ServerLimits } from "./remote/protocol.js";
+export { serve, type ServeOptions, type RunningServer } from "./server/http.js";

@@ -49,12 +49,15 @@ void Executor::submit(std::function<void()> fn, std::vector<std::shared_ptr<Stor
     run_task(t);
     return;
   }
+  bool wake;
   {
     std::lock_guard<std::mutex> lk(mu_);
     queue_.push_back(std::move(t));
     submitted_++;
+    queued_.store(submitted_, std::memory_order_release);
+    wake = sleeping_;
   }
-  cv_.notify_one();
+  if (wake) cv_.notify_one();  // no futex call while the executor is awake (bursts of ops)
 }
 
 void Executor::after(std::function<void()> fn) { submit(std::move(fn), {}, {}); }
@@ -74,12 +77,21 @@ size_t Executor::pending() {
 void Executor::loop() {
   for (;;) {
     Task t;
+    // Spin briefly for the next op (JS records ops a few microseconds apart), then sleep.
+    for (int spin = 0; spin < 4000 && queued_.load(std::memory_order_acquire) == taken_; spin++) {
+#if defined(__x86_64__)
+      __builtin_ia32_pause();
+#endif
+    }
     {
       std::unique_lock<std::mutex> lk(mu_);
+      sleeping_ = true;
       cv_.wait(lk, [&] { return stop_ || !queue_.empty(); });
+      sleeping_ = false;
       if (queue_.empty()) return;  // stop requested and drained
       t = std::move(queue_.front());
       queue_.pop_front();
+      taken_++;
     }
     run_task(t);
     t = Task{};  // drop storage references before reporting completion

@@ -12,6 +12,7 @@
 // A task that throws marks its outputs' storages with the error; a task whose inputs carry an error
 // passes it on instead of running. Readers see the error when they read. Nothing else stops.
 #pragma once
+#include <atomic>
 #include <condition_variable>
 #include <deque>
 #include <functional>
@@ -51,6 +52,9 @@ class Executor {
   std::condition_variable cv_, done_cv_;
   std::deque<Task> queue_;
   uint64_t submitted_ = 0, completed_ = 0;
+  std::atomic<uint64_t> queued_{0};  // == submitted_, readable without the lock
+  uint64_t taken_ = 0;               // tasks the executor has dequeued (executor thread only)
+  bool sleeping_ = false;
   bool stop_ = false;
   bool inline_ = false;
   std::thread thread_;

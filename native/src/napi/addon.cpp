@@ -29,8 +29,9 @@ Napi::Error coded_error(Napi::Env env, const std::string& code, const std::strin
 }
 
 struct AddonData {
-  Napi::FunctionReference tensor_ctor;
   int64_t reported_bytes = 0;
+  Napi::ObjectReference meta_ref;  // keeps the metadata Float64Array alive
+  double* meta = nullptr;
 };
 
 // Tell V8 about native memory so GC pressure reflects it (called on every allocating entry point).
@@ -44,63 +45,78 @@ void report_memory(Napi::Env env) {
   }
 }
 
-class AddonTensor : public Napi::ObjectWrap<AddonTensor> {
- public:
-  static Napi::Function Init(Napi::Env env) {
-    return DefineClass(env, "Tensor",
-                       {InstanceMethod("dispose", &AddonTensor::Dispose), InstanceMethod("isDisposed", &AddonTensor::IsDisposed),
-                        InstanceMethod("sameStorage", &AddonTensor::SameStorage)});
-  }
-  explicit AddonTensor(const Napi::CallbackInfo& info) : Napi::ObjectWrap<AddonTensor>(info) {}
-  // Live handles: counted when a tensor is attached, uncounted on dispose() or garbage collection.
-  ~AddonTensor() override {
-    if (tensor_) g_live_handles--;
-  }
-
-  static Napi::Object Wrap(Napi::Env env, nx::Tensor t) {
-    AddonData* d = env.GetInstanceData<AddonData>();
-    Napi::Object obj = d->tensor_ctor.New({});
-    AddonTensor* self = Unwrap(obj);
-    obj.Set("dtype", Napi::Number::New(env, static_cast<int>(t.dtype)));
-    Napi::Array shape = Napi::Array::New(env, t.shape.size());
-    Napi::Array strides = Napi::Array::New(env, t.shape.size());
-    for (size_t i = 0; i < t.shape.size(); i++) {
-      shape.Set(static_cast<uint32_t>(i), Napi::Number::New(env, static_cast<double>(t.shape[i])));
-      strides.Set(static_cast<uint32_t>(i), Napi::Number::New(env, static_cast<double>(t.strides[i])));
-    }
-    obj.Set("shape", shape);
-    obj.Set("strides", strides);
-    obj.Set("offset", Napi::Number::New(env, static_cast<double>(t.offset)));
-    self->tensor_ = std::make_unique<nx::Tensor>(std::move(t));
-    g_live_handles++;
-    return obj;
-  }
-
-  static const nx::Tensor& Get(Napi::Env env, const Napi::Value& v, const char* what) {
-    if (!v.IsObject()) throw coded_error(env, "BAD_INPUT", std::string(what) + " is not a tensor");
-    Napi::Object o = v.As<Napi::Object>();
-    AddonData* d = env.GetInstanceData<AddonData>();
-    if (!o.InstanceOf(d->tensor_ctor.Value())) throw coded_error(env, "BAD_INPUT", std::string(what) + " is not a tensor");
-    AddonTensor* self = Unwrap(o);
-    if (!self->tensor_) throw coded_error(env, "DISPOSED", std::string(what) + " was disposed");
-    return *self->tensor_;
-  }
-
- private:
-  Napi::Value Dispose(const Napi::CallbackInfo& info) {
-    if (tensor_) {
-      tensor_.reset();  // queued kernels keep their own storage references
-      g_live_handles--;
-    }
-    return info.Env().Undefined();
-  }
-  Napi::Value IsDisposed(const Napi::CallbackInfo& info) { return Napi::Boolean::New(info.Env(), !tensor_); }
-  Napi::Value SameStorage(const Napi::CallbackInfo& info) {
-    const nx::Tensor& other = Get(info.Env(), info[0], "other");
-    return Napi::Boolean::New(info.Env(), tensor_ && tensor_->storage == other.storage);
-  }
-  std::unique_ptr<nx::Tensor> tensor_;
+// A tensor handle is a Napi::External around a TensorHandle: creating one costs one allocation and
+// no property writes. Its metadata (dtype, shape, strides, offset) is written into a Float64Array that
+// TS registered once (setMetaBuffer), which TS reads right after the call: no per-call object building.
+struct TensorHandle {
+  std::unique_ptr<nx::Tensor> tensor;
 };
+
+constexpr int kMetaStride = 3 + 2 * nx::kMaxDims;  // dtype, ndim, offset, shape[8], strides[8]
+constexpr int kMetaMax = 4;                          // outputs per call
+
+class AddonTensor {
+ public:
+  static void write_meta(Napi::Env env, const nx::Tensor& t, int slot) {
+    AddonData* d = env.GetInstanceData<AddonData>();
+    if (d->meta == nullptr || slot >= kMetaMax) return;
+    double* m = d->meta + slot * kMetaStride;
+    m[0] = static_cast<double>(static_cast<int>(t.dtype));
+    m[1] = static_cast<double>(t.shape.size());
+    m[2] = static_cast<double>(t.offset);
+    for (size_t i = 0; i < t.shape.size(); i++) {
+      m[3 + i] = static_cast<double>(t.shape[i]);
+      m[3 + nx::kMaxDims + i] = static_cast<double>(t.strides[i]);
+    }
+  }
+  static Napi::Value Wrap(Napi::Env env, nx::Tensor t, int slot = 0) {
+    write_meta(env, t, slot);
+    auto* h = new TensorHandle{std::make_unique<nx::Tensor>(std::move(t))};
+    g_live_handles++;
+    return Napi::External<TensorHandle>::New(env, h, [](Napi::Env, TensorHandle* p) {
+      if (p->tensor) g_live_handles--;
+      delete p;
+    });
+  }
+  static TensorHandle* Handle(Napi::Env env, const Napi::Value& v, const char* what) {
+    if (!v.IsExternal()) throw coded_error(env, "BAD_INPUT", std::string(what) + " is not a tensor");
+    return v.As<Napi::External<TensorHandle>>().Data();
+  }
+  static const nx::Tensor& Get(Napi::Env env, const Napi::Value& v, const char* what) {
+    TensorHandle* h = Handle(env, v, what);
+    if (!h->tensor) throw coded_error(env, "DISPOSED", std::string(what) + " was disposed");
+    return *h->tensor;
+  }
+};
+
+// dispose(t): free now (queued kernels keep their own storage references)
+Napi::Value Dispose(const Napi::CallbackInfo& info) {
+  TensorHandle* h = AddonTensor::Handle(info.Env(), info[0], "tensor");
+  if (h->tensor) {
+    h->tensor.reset();
+    g_live_handles--;
+  }
+  return info.Env().Undefined();
+}
+Napi::Value IsDisposed(const Napi::CallbackInfo& info) {
+  return Napi::Boolean::New(info.Env(), !AddonTensor::Handle(info.Env(), info[0], "tensor")->tensor);
+}
+Napi::Value SameStorage(const Napi::CallbackInfo& info) {
+  const nx::Tensor& a = AddonTensor::Get(info.Env(), info[0], "tensor");
+  const nx::Tensor& b = AddonTensor::Get(info.Env(), info[1], "other");
+  return Napi::Boolean::New(info.Env(), a.storage == b.storage);
+}
+Napi::Value SetMetaBuffer(const Napi::CallbackInfo& info) {
+  Napi::Env env = info.Env();
+  if (!info[0].IsTypedArray() || info[0].As<Napi::TypedArray>().TypedArrayType() != napi_float64_array ||
+      info[0].As<Napi::Float64Array>().ElementLength() < static_cast<size_t>(kMetaStride * kMetaMax)) {
+    throw coded_error(env, "BAD_INPUT", "setMetaBuffer needs a Float64Array of at least " + std::to_string(kMetaStride * kMetaMax));
+  }
+  AddonData* d = env.GetInstanceData<AddonData>();
+  d->meta_ref = Napi::Persistent(info[0].As<Napi::Object>());
+  d->meta = info[0].As<Napi::Float64Array>().Data();
+  return env.Undefined();
+}
 
 nx::Shape to_shape(Napi::Env env, const Napi::Value& v, const char* what) {
   if (!v.IsArray()) throw coded_error(env, "BAD_INPUT", std::string(what) + " must be an array of integers");
@@ -144,7 +160,7 @@ Napi::Value Empty(const Napi::CallbackInfo& info) {
   return guarded(env, [&] {
     auto t = nx::Tensor::empty(to_shape(env, info[0], "shape"), to_dtype(env, info[1]));
     report_memory(env);
-    return Napi::Value(AddonTensor::Wrap(env, std::move(t)));
+    return (AddonTensor::Wrap(env, std::move(t)));
   });
 }
 
@@ -163,7 +179,7 @@ Napi::Value FromBuffer(const Napi::CallbackInfo& info) {
                                           " of " + nx::dtype_name(dt) + " needs " + std::to_string(need));
     std::memcpy(t.storage->data, static_cast<char*>(ta.ArrayBuffer().Data()) + ta.ByteOffset(), need);
     report_memory(env);
-    return Napi::Value(AddonTensor::Wrap(env, std::move(t)));
+    return (AddonTensor::Wrap(env, std::move(t)));
   });
 }
 
@@ -174,7 +190,7 @@ Napi::Value View(const Napi::CallbackInfo& info) {
     const nx::Tensor& t = AddonTensor::Get(env, info[0], "tensor");
     nx::Tensor v = t.view(to_shape(env, info[1], "shape"), to_shape(env, info[2], "strides"),
                           static_cast<int64_t>(info[3].As<Napi::Number>().DoubleValue()));
-    return Napi::Value(AddonTensor::Wrap(env, std::move(v)));
+    return (AddonTensor::Wrap(env, std::move(v)));
   });
 }
 
@@ -199,12 +215,12 @@ Napi::Value ViewBytes(const Napi::CallbackInfo& info) {
       v.shape = shape;
       v.strides = nx::Tensor::contiguous_strides(shape);
       v.offset = off / esz;
-      return Napi::Value(AddonTensor::Wrap(env, std::move(v)));
+      return (AddonTensor::Wrap(env, std::move(v)));
     }
     auto c = nx::Tensor::empty(shape, dt, /*real=*/true);
     std::memcpy(c.storage->data, static_cast<char*>(t.storage->data) + off, static_cast<size_t>(n * esz));
     report_memory(env);
-    return Napi::Value(AddonTensor::Wrap(env, std::move(c)));
+    return (AddonTensor::Wrap(env, std::move(c)));
   });
 }
 
@@ -218,7 +234,7 @@ Napi::Value MapFile(const Napi::CallbackInfo& info) {
     t.shape = {static_cast<int64_t>(s->nbytes)};
     t.strides = {1};
     t.storage = std::move(s);
-    return Napi::Value(AddonTensor::Wrap(env, std::move(t)));
+    return (AddonTensor::Wrap(env, std::move(t)));
   });
 }
 
@@ -243,10 +259,13 @@ Napi::Value Op(const Napi::CallbackInfo& info) {
     std::vector<nx::Tensor> outs = nx::run_op(static_cast<nx::Op>(opid), inputs, attrs);
     report_memory(env);
     std::string name = nx::op_info(static_cast<nx::Op>(opid)).name;
-    if (!name.empty() && name.back() == '_') return Napi::Value(info[1].As<Napi::Array>().Get(0u));  // in place
-    if (outs.size() == 1) return Napi::Value(AddonTensor::Wrap(env, std::move(outs[0])));
+    if (!name.empty() && name.back() == '_') {  // in place: the first input, metadata unchanged
+      AddonTensor::write_meta(env, outs[0], 0);
+      return Napi::Value(info[1].As<Napi::Array>().Get(0u));
+    }
+    if (outs.size() == 1) return (AddonTensor::Wrap(env, std::move(outs[0])));
     Napi::Array r = Napi::Array::New(env, outs.size());
-    for (size_t i = 0; i < outs.size(); i++) r.Set(static_cast<uint32_t>(i), AddonTensor::Wrap(env, std::move(outs[i])));
+    for (size_t i = 0; i < outs.size(); i++) r.Set(static_cast<uint32_t>(i), AddonTensor::Wrap(env, std::move(outs[i]), static_cast<int>(i)));
     return Napi::Value(r);
   });
 }
@@ -404,9 +423,12 @@ Napi::Value ProbeTriad(const Napi::CallbackInfo& info) {
 Napi::Object Init(Napi::Env env, Napi::Object exports) {
   auto* data = new AddonData();
   env.SetInstanceData<AddonData>(data);
-  Napi::Function ctor = AddonTensor::Init(env);
-  data->tensor_ctor = Napi::Persistent(ctor);
-  exports.Set("Tensor", ctor);
+  exports.Set("dispose", Napi::Function::New(env, Dispose));
+  exports.Set("isDisposed", Napi::Function::New(env, IsDisposed));
+  exports.Set("sameStorage", Napi::Function::New(env, SameStorage));
+  exports.Set("setMetaBuffer", Napi::Function::New(env, SetMetaBuffer));
+  exports.Set("metaStride", Napi::Number::New(env, kMetaStride));
+  exports.Set("maxDims", Napi::Number::New(env, nx::kMaxDims));
   Napi::Array names = Napi::Array::New(env, static_cast<size_t>(nx::Op::COUNT));
   for (int i = 0; i < static_cast<int>(nx::Op::COUNT); i++)
     names.Set(static_cast<uint32_t>(i), Napi::String::New(env, nx::op_info(static_cast<nx::Op>(i)).name));

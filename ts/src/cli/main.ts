@@ -1,6 +1,7 @@
 #!/usr/bin/env node
 /** `nnsight` command line: `nnsight info`, more subcommands as the service lands. */
 import { LanguageModel, memory } from "../index.js";
+import { SERVE_USAGE, serveCommand, statusCommand } from "../server/cli.js";
 
 async function main(argv: string[]): Promise<number> {
   const [cmd, ...rest] = argv;
@@ -11,8 +12,12 @@ async function main(argv: string[]): Promise<number> {
       await model.dispose();
       return 0;
     }
+    case "serve":
+      return serveCommand(rest);
+    case "status":
+      return statusCommand(rest[0]);
     default:
-      console.error("usage: nnsight info [model]");
+      console.error(`usage: nnsight info [model]\n       nnsight status URL\n${SERVE_USAGE.replace("usage: ", "       ")}`);
       return cmd ? 2 : 0;
   }
 }

@@ -9,15 +9,13 @@ import { fileURLToPath } from "node:url";
 
 import { NNsightError } from "../errors.js";
 
-/** A native tensor handle: metadata as plain properties, storage owned natively. */
+/**
+ * A native tensor handle (an opaque external). Its metadata is written by every call that returns
+ * handles into the Float64Array registered with setMetaBuffer: slot i (for the i-th returned handle)
+ * holds [dtype, ndim, offset, shape[maxDims], strides[maxDims]].
+ */
 export interface NativeTensor {
-  readonly dtype: number;
-  readonly shape: number[];
-  readonly strides: number[];
-  readonly offset: number;
-  dispose(): void;
-  isDisposed(): boolean;
-  sameStorage(other: NativeTensor): boolean;
+  readonly __nativeTensor: unique symbol;
 }
 
 export interface NativeMemory {
@@ -31,6 +29,12 @@ export interface NativeMemory {
 
 export interface NativeAddon {
   readonly opNames: string[];
+  readonly metaStride: number;
+  readonly maxDims: number;
+  setMetaBuffer(buf: Float64Array): void;
+  dispose(t: NativeTensor): void;
+  isDisposed(t: NativeTensor): boolean;
+  sameStorage(a: NativeTensor, b: NativeTensor): boolean;
   readonly dtypes: Record<string, number>;
   readonly cudaCompiled: boolean;
   empty(shape: number[], dtype: number): NativeTensor;
@@ -83,4 +87,7 @@ function load(): NativeAddon {
 }
 
 export const native: NativeAddon = load();
+/** Metadata of the handles the last native call returned (see NativeTensor). */
+export const nativeMeta = new Float64Array(native.metaStride * 4);
+native.setMetaBuffer(nativeMeta);
 export const PACKAGE_ROOT = packageRoot();

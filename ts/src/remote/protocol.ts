@@ -168,11 +168,33 @@ export interface RunResult {
 
 type Enc = unknown;
 
-/** Encode values: tensors become `{ $tensor: k }` (deduplicated), or `{ $meta }` in scan mode. */
+/**
+ * Encode values: tensors become `{ $tensor: k }` (deduplicated), or `{ $meta }` in scan mode. An array or
+ * object met twice keeps its identity: `{ $id: n, $v: value }` the first time, `{ $same: n }` after.
+ */
 export function encodeValues(root: Record<string, unknown>, opts: { meta?: boolean } = {}): EncodedValues {
   const ids = new Map<Tensor, number>();
   const list: Tensor[] = [];
+  const seen = new Map<object, number>();
+  const count = (v: unknown, depth: number): void => {
+    if (depth > 64 || v === null || typeof v !== "object" || v instanceof Tensor) return;
+    const n = seen.get(v) ?? 0;
+    seen.set(v, n + 1);
+    if (n > 0) return;
+    for (const x of v instanceof Map ? [...v.entries()].flat() : Array.isArray(v) ? v : Object.values(v)) count(x, depth + 1);
+  };
+  count(root, 0);
+  const shared = new Map<object, number>();
   const walk = (v: unknown, depth: number): Enc => {
+    if (v !== null && typeof v === "object" && !(v instanceof Tensor) && (seen.get(v) ?? 0) > 1) {
+      const k = shared.get(v);
+      if (k !== undefined) return { $same: k };
+      const id = shared.size;
+      shared.set(v, id);
+      seen.delete(v); // encode its contents once, below
+      const inner = walk(v, depth);
+      return { $id: id, $v: inner };
+    }
     if (depth > 64) throw new NNsightError("BAD_INPUT", "result nests too deeply");
     if (v === undefined) return { $undef: 1 };
     if (typeof v === "number") return Number.isFinite(v) ? v : { $num: String(v) };
@@ -200,12 +222,19 @@ export function encodeValues(root: Record<string, unknown>, opts: { meta?: boole
 /** Inverse of encodeValues (tensors are created in native memory). */
 export function decodeValues(json: string, bytes: Uint8Array): Record<string, unknown> {
   const tensors = bufferToTensors(bytes, "result");
+  const shared = new Map<number, unknown>();
   const walk = (v: unknown): unknown => {
     if (v === null || typeof v !== "object") return v;
     if (Array.isArray(v)) return v.map(walk);
     const o = v as Record<string, unknown>;
     const keys = Object.keys(o);
+    if (keys.length === 2 && typeof o.$id === "number" && "$v" in o) {
+      const x = walk(o.$v);
+      shared.set(o.$id, x);
+      return x;
+    }
     if (keys.length === 1) {
+      if (typeof o.$same === "number") return shared.get(o.$same);
       if (typeof o.$tensor === "number") {
         const t = tensors.get(String(o.$tensor));
         if (!t) throw new NNsightError("IO", `result refers to tensor ${o.$tensor}, which is missing`);

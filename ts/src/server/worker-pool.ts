@@ -62,7 +62,7 @@ export class ModelWorker extends EventEmitter {
       return Promise.reject(new NNsightError("INTERNAL", `the worker entry ${this.entry} is missing: run \`npm run build:ts\``));
     }
     this.state = "starting";
-    const env = { ...process.env, NNSIGHT_WORKER_SPEC: JSON.stringify(this.spec) };
+    const env: NodeJS.ProcessEnv = { ...process.env, NNSIGHT_WORKER_SPEC: JSON.stringify(this.spec) };
     delete env.NNSIGHT_API_KEYS;
     delete env.NNSIGHT_API_KEY;
     const proc = fork(this.entry, [], { serialization: "advanced", env, stdio: ["ignore", "inherit", "inherit", "ipc"], execArgv: [] });

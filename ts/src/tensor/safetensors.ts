@@ -67,7 +67,7 @@ export async function loadSafetensors(files: string[], opts: LoadOptions = {}): 
         opts.onProgress?.(done, total, name);
       }
     } finally {
-      mapping.dispose();
+      native.dispose(mapping);
     }
   }
   return out;

@@ -14,7 +14,7 @@
  * ```
  */
 import { NNsightError, toNNsightError } from "../errors.js";
-import { native, type NativeTensor } from "../native/binding.js";
+import { native, nativeMeta, type NativeTensor } from "../native/binding.js";
 import { type DType, dtypeFromId, dtypeId, dtypeSize, isFloat, parseDType, promote } from "./dtype.js";
 import { OP_IDS, type NativeOpName } from "./op-names.gen.js";
 import { formatTensor } from "./print.js";
@@ -35,6 +35,9 @@ function call(op: NativeOpName, inputs: Array<Tensor | null>, attrs: number[] = 
     throw toNNsightError(e);
   }
 }
+
+const META_STRIDE = native.metaStride;
+const MAX_DIMS = native.maxDims;
 
 export function shapeStr(s: readonly number[]): string {
   return `[${s.join(", ")}]`;
@@ -95,13 +98,24 @@ export class Tensor {
   readonly dtype: DType;
   readonly device = "cpu" as const;
 
-  /** @internal Wrap a native handle. Use `tensor()` and friends to make tensors. */
-  constructor(h: NativeTensor) {
+  /**
+   * @internal Wrap a handle the last native call returned; `slot` is its position among that call's
+   * outputs (metadata comes from the shared buffer). Use `tensor()` and friends to make tensors.
+   */
+  constructor(h: NativeTensor, slot = 0) {
     this._h = h;
-    this.shape = h.shape;
-    this.strides = h.strides;
-    this.offset = h.offset;
-    this.dtype = dtypeFromId(h.dtype);
+    const m = nativeMeta;
+    const base = slot * META_STRIDE;
+    const nd = m[base + 1]!;
+    const shape = new Array<number>(nd), strides = new Array<number>(nd);
+    for (let i = 0; i < nd; i++) {
+      shape[i] = m[base + 3 + i]!;
+      strides[i] = m[base + 3 + MAX_DIMS + i]!;
+    }
+    this.shape = shape;
+    this.strides = strides;
+    this.offset = m[base + 2]!;
+    this.dtype = dtypeFromId(m[base]!);
     trackTensor(this);
   }
 
@@ -129,7 +143,7 @@ export class Tensor {
   /** Free the native memory now (views and queued kernels keep the storage alive as needed). */
   dispose(): void {
     if (this._h) {
-      this._h.dispose();
+      native.dispose(this._h);
       this._h = null;
     }
   }
@@ -475,7 +489,7 @@ export class Tensor {
   topk(k: number, opts: { dim?: number } = {}): { values: Tensor; indices: Tensor } {
     const dim = normDim(opts.dim ?? -1, this.ndim, "topk");
     const src = dim === this.ndim - 1 ? this : this.transpose(dim, -1);
-    const [v, i] = (call("topk", [src], [k]) as NativeTensor[]).map((h) => new Tensor(h)) as [Tensor, Tensor];
+    const [v, i] = (call("topk", [src], [k]) as NativeTensor[]).map((h, slot) => new Tensor(h, slot)) as [Tensor, Tensor];
     if (src === this) return { values: v, indices: i };
     const r = { values: v.transpose(dim, -1), indices: i.transpose(dim, -1) };
     src.dispose();
@@ -525,7 +539,7 @@ export class Tensor {
 
   /** Whether this tensor shares storage with another (views of one tensor do). */
   sharesStorageWith(o: Tensor): boolean {
-    return this._handle().sameStorage(o._handle());
+    return native.sameStorage(this._handle(), o._handle());
   }
 }
 

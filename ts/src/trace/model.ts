@@ -188,7 +188,10 @@ export class LanguageModel extends CausalLM {
       allAtt.push(...e.attachments);
       for (const n of e.graph.nodes) {
         idMap.set(n.id, nextId);
-        nodes.push({ ...n, id: nextId++, invoke: null, args: n.args.map((a) => remap(a, idMap, attBase)) });
+        const copy = withArgs(n, n.args.map((a) => remap(a, idMap, attBase)));
+        copy.id = nextId++;
+        copy.invoke = null;
+        nodes.push(copy);
       }
     }
     const attBase = allAtt.length;
@@ -197,7 +200,7 @@ export class LanguageModel extends CausalLM {
     return {
       graph: {
         ...g,
-        nodes: [...nodes, ...g.nodes.map((n) => ({ ...n, args: n.args.map(shift) }))],
+        nodes: [...nodes, ...g.nodes.map((n) => withArgs(n, n.args.map(shift)))],
         blocks: g.blocks.map((b) => ({ ...b, result: shift(b.result), cond: b.cond === null ? null : shift(b.cond) })),
         result: shift(g.result),
       },
@@ -304,7 +307,7 @@ export class LanguageModel extends CausalLM {
         const base = attachments.length;
         attachments.push(...r.attachments);
         const shift = (a: Arg) => remap(a, new Map(), base);
-        const g: TraceGraph = { ...r.graph, nodes: r.graph.nodes.map((n) => ({ ...n, args: n.args.map(shift) })), blocks: r.graph.blocks.map((b) => ({ ...b, result: shift(b.result), cond: b.cond === null ? null : shift(b.cond) })), result: shift(r.graph.result) };
+        const g: TraceGraph = { ...r.graph, nodes: r.graph.nodes.map((n) => withArgs(n, n.args.map(shift))), blocks: r.graph.blocks.map((b) => ({ ...b, result: shift(b.result), cond: b.cond === null ? null : shift(b.cond) })), result: shift(r.graph.result) };
         graphs.push(g);
         recs.push(r.rec);
         nextId = r.rec.lastId + 1;
@@ -404,6 +407,17 @@ function setResult(rec: Recorder, id: number, v: Value): void {
     tv._result = v;
     tv._hasResult = true;
   }
+}
+
+/** A copy of a node with new args that keeps its lazy `src` getter lazy. */
+function withArgs(n: GraphNode, args: Arg[]): GraphNode {
+  const copy = Object.create(null) as GraphNode;
+  for (const k of Object.keys(n) as Array<keyof GraphNode>) {
+    if (k === "src") Object.defineProperty(copy, "src", Object.getOwnPropertyDescriptor(n, "src")!);
+    else (copy as unknown as Record<string, unknown>)[k] = n[k];
+  }
+  copy.args = args;
+  return copy;
 }
 
 function remap(a: Arg, ids: Map<number, number>, attBase: number): Arg {

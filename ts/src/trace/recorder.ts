@@ -29,14 +29,31 @@ export function isRecording(): boolean {
   return current !== null;
 }
 
-/** Where the user's code recorded a node: the first stack frame outside this library. */
-function userSource(): string | undefined {
+/**
+ * Where the user's code recorded a node: the first stack frame outside this library. Capturing the raw
+ * frames is cheap; formatting them is not, so `node.src` is a lazy, enumerable getter (JSON includes it).
+ */
+function attachSource(node: GraphNode): void {
   const holder: { stack?: string } = {};
   const limit = Error.stackTraceLimit;
-  Error.stackTraceLimit = 12;
-  Error.captureStackTrace(holder, userSource);
+  // the user's frame sits 3-4 frames up (add <- TracedValue/Envoy/Tracer method <- user); collecting
+  // frames costs per frame, so take few
+  Error.stackTraceLimit = 6;
+  Error.captureStackTrace(holder, attachSource);
   Error.stackTraceLimit = limit;
-  const lines = (holder.stack ?? "").split("\n").slice(1);
+  let cached: string | undefined | null = null;
+  Object.defineProperty(node, "src", {
+    enumerable: true,
+    configurable: true,
+    get(): string | undefined {
+      if (cached === null) cached = userFrame(holder.stack ?? "");
+      return cached;
+    },
+  });
+}
+
+function userFrame(stack: string): string | undefined {
+  const lines = stack.split("\n").slice(1);
   for (const l of lines) {
     if (/[\\/](ts[\\/]src[\\/](trace|tensor|models)|dist)[\\/]/.test(l) || l.includes("node:internal")) continue;
     const m = /\(?((?:file:\/\/)?[^\s()]+:\d+:\d+)\)?\s*$/.exec(l.trim());
@@ -176,8 +193,7 @@ export class Recorder {
       }
     }
     const node: GraphNode = { id, op, args: a, invoke: opts.invoke === undefined ? this.currentInvoke : opts.invoke, step, block: this.block };
-    const src = userSource();
-    if (src) node.src = src;
+    attachSource(node);
     this.nodes.push(node);
     const tv = new TracedValue(this, id);
     return tv;

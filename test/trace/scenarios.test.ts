@@ -520,3 +520,18 @@ describe("remote-safety and lifetime (T60, serialization)", () => {
     expect(after.hostBytes).toBeLessThanOrEqual(base.hostBytes);
   });
 });
+
+describe("graph-aware functions (API: nnsight.cat/stack/zeros/...)", () => {
+  it("cat, stack, zeros with activation shapes record graph nodes; eager outside", async () => {
+    const { cat, stack, zeros: z, full } = await import("../../ts/src/index.js");
+    const r = await model.trace(P1, () => {
+      const h = model.model.layers[1].output;
+      return { c: cat([h, h], 1), s: stack([h, h]), z: z(h.shape), f: full(h.shape, 2) };
+    });
+    expect(r.c.shape).toEqual([1, 10, 64]);
+    expect(r.s.shape).toEqual([2, 1, 5, 64]);
+    expect(arr(r.z).every((v) => v === 0)).toBe(true);
+    expect(arr(r.f).every((v) => v === 2)).toBe(true);
+    expect(z([2]).toArray()).toEqual([0, 0]);
+  });
+});

@@ -7,14 +7,6 @@ export {
   Tensor,
   tensor,
   empty,
-  zeros,
-  ones,
-  full,
-  arange,
-  randn,
-  cat,
-  stack,
-  where,
   scope,
   keep,
   memory,
@@ -39,3 +31,4 @@ export { RemoteLanguageModel, type ConnectOptions } from "./remote/client.js";
 export { RemoteJob, type JobEvent, type JobStatusInfo } from "./remote/job.js";
 export { PROTOCOL_VERSION, type JobState, type ServerLimits } from "./remote/protocol.js";
 export { serve, type ServeOptions, type RunningServer } from "./server/http.js";
+export { cat, stack, zeros, ones, full, arange, randn, where } from "./trace/functions.js";

@@ -535,3 +535,31 @@ describe("graph-aware functions (API: nnsight.cat/stack/zeros/...)", () => {
     expect(z([2]).toArray()).toEqual([0, 0]);
   });
 });
+
+describe("streaming and empty-invoke iteration (T43, T48)", () => {
+  it("onStep streams each step's block values as they are computed; stream gives tokens", async () => {
+    const seen: number[] = [];
+    const tokens: number[] = [];
+    const r = await model.generate(P1, {
+      maxNewTokens: 4,
+      onStep: (step, v) => {
+        seen.push(step);
+        expect(v.top).toBeInstanceOf(Tensor);
+      },
+      stream: (t) => tokens.push(t[0]!),
+    }, (tr) => tr.all(() => ({ top: model.lm_head.output.at([0, -1]).argmax() })));
+    expect(seen).toEqual([0, 1, 2, 3]);
+    expect(r.top.map((t: Tensor) => t.item())).toEqual(tokens);
+  });
+
+  it("T43: iter inside an empty invoke edits every row for a later empty invoke's read", async () => {
+    const r = await model.generate({ maxNewTokens: 2 }, (tr) => {
+      tr.invoke(P1);
+      tr.invoke(P2);
+      tr.invoke(() => tr.iter(0, () => model.model.layers[0].output.set([":"], 0)));
+      tr.invoke(() => ({ h: model.model.layers[0].output }));
+    });
+    expect(r.h.shape[0]).toBe(2);
+    expect(arr(r.h).every((v) => v === 0)).toBe(true);
+  });
+});

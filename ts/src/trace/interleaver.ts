@@ -549,6 +549,17 @@ export class Interleaver implements ModuleHooks {
     return (this.byId.get(id)?.block ?? null) !== null;
   }
 
+  /** What the blocks that ran in the current step returned, merged by name (for streaming). */
+  stepValues(): Record<string, Value> {
+    const out: Record<string, Value> = {};
+    for (const f of this.frames.values()) {
+      const list = this.blockResults.get(f.block.id);
+      const last = list?.[list.length - 1];
+      if (last && typeof last === "object" && !Array.isArray(last) && !(last instanceof Tensor)) Object.assign(out, last);
+    }
+    return out;
+  }
+
   /** MISSED_PROVIDER for nodes bound to a step that never ran (generation ended earlier). */
   checkUnreached(): void {
     if (this.stopped) return;

@@ -43,6 +43,8 @@ export interface TraceOptions {
   log?: (...values: unknown[]) => void;
   /** remote models: `false` returns a RemoteJob (status, result, cancel, events) as soon as the job is queued */
   blocking?: boolean;
+  /** generation: receives, after every step, what tr.all / tr.iter blocks returned at that step */
+  onStep?: (step: number, values: Record<string, any>) => void;
 }
 
 /** What running a graph gives back (sessions add one entry per trace). */
@@ -224,7 +226,7 @@ export class LanguageModel extends CausalLM {
       att = rt.attachments;
     }
     const log = opts.log ?? ((...v: unknown[]) => console.log(...v));
-    const res = await executeTrace(this, g, att, { scan, log: (vals) => log(...vals) });
+    const res = await executeTrace(this, g, att, { scan, log: (vals) => log(...vals), onStep: opts.onStep });
     publish(rec, res.result, res.saved, g);
     return mergeResult(res.result);
   }
@@ -254,15 +256,15 @@ export class LanguageModel extends CausalLM {
   async generate<R>(a: unknown, b?: unknown, c?: unknown): Promise<any> {
     const noInput = typeof b === "function" || (b === undefined && a !== null && typeof a === "object" && !Array.isArray(a) && !("input_ids" in (a as object)));
     const [input, options, fn] = noInput ? [undefined, a as GenerateOptions & TraceOptions, b as ((tr: Tracer) => R) | undefined] : [a, (b ?? {}) as GenerateOptions & TraceOptions, c as ((tr: Tracer) => R) | undefined];
-    const { stream, roundTrip: rt, log, blocking, ...gen } = options;
+    const { stream, roundTrip: rt, log, blocking, onStep, ...gen } = options;
     const userFn = fn ?? (() => ({ tokens: this.generator.output }) as unknown as R);
     const { rec, graph, attachments } = this.recordTrace("generate", input, userFn);
     graph.generate = gen;
     if (stream) {
       // streaming needs a callback on this side: run locally with the stream option
-      return this.runGenerateStreaming(rec, graph, attachments, { roundTrip: rt, log }, stream);
+      return this.runGenerateStreaming(rec, graph, attachments, { roundTrip: rt, log, onStep }, stream);
     }
-    return this.runRecorded(rec, graph, attachments, { roundTrip: rt, log, blocking });
+    return this.runRecorded(rec, graph, attachments, { roundTrip: rt, log, blocking, onStep });
   }
 
   private async runGenerateStreaming(rec: Recorder, graph: TraceGraph, attachments: Tensor[], opts: TraceOptions, stream: NonNullable<GenerateOptions["stream"]>) {

@@ -21,6 +21,8 @@ export interface ExecOptions {
   outer?: Map<number, Value>;
   /** the owned scope to create tensors in (sessions share one) */
   scope?: OwnedScope;
+  /** generation: called after each step with what the blocks that ran at that step returned (streaming) */
+  onStep?: (step: number, values: Record<string, Value>) => void;
 }
 
 export interface ExecResult {
@@ -97,7 +99,10 @@ export async function executeTrace(model: CausalLM, graph: TraceGraph, attachmen
             return il;
           },
           afterStep: (s) => {
-            if (il.lastStep === s) il.endStep();
+            if (il.lastStep === s) {
+              il.endStep();
+              if (opts.onStep) opts.onStep(s, il.stepValues());
+            }
             return il.stopped;
           },
         });

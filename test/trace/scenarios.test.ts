@@ -563,3 +563,15 @@ describe("streaming and empty-invoke iteration (T43, T48)", () => {
     expect(arr(r.h).every((v) => v === 0)).toBe(true);
   });
 });
+
+describe("stop during generation", () => {
+  it("tr.stop() at a step ends generation; values before it exist", async () => {
+    const r = await model.generate(P1, { maxNewTokens: 5 }, (tr) => {
+      const out = tr.iter(0, () => ({ first: model.lm_head.output }));
+      tr.iter(1, () => tr.stop());
+      return { ...out, tokens: model.generator.output };
+    });
+    expect(r.first.length).toBe(1);
+    expect(r.tokens).toBeUndefined();
+  });
+});

@@ -537,7 +537,10 @@ export class Interleaver implements ModuleHooks {
       const inst: Instance = { node: n, frame: null, event: 0, done: false };
       if (n.op === "module") {
         const v = this.provided.get(key(n.args[0] as string, "output"));
-        if (!(v instanceof Tensor)) throw this.err("MISSED_PROVIDER", `${String(n.args[0])}.output is not available`, n, String(n.args[0]));
+        if (!(v instanceof Tensor)) {
+          if (this.stopped) continue; // tr.stop() ended generation: nothing to read
+          throw this.err("MISSED_PROVIDER", `${String(n.args[0])}.output is not available`, n, String(n.args[0]));
+        }
         this.values.set(n.id, this.ctx.scope.within(() => this.rowsView(v, n.invoke)));
         continue;
       }

@@ -232,13 +232,14 @@ export class Connection implements JobLink {
   }
 
   /** Submit a graph; returns the job handle once the server has queued it. */
-  async submit<T>(model: string, graph: AnyGraph, attachments: Tensor[], scan: boolean, finish: (r: RunResult, kind: string | undefined) => T): Promise<RemoteJob<T>> {
+  async submit<T>(model: string, graph: AnyGraph, attachments: Tensor[], scan: boolean, finish: (r: RunResult, kind: string | undefined) => T, setup?: (job: RemoteJob<T>) => void): Promise<RemoteJob<T>> {
     const json = new TextEncoder().encode(JSON.stringify(graph));
     const att = tensorsToBuffer(attachments);
     let job: RemoteJob<T> | undefined;
     // the job is registered as the ack arrives, so events right behind it find it
     await this.request({ type: "submit", model, cid: randomUUID(), scan, split: json.length }, [json, att], (m) => {
       job = this.track(m.job as string, finish);
+      setup?.(job); // listeners attached before any event of the job is handled
     });
     return job!;
   }
@@ -287,8 +288,9 @@ export class RemoteBackend implements TraceBackend {
 
   async run(req: { graph: AnyGraph; attachments: Tensor[]; scan: boolean; opts: TraceOptions }, finish: (r: RunResult) => unknown): Promise<unknown> {
     const log = req.opts.log ?? ((...v: unknown[]) => console.log(...v));
-    const job = await this.conn.submit(this.modelId, req.graph, req.attachments, req.scan, (r) => finish(r));
-    job.on("LOG", (e: { values?: unknown[] }) => log(...(e.values ?? [])));
+    const job = await this.conn.submit(this.modelId, req.graph, req.attachments, req.scan, (r) => finish(r), (j) =>
+      j.on("LOG", (e: { values?: unknown[] }) => log(...(e.values ?? []))),
+    );
     if (req.opts.blocking === false) return job;
     const stop = showProgress(job);
     try {

@@ -185,14 +185,16 @@ export function encodeValues(root: Record<string, unknown>, opts: { meta?: boole
   };
   count(root, 0);
   const shared = new Map<object, number>();
+  const expanding = new Set<object>();
   const walk = (v: unknown, depth: number): Enc => {
-    if (v !== null && typeof v === "object" && !(v instanceof Tensor) && (seen.get(v) ?? 0) > 1) {
+    if (v !== null && typeof v === "object" && !(v instanceof Tensor) && (seen.get(v) ?? 0) > 1 && !expanding.has(v)) {
       const k = shared.get(v);
       if (k !== undefined) return { $same: k };
       const id = shared.size;
       shared.set(v, id);
-      seen.delete(v); // encode its contents once, below
+      expanding.add(v); // encode its contents once, just below
       const inner = walk(v, depth);
+      expanding.delete(v);
       return { $id: id, $v: inner };
     }
     if (depth > 64) throw new NNsightError("BAD_INPUT", "result nests too deeply");

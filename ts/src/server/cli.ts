@@ -68,7 +68,9 @@ export async function serveCommand(args: string[]): Promise<number> {
       .filter(([, v]) => v !== undefined),
   );
   const ttl = num(values["result-ttl-s"], "result-ttl-s");
+  const warnings: string[] = []; // printed after the listening line, which must come first
   const server = await serve({
+    warn: (m) => warnings.push(m),
     models: values.model,
     port: num(values.port, "port") ?? 8080,
     host: values.host,
@@ -80,6 +82,7 @@ export async function serveCommand(args: string[]): Promise<number> {
     quota,
   });
   process.stdout.write(`listening on ${server.url}\n`);
+  for (const w of warnings) process.stderr.write(`warning: ${w}\n`);
   await new Promise<void>((resolve) => {
     const stop = () => void server.close().then(resolve, resolve);
     process.once("SIGINT", stop);

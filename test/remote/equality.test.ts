@@ -1,0 +1,155 @@
+// Remote execution gives the same numbers as local execution (bit for bit, same machine), for traces,
+// sessions, generation with interventions, edits and scans; plus the job handle and the HTTP endpoints.
+import { afterAll, beforeAll, describe, expect, it } from "vitest";
+
+import { LanguageModel, type RemoteLanguageModel, Tensor, tensor } from "../../ts/src/index.js";
+import { type TestServer, f32, sameBits, startServer } from "./helpers.js";
+
+let server: TestServer;
+let local: LanguageModel;
+let remote: RemoteLanguageModel;
+
+beforeAll(async () => {
+  [server, local] = await Promise.all([startServer(), LanguageModel.load("stories260K")]);
+  remote = await LanguageModel.connect(server.url, "stories260K");
+});
+afterAll(async () => {
+  await remote?.dispose();
+  await local?.dispose();
+  await server?.stop();
+});
+
+async function expectSame(a: unknown, b: unknown, where = "result"): Promise<void> {
+  if (a instanceof Tensor || b instanceof Tensor) {
+    expect(a, where).toBeInstanceOf(Tensor);
+    expect(b, where).toBeInstanceOf(Tensor);
+    const x = a as Tensor, y = b as Tensor;
+    expect(x.shape, where).toEqual(y.shape);
+    expect(x.dtype, where).toBe(y.dtype);
+    if (x.dtype === "float32") expect(sameBits(await f32(x), await f32(y)), `${where}: bits differ`).toBe(true);
+    else expect(x.toArray(), where).toEqual(y.toArray());
+    return;
+  }
+  if (Array.isArray(a)) {
+    expect(Array.isArray(b), where).toBe(true);
+    expect((b as unknown[]).length, where).toBe(a.length);
+    for (let i = 0; i < a.length; i++) await expectSame(a[i], (b as unknown[])[i], `${where}[${i}]`);
+    return;
+  }
+  if (a && typeof a === "object") {
+    expect(Object.keys(b as object).sort(), where).toEqual(Object.keys(a).sort());
+    for (const k of Object.keys(a)) await expectSame((a as Record<string, unknown>)[k], (b as Record<string, unknown>)[k], `${where}.${k}`);
+    return;
+  }
+  expect(b, where).toEqual(a);
+}
+
+describe("remote equals local", () => {
+  it("builds the same module tree from the served config", () => {
+    expect(remote.modules().map((m) => m.path)).toEqual(local.modules().map((m) => m.path));
+    expect(remote.config).toEqual(local.config);
+    expect(remote.model.layers.length).toBe(local.model.layers.length);
+  });
+
+  it("a trace with an in-place edit, a patch across invokes and a saved value", async () => {
+    const run = async (m: LanguageModel) => {
+      let saved: { value: unknown } | undefined;
+      const out = await m.trace((tr) => {
+        let src: unknown;
+        tr.invoke("Lily and Ben", () => {
+          src = m.model.layers[1]!.output.at([":", -1]);
+        });
+        tr.invoke("Once upon a time", () => {
+          m.model.layers[2]!.mlp.output.set([":", -1], 0);
+          m.model.layers[1]!.output.set([":", -1], src as never);
+          saved = m.model.layers[3]!.output.mul(2).save();
+          return { patched: m.lm_head.output.at([":", -1]), h: m.model.layers[1]!.output };
+        });
+      });
+      return { out, saved: saved!.value };
+    };
+    const [l, r] = [await run(local), await run(remote)];
+    await expectSame(l.out, r.out);
+    await expectSame(l.saved, r.saved, "saved");
+  });
+
+  it("a trace with a tensor attachment", async () => {
+    const noise = tensor(Array.from({ length: 64 }, (_, i) => Math.sin(i) / 10), { dtype: "float32", shape: [64] });
+    const run = (m: LanguageModel) => m.trace("Once upon a time", () => {
+      m.model.layers[0]!.output.set([":", -1], m.model.layers[0]!.output.at([":", -1]).add(noise));
+      return { logits: m.lm_head.output };
+    });
+    await expectSame(await run(local), await run(remote));
+  });
+
+  it("a session whose second trace uses the first trace's values", async () => {
+    const run = (m: LanguageModel) => m.session((s) => {
+      const a = s.trace("Lily and Ben", () => ({ h: m.model.layers[2]!.output.at([":", -1]) }));
+      const b = s.trace("Once upon a time", () => {
+        m.model.layers[2]!.output.set([":", -1], a.h);
+        return { logits: m.lm_head.output.at([":", -1]) };
+      });
+      return { h: a.h, logits: b.logits };
+    });
+    await expectSame(await run(local), await run(remote));
+  });
+
+  it("generation with interventions at every step and at chosen steps", async () => {
+    const run = (m: LanguageModel) => m.generate("Once upon a time", { maxNewTokens: 8 }, (tr) => {
+      tr.all(() => {
+        m.model.layers[2]!.mlp.output.set([":", -1], 0);
+      });
+      const logits = tr.iter([1, 3], () => ({ l: m.lm_head.output.at([":", -1]) }));
+      return { tokens: m.generator.output, ...logits };
+    });
+    const [l, r] = [await run(local), await run(remote)];
+    await expectSame(l, r);
+    expect((l.tokens as Tensor).shape).toEqual([1, 13]);
+  });
+
+  it("edits apply remotely too, and scans return shapes", async () => {
+    const fn = (m: LanguageModel) => () => {
+      m.model.layers[1]!.mlp.output.set([":", ":"], 0);
+    };
+    const le = local.edit(fn(local));
+    const re = remote.edit(fn(remote));
+    const run = (m: LanguageModel) => m.trace("Once upon a time", () => ({ logits: m.lm_head.output }));
+    await expectSame(await run(le), await run(re));
+    const s = await remote.scan("Once upon a time", () => ({ h: remote.model.layers[1]!.output }));
+    expect(s).toEqual({ h: { shape: [1, 5, 64], dtype: "float32" } });
+  });
+});
+
+describe("job handles", () => {
+  it("{ blocking: false } gives status, events, LOG values and the result", async () => {
+    const logged: unknown[][] = [];
+    const job = await remote.trace("Once upon a time", (tr) => {
+      tr.log("mean", remote.model.layers[0]!.output.mean());
+      return { h: remote.model.layers[1]!.output };
+    }, { blocking: false, log: (...v) => logged.push(v) });
+    expect(job.id).toMatch(/^[0-9a-f-]{36}$/);
+    const seen: string[] = [];
+    for await (const e of job) seen.push(e.status);
+    expect(seen[0]).toBe("QUEUED");
+    expect(seen).toContain("LOG");
+    expect(seen.at(-1)).toBe("COMPLETED");
+    const r = await job.result();
+    expect((r.h as Tensor).shape).toEqual([1, 5, 64]);
+    expect((await job.status()).state).toBe("COMPLETED");
+    expect(logged[0]![0]).toBe("mean");
+    expect(logged[0]![1]).toBeInstanceOf(Tensor);
+  });
+
+  it("serves /health, /models and /metrics", async () => {
+    const health = (await (await fetch(`${server.url}/health`)).json()) as { status: string };
+    expect(health.status).toBe("ok");
+    const models = (await (await fetch(`${server.url}/models`)).json()) as { models: Array<{ id: string; status: string; queue: number }> };
+    expect(models.models[0]).toMatchObject({ id: "stories260K", status: "ready", queue: 0 });
+    const metrics = await (await fetch(`${server.url}/metrics`)).text();
+    expect(metrics).toMatch(/nnsight_jobs\{model="stories260K",state="COMPLETED"\} \d+/);
+    expect(metrics).toMatch(/nnsight_queue_wait_seconds_bucket/);
+    expect(metrics).toMatch(/nnsight_run_seconds_count\{model="stories260K"\} \d+/);
+    expect(metrics).toMatch(/nnsight_bytes_in_total \d+/);
+    expect((await fetch(`${server.url}/nope`)).status).toBe(404);
+  });
+});

@@ -67,9 +67,9 @@ Object.assign(OPS, {
         throw new NNsightError("BAD_INPUT", `tensors have no property "${String(key)}" in a graph (shape, ndim, dtype, numel)`);
       }
       if (obj !== null && typeof obj === "object" && (typeof key === "string" || typeof key === "number")) {
-        const v = (obj as Record<string | number, Value>)[key];
-        if (v === undefined) throw new NNsightError("BAD_INPUT", `no entry "${key}" in the value`);
-        return v;
+        // own entries only: a graph must never reach prototypes or functions
+        if (!Object.prototype.hasOwnProperty.call(obj, key)) throw new NNsightError("BAD_INPUT", `no entry "${key}" in the value`);
+        return (obj as Record<string | number, Value>)[key];
       }
       throw new NNsightError("BAD_INPUT", `cannot read "${String(key)}" of ${typeof obj}`);
     },

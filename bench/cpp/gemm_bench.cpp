@@ -1,12 +1,13 @@
 // gemm_bench.cpp: nx::fast::gemm throughput, side by side with OpenBLAS sgemm and the machine probes.
 //
-// Prints ONE JSON line per result (all at the end, once the probes have run before and after):
+// Prints ONE JSON line per result (all at the end, once every pass and probe has run):
 //   {"bench":"probe",...}                        FMA peak (AVX-512 and AVX2) and STREAM triad, 1 and 2 threads
 //   {"bench":"gemm","impl":"nx",...,"ms","gflops","frac_fma_peak"}        GEMM, per b dtype / layout / threads
 //   {"bench":"gemm","impl":"openblas",...,"speedup_nx"}                   same f32 shape through cblas_sgemm
 //   {"bench":"gemm","impl":"nx","kind":"matvec",...,"gbps","frac_triad"}  M = 1 decode, weights > L3
-// "ms" is the best of all timed repetitions (the machine is shared and noisy: best-of is the estimate of
-// what the code can do; "ms_median" is printed beside it). gflops = 2*M*N*K / time. frac_fma_peak
+// "ms" is the best of all timed repetitions, over several passes through all configurations (the
+// machine is shared and noisy: best-of is the estimate of what the code can do; "ms_median" is the
+// lowest per-round median, printed beside it). gflops = 2*M*N*K / time. frac_fma_peak
 // divides by the probe's AVX-512 FMA peak at the same thread count; gbps counts the weight bytes read
 // once per call (a and out are < 0.1% of it) and frac_triad divides by the STREAM triad (3 arrays
 // counted, as STREAM does) at the same thread count.
@@ -26,6 +27,8 @@
 #include <cstdio>
 #include <cstdlib>
 #include <cstring>
+#include <functional>
+#include <memory>
 #include <random>
 #include <string>
 #include <thread>
@@ -132,16 +135,19 @@ struct Peaks {
   double fma512[3] = {0, 0, 0};  // by thread count (index 1, 2)
   double fma256[3] = {0, 0, 0};
   double triad[3] = {0, 0, 0};
-  double fma(int t) const { return fma512[t] > 0 ? fma512[t] : fma256[t]; }
+  double fma0[3] = {0, 0, 0};  // compiler-chosen code: only probed when neither SIMD ISA was compiled in
+  double fma(int t) const { return fma512[t] > 0 ? fma512[t] : (fma256[t] > 0 ? fma256[t] : fma0[t]); }
 };
 
-// The probes run before and after the kernels and the best of the two is kept: on a shared machine
-// a probe that lost a core to another process would otherwise understate the peak (and overstate
-// every fraction). Results are buffered and printed once the final peaks are known.
+// The probes run before every pass over the kernels and after the last one, and the best is kept: on
+// a shared machine a probe that lost a core to another process would otherwise understate the peak
+// (and overstate every fraction). Results are buffered and printed once the final peaks are known.
 void probe_into(Peaks& pk) {
   for (int t = 1; t <= 2; t++) {
     pk.fma512[t] = std::max(pk.fma512[t], nx::probe_fma_peak_gflops(t, 512));
     pk.fma256[t] = std::max(pk.fma256[t], nx::probe_fma_peak_gflops(t, 256));
+    if (pk.fma512[t] == 0 && pk.fma256[t] == 0)
+      pk.fma0[t] = std::max(pk.fma0[t], nx::probe_fma_peak_gflops(t, 0));
     pk.triad[t] = std::max(pk.triad[t], nx::probe_triad_gbps(t, size_t{64} << 20));
   }
 }
@@ -164,8 +170,9 @@ int main(int argc, char** argv) {
   Blas blas = load_openblas();
 
   Peaks pk;
-  probe_into(pk);
   std::vector<Result> results;
+  std::vector<std::function<void()>> jobs;  // jobs[i] measures results[i] (and its OpenBLAS twin)
+  const int passes = quick ? 3 : 5, rounds = 2, reps = 8;
 
   // ---- GEMM ----
   struct GemmCase {
@@ -177,48 +184,61 @@ int main(int argc, char** argv) {
     gcases.push_back({512, 2304, 768});  // GPT-2 QKV over a 512-token prefill
   }
   const nx::DType bdts[] = {nx::DType::F32, nx::DType::BF16, nx::DType::F16};
-  const int rounds = quick ? 4 : 8, reps = quick ? 6 : 10;  // many short alternating rounds: noise-robust best-of
+  struct Operands {  // kept alive for every pass
+    std::vector<float> a, c;
+    nx::KView av, cv;
+    Weights w;
+  };
+  std::vector<std::unique_ptr<Operands>> ops;
+  auto make_ops = [&](int64_t M, int64_t N, int64_t K, nx::DType dt, bool kn) {
+    auto o = std::make_unique<Operands>();
+    o->a.resize(static_cast<size_t>(M * K));
+    o->c.resize(static_cast<size_t>(M * N));
+    std::uniform_real_distribution<float> d(-1.0f, 1.0f);
+    for (auto& x : o->a) x = d(rng);
+    o->av = view2d(o->a.data(), nx::DType::F32, M, K, K, 1);
+    o->cv = view2d(o->c.data(), nx::DType::F32, M, N, N, 1);
+    o->w = make_weights(K, N, dt, kn, rng);
+    ops.push_back(std::move(o));
+    return ops.back().get();
+  };
   for (const auto& gc : gcases) {
     const int64_t M = gc.M, N = gc.N, K = gc.K;
-    std::vector<float> a(static_cast<size_t>(M * K)), c(static_cast<size_t>(M * N));
-    std::uniform_real_distribution<float> d(-1.0f, 1.0f);
-    for (auto& x : a) x = d(rng);
-    nx::KView av = view2d(a.data(), nx::DType::F32, M, K, K, 1);
-    nx::KView cv = view2d(c.data(), nx::DType::F32, M, N, N, 1);
     const double flops = 2.0 * M * N * K;
     for (nx::DType dt : bdts) {
       if (quick && dt == nx::DType::F16) continue;
       for (bool kn : {true, false}) {
-        Weights w = make_weights(K, N, dt, kn, rng);
+        Operands* o = make_ops(M, N, K, dt, kn);
         for (int threads : {1, 2}) {
-          nx::set_num_threads(threads);
           const bool with_blas = blas.sgemm != nullptr && dt == nx::DType::F32;
-          Timing tn, tb;
-          for (int r = 0; r < rounds; r++) {
-            merge(tn, time_it([&] { nx::fast::gemm(av, w.v, nullptr, cv); }, 2, reps));
-            if (with_blas) {
-              settle();
-              if (blas.set_threads) blas.set_threads(threads);
-              merge(tb, time_it(
-                            [&] {
-                              blas.sgemm(kRowMajor, kNoTrans, kn ? kNoTrans : kTrans, static_cast<int>(M),
-                                         static_cast<int>(N), static_cast<int>(K), 1.0f, a.data(),
-                                         static_cast<int>(K), w.f.data(), static_cast<int>(kn ? N : K), 0.0f,
-                                         c.data(), static_cast<int>(N));
-                            },
-                            2, reps));
-              settle();
-            }
-          }
-          Result r{false, false, M, N, K, dt, kn, threads, tn, 0, flops, 0};
-          results.push_back(r);
+          const size_t idx = results.size();
+          results.push_back(Result{false, false, M, N, K, dt, kn, threads, Timing{}, 0, flops, 0});
           if (with_blas) {
-            r.blas = true;
-            r.t = tb;
-            r.blas_ratio = tb.best_ms / tn.best_ms;
-            results.push_back(r);
+            Result rb = results.back();
+            rb.blas = true;
+            results.push_back(rb);
           }
-          std::fprintf(stderr, ".");
+          jobs.push_back([&, o, idx, threads, with_blas, M, N, K, kn] {
+            nx::set_num_threads(threads);
+            for (int r = 0; r < rounds; r++) {
+              merge(results[idx].t, time_it([&] { nx::fast::gemm(o->av, o->w.v, nullptr, o->cv); }, 2, reps));
+              if (with_blas) {
+                settle();
+                if (blas.set_threads) blas.set_threads(threads);
+                merge(results[idx + 1].t,
+                      time_it(
+                          [&] {
+                            blas.sgemm(kRowMajor, kNoTrans, kn ? kNoTrans : kTrans, static_cast<int>(M),
+                                       static_cast<int>(N), static_cast<int>(K), 1.0f, o->a.data(),
+                                       static_cast<int>(K), o->w.f.data(), static_cast<int>(kn ? N : K), 0.0f,
+                                       o->c.data(), static_cast<int>(N));
+                          },
+                          2, reps));
+                settle();
+              }
+            }
+          });
+          if (with_blas) jobs.push_back([] {});  // keeps jobs and results index-aligned
         }
       }
     }
@@ -233,33 +253,42 @@ int main(int argc, char** argv) {
   if (!quick) {
     mcases.push_back({1, 8192, 4096, nx::DType::F16});
     mcases.push_back({4, 4096, 4096, nx::DType::F32});
+    mcases.push_back({8, 4096, 4096, nx::DType::F32});
   }
   for (const auto& mc : mcases) {
     const int64_t M = mc.M, N = mc.N, K = mc.K;
-    std::vector<float> a(static_cast<size_t>(M * K)), c(static_cast<size_t>(M * N));
-    std::uniform_real_distribution<float> d(-1.0f, 1.0f);
-    for (auto& x : a) x = d(rng);
-    nx::KView av = view2d(a.data(), nx::DType::F32, M, K, K, 1);
-    nx::KView cv = view2d(c.data(), nx::DType::F32, M, N, N, 1);
     const double bytes = static_cast<double>(K * N) * nx::dtype_size(mc.dt);
     for (bool kn : {true, false}) {
-      Weights w = make_weights(K, N, mc.dt, kn, rng);
+      Operands* o = make_ops(M, N, K, mc.dt, kn);
       for (int threads : {1, 2}) {
-        nx::set_num_threads(threads);
-        Timing t;
-        for (int r = 0; r < rounds; r++) merge(t, time_it([&] { nx::fast::gemm(av, w.v, nullptr, cv); }, 2, reps));
-        results.push_back(Result{true, false, M, N, K, mc.dt, kn, threads, t, bytes, 0, 0});
-        std::fprintf(stderr, ".");
+        const size_t idx = results.size();
+        results.push_back(Result{true, false, M, N, K, mc.dt, kn, threads, Timing{}, bytes, 0, 0});
+        jobs.push_back([&, o, idx, threads] {
+          nx::set_num_threads(threads);
+          for (int r = 0; r < rounds; r++)
+            merge(results[idx].t, time_it([&] { nx::fast::gemm(o->av, o->w.v, nullptr, o->cv); }, 2, reps));
+        });
       }
     }
   }
+
+  // Every pass measures every configuration briefly and keeps the best: on a shared machine the
+  // measurements of one configuration are spread over the whole run, so each has a chance at a quiet
+  // moment (a noisy stretch of a few seconds cannot spoil one configuration entirely).
+  for (int pass = 0; pass < passes; pass++) {
+    probe_into(pk);
+    for (auto& job : jobs) job();
+    std::fprintf(stderr, ".");
+  }
   std::fprintf(stderr, "\n");
+  for (size_t i = 0; i < results.size(); i++)
+    if (results[i].blas) results[i].blas_ratio = results[i].t.best_ms / results[i - 1].t.best_ms;
 
   probe_into(pk);
   for (int t = 1; t <= 2; t++)
     std::printf("{\"bench\":\"probe\",\"threads\":%d,\"fma512_gflops\":%.1f,\"fma256_gflops\":%.1f,"
                 "\"triad_gbps\":%.1f,\"triad_mib_per_array\":64,"
-                "\"note\":\"best of a run before and after the kernels\"}\n",
+                "\"note\":\"best of runs before each pass and after the last\"}\n",
                 t, pk.fma512[t], pk.fma256[t], pk.triad[t]);
   if (blas.sgemm == nullptr)
     std::printf("{\"bench\":\"gemm\",\"impl\":\"openblas\",\"skipped\":\"%s\"}\n", blas.why_not.c_str());

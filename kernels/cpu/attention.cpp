@@ -22,19 +22,21 @@
 //        finite (a NaN/inf left in a padded cache slot would leak; ref skips them). Without AVX-512
 //        (a plain `g++ -O3` build) the same tiling runs with scalar loops.
 //
-// Bench: g++ -O3 -std=c++17 -march=native -I. bench/cpp/attention_bench.cpp kernels/cpu/attention.cpp
+// Bench: build/nx_attention_bench (bench/cpp/attention_bench.cpp), or by hand:
+//          g++ -O3 -std=c++17 -march=native -I. bench/cpp/attention_bench.cpp kernels/cpu/attention.cpp
 //          native/src/core/threadpool.cpp -lpthread -o /tmp/attn_bench && /tmp/attn_bench
-//        (also `node bench/ops.mjs attention` once the addon is built).
+//        `node bench/kernels.mjs --filter rope` / `--filter attention` run them through the addon.
 #include "attention.h"
 
 #include <algorithm>
 #include <limits>
 #include <vector>
 
+#include "simd.h"
+
 // AVX-512 paths need F (512-bit math) plus BW/VL (16-bit masked loads); Zen4 and Sapphire Rapids have all.
-#if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VL__)
+#if NX_SIMD_AVX512
 #define NX_ATTN_AVX512 1
-#include <immintrin.h>
 // GCC 12's AVX-512 headers trip -W(maybe-)uninitialized on their own _mm*_undefined_*() helpers
 // (GCC bug 105593, fixed in GCC 13); the warnings point into the system headers, not at this file.
 #if defined(__GNUC__) && !defined(__clang__)
@@ -152,7 +154,7 @@ void rope_row_interleaved(const float* x, float* o, const float* C, const float*
     _mm512_storeu_ps(o + j, _mm512_fmadd_ps(xv, _mm512_loadu_ps(C + j), _mm512_mul_ps(sw, _mm512_loadu_ps(S + j))));
   }
   if (j < R) {
-    const __mmask16 m = static_cast<__mmask16>((1u << (R - j)) - 1);
+    const __mmask16 m = simd::tail_mask(R - j);
     __m512 xv = _mm512_maskz_loadu_ps(m, x + j);
     __m512 sw = _mm512_shuffle_ps(xv, xv, 0xB1);
     __m512 r = _mm512_fmadd_ps(xv, _mm512_maskz_loadu_ps(m, C + j), _mm512_mul_ps(sw, _mm512_maskz_loadu_ps(m, S + j)));
@@ -177,7 +179,7 @@ void rope_row_half(const float* x, float* o, const float* C, const float* S, int
     _mm512_storeu_ps(o + half + j, _mm512_fmadd_ps(b, c, _mm512_mul_ps(a, s)));
   }
   if (j < half) {
-    const __mmask16 m = static_cast<__mmask16>((1u << (half - j)) - 1);
+    const __mmask16 m = simd::tail_mask(half - j);
     __m512 a = _mm512_maskz_loadu_ps(m, x + j), b = _mm512_maskz_loadu_ps(m, x + half + j);
     __m512 c = _mm512_maskz_loadu_ps(m, C + j), s = _mm512_maskz_loadu_ps(m, S + j);
     _mm512_mask_storeu_ps(o + j, m, _mm512_fmsub_ps(a, c, _mm512_mul_ps(b, s)));
@@ -252,37 +254,11 @@ inline float to_f(F16 x) { return f16_to_f32(x.bits); }
 
 #if defined(NX_ATTN_AVX512)
 inline __m512 load16(const float* p) { return _mm512_loadu_ps(p); }
-inline __m512 load16(const Bf16* p) {
-  __m256i h = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
-  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
-}
+inline __m512 load16(const Bf16* p) { return simd::bf16x16_to_f32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p))); }
 inline __m512 load16(const F16* p) { return _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p))); }
 inline __m512 load16(const float* p, __mmask16 m) { return _mm512_maskz_loadu_ps(m, p); }
-inline __m512 load16(const Bf16* p, __mmask16 m) {
-  __m256i h = _mm256_maskz_loadu_epi16(m, p);
-  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
-}
+inline __m512 load16(const Bf16* p, __mmask16 m) { return simd::bf16x16_to_f32(_mm256_maskz_loadu_epi16(m, p)); }
 inline __m512 load16(const F16* p, __mmask16 m) { return _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(m, p)); }
-
-// exp for x <= ~88: 2^n * poly(r), r = x - n ln2 in [-ln2/2, ln2/2]; degree-7 Taylor (rel. err ~1e-7,
-// about one ulp); x below -103 underflows to 0 through scalef.
-inline __m512 exp16(__m512 x) {
-  x = _mm512_max_ps(x, _mm512_set1_ps(-103.0f));
-  x = _mm512_min_ps(x, _mm512_set1_ps(88.0f));
-  const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
-                                        _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-  __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693145751953125f), x);
-  r = _mm512_fnmadd_ps(n, _mm512_set1_ps(1.42860682030941723212e-6f), r);
-  __m512 p = _mm512_set1_ps(1.0f / 5040);
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 720));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 120));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 24));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 6));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(0.5f));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f));
-  return _mm512_scalef_ps(p, n);
-}
 
 // Sum each of 16 vectors horizontally; lane t of the result is sum(v[t]). 30 shuffles + 15 adds instead
 // of 16 separate reductions.
@@ -327,7 +303,7 @@ inline void score_tile(const float* q, int64_t Dp, const KT* const* kp, int64_t 
     }
   }
   if (c < D) {  // masked tail: never reads past a key row
-    const __mmask16 m = static_cast<__mmask16>((1u << (D - c)) - 1);
+    const __mmask16 m = simd::tail_mask(D - c);
     __m512 qv[NR];
 #pragma GCC unroll 4
     for (int r = 0; r < NR; r++) qv[r] = _mm512_loadu_ps(q + r * Dp + c);
@@ -368,7 +344,7 @@ inline float exp_sub_sum(float* s, int64_t n, float m) {
   for (int64_t j = 0; j < n; j += 16) {
     const __m512 x = _mm512_loadu_ps(s + j);
     const __mmask16 valid = _mm512_cmp_ps_mask(x, ninf, _CMP_NEQ_OQ);
-    const __m512 p = _mm512_maskz_mov_ps(valid, exp16(_mm512_sub_ps(x, mv)));
+    const __m512 p = _mm512_maskz_mov_ps(valid, simd::v_exp(_mm512_sub_ps(x, mv)));
     _mm512_storeu_ps(s + j, p);
     sum = _mm512_add_ps(sum, p);
   }
@@ -401,7 +377,7 @@ inline void pv_row(float* acc, float alpha, const float* p, int64_t n, const VT*
 #if defined(NX_ATTN_AVX512)
   for (int64_t c = 0; c < D; c += 16) {
     const bool tail = c + 16 > D;
-    const __mmask16 m = tail ? static_cast<__mmask16>((1u << (D - c)) - 1) : static_cast<__mmask16>(0xFFFF);
+    const __mmask16 m = tail ? simd::tail_mask(D - c) : static_cast<__mmask16>(0xFFFF);
     __m512 a0 = _mm512_mul_ps(_mm512_loadu_ps(acc + c), _mm512_set1_ps(alpha));
     __m512 a1 = _mm512_setzero_ps(), a2 = _mm512_setzero_ps(), a3 = _mm512_setzero_ps();
     const VT* vc = v + c;
@@ -442,7 +418,7 @@ inline void pv_row(float* acc, float alpha, const float* p, int64_t n, const VT*
 template <int NC, int NR, typename VT>
 inline void pv_tile(float* acc, int64_t Dp, const float* alpha, const float* p, int64_t pst, int64_t n, const VT* v,
                     int64_t vs, int64_t D) {
-  const __mmask16 tm = (D % 16) ? static_cast<__mmask16>((1u << (D % 16)) - 1) : static_cast<__mmask16>(0xFFFF);
+  const __mmask16 tm = (D % 16) ? simd::tail_mask(D % 16) : static_cast<__mmask16>(0xFFFF);
   __m512 a[NR][NC];
 #pragma GCC unroll 4
   for (int r = 0; r < NR; r++) {

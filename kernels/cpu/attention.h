@@ -10,7 +10,8 @@
 //   can attend no key outputs zeros. scale multiplies q.k (usually 1/sqrt(D)).
 //   out: [B, Hq, Tq, D] f32, any strides. Softmax in f32 with max subtraction.
 //
-// Bench: `node bench/ops.mjs attention`.
+// Bench: build/nx_attention_bench (bench/cpp/attention_bench.cpp); `node bench/kernels.mjs --filter rope`
+// and `--filter attention` through the addon.
 #pragma once
 #include "../common.h"
 

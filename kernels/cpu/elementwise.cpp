@@ -16,10 +16,10 @@
 //         AVX-512 (F/BW/VL/DQ) when compiled for it, plain loops otherwise (any -march builds).
 //
 // Vector math (AVX-512 only; the scalar build calls std::):
-//   exp:     Cody-Waite reduction x = n ln2 + r, degree-6 minimax polynomial for e^r on |r| <= ln2/2
-//            (fitted here, rel. err 1.9e-9), scaled with vscalefps (gets overflow, underflow and
-//            subnormals right). tanh: (e^2|x| - 1) / (e^2|x| + 1) with an expm1 built from the same
-//            reduction (no cancellation near 0). sigmoid/silu: 1 / (1 + e^-x).
+//   exp:     simd::v_exp (simd.h: Cody-Waite reduction x = n ln2 + r, degree-7 polynomial for e^r,
+//            scaled with vscalefps; max 0.94 ulp). tanh: (e^2|x| - 1) / (e^2|x| + 1) with an expm1 =
+//            2^n (1 + expm1(r)) - 1, expm1(r) from a degree-6 minimax fit (rel. err 1.9e-9) after a
+//            9-bit-hi ln2 split (no cancellation near 0). sigmoid/silu: 1 / (1 + e^-x).
 //   gelu_tanh ("gelu_new", GPT-2): x * sigmoid(2u), u = sqrt(2/pi) (x + 0.044715 x^3), which equals
 //            0.5 x (1 + tanh u) without its cancellation for negative x.
 //   gelu_erf: x * Phi(x); Phi from erf(z) = z P(z^2) (|z| < 0.75, degree-5 fit, 1.4e-9) or
@@ -28,20 +28,16 @@
 //   Measured max error against double-precision std:: over the test sweep is printed by
 //   test/cpp/elementwise_test.cpp (ew_vector_math_accuracy); see that test for the bounds.
 //
-// Bench: `bench/cpp/ops_bench.cpp` (add, gelu) or `node bench/ops.mjs elementwise`.
+// Bench: build/nx_ops_bench (bench/cpp/ops_bench.cpp: add, gelu), or `node bench/kernels.mjs` through the addon.
 #include "elementwise.h"
+#include "simd.h"
 
 #include <algorithm>
 #include <cmath>
 #include <cstring>
 #include <limits>
 
-#if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VL__) && defined(__AVX512DQ__)
-#define NX_EW_AVX512 1
-#include <immintrin.h>
-#else
-#define NX_EW_AVX512 0
-#endif
+#define NX_EW_AVX512 NX_SIMD_AVX512DQ  // AVX-512 F/BW/VL/DQ
 
 namespace nx {
 namespace {
@@ -305,37 +301,8 @@ void for_runs(const Iter& it, int64_t lo, int64_t hi, Fn&& fn) {
 
 // ---- AVX-512 conversions and math ----
 #if NX_EW_AVX512
-inline __mmask16 tail_mask(int64_t n) { return static_cast<__mmask16>((1u << n) - 1u); }
-
-inline __m512 bf16x16_to_f32(__m256i h) {
-  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
-}
-// Round-to-nearest-even with NaN kept quiet: the same bits as common.h's f32_to_bf16.
-inline __m256i f32_to_bf16x16(__m512 v) {
-  __m512i u = _mm512_castps_si512(v);
-  __m512i lsb = _mm512_and_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(1));
-  __m512i r = _mm512_add_epi32(u, _mm512_add_epi32(lsb, _mm512_set1_epi32(0x7fff)));
-  __mmask16 nan = _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q);
-  r = _mm512_mask_mov_epi32(r, nan, _mm512_or_si512(u, _mm512_set1_epi32(0x400000)));
-  return _mm512_cvtepi32_epi16(_mm512_srli_epi32(r, 16));
-}
-
-inline __m512 v_exp(__m512 x) {
-  // max(lo, x) / min(hi, x) return x when x is NaN (the second operand wins on unordered)
-  x = _mm512_min_ps(_mm512_set1_ps(89.0f), _mm512_max_ps(_mm512_set1_ps(-104.0f), x));
-  __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
-                                  _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-  __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), x);  // ln2 hi (9 bits: n*hi exact)
-  r = _mm512_fnmadd_ps(n, _mm512_set1_ps(-2.12194440e-4f), r);      // ln2 lo
-  __m512 p = _mm512_set1_ps(0.0013836425f);
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(0.0083747253f));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(0.041668228f));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(0.16666421f));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(0.49999992f));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f));
-  return _mm512_scalef_ps(p, n);
-}
+using simd::tail_mask;
+using simd::v_exp;
 
 // tanh(x) = sign(x) * em / (em + 2), em = expm1(2|x|) = 2^n (1 + p) - 1 with p = expm1(r).
 inline __m512 v_tanh(__m512 x) {
@@ -409,67 +376,9 @@ inline __m512 v_gelu_erf(__m512 x) {
 }
 #endif  // NX_EW_AVX512
 
-// ---- block load / store between any dtype + stride and an f32 buffer ----
-void load_block(const KView& v, int64_t off, int64_t stride, int64_t m, float* dst) {
-  if (stride == 1) {
-    switch (v.dtype) {
-      case DType::F32: std::memcpy(dst, v.ptr<const float>() + off, static_cast<size_t>(m) * 4); return;
-      case DType::BF16: {
-        const uint16_t* s = v.ptr<const uint16_t>() + off;
-        int64_t i = 0;
-#if NX_EW_AVX512
-        for (; i + 16 <= m; i += 16)
-          _mm512_storeu_ps(dst + i, bf16x16_to_f32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(s + i))));
-#endif
-        for (; i < m; i++) dst[i] = bf16_to_f32(s[i]);
-        return;
-      }
-      case DType::F16: {
-        const uint16_t* s = v.ptr<const uint16_t>() + off;
-        int64_t i = 0;
-#if NX_EW_AVX512
-        for (; i + 16 <= m; i += 16)
-          _mm512_storeu_ps(dst + i, _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(s + i))));
-#endif
-        for (; i < m; i++) dst[i] = f16_to_f32(s[i]);
-        return;
-      }
-      default: break;
-    }
-  }
-  for (int64_t i = 0; i < m; i++) dst[i] = load_f32(v.data, v.dtype, off + i * stride);
-}
-
-void store_block(const float* src, int64_t m, const KView& v, int64_t off, int64_t stride) {
-  if (stride == 1) {
-    switch (v.dtype) {
-      case DType::F32: std::memcpy(v.ptr<float>() + off, src, static_cast<size_t>(m) * 4); return;
-      case DType::BF16: {
-        uint16_t* d = v.ptr<uint16_t>() + off;
-        int64_t i = 0;
-#if NX_EW_AVX512
-        for (; i + 16 <= m; i += 16)
-          _mm256_storeu_si256(reinterpret_cast<__m256i*>(d + i), f32_to_bf16x16(_mm512_loadu_ps(src + i)));
-#endif
-        for (; i < m; i++) d[i] = f32_to_bf16(src[i]);
-        return;
-      }
-      case DType::F16: {
-        uint16_t* d = v.ptr<uint16_t>() + off;
-        int64_t i = 0;
-#if NX_EW_AVX512
-        for (; i + 16 <= m; i += 16)
-          _mm256_storeu_si256(reinterpret_cast<__m256i*>(d + i),
-                              _mm512_cvtps_ph(_mm512_loadu_ps(src + i), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
-#endif
-        for (; i < m; i++) d[i] = f32_to_f16(src[i]);
-        return;
-      }
-      default: break;
-    }
-  }
-  for (int64_t i = 0; i < m; i++) store_f32(v.data, v.dtype, off + i * stride, src[i]);
-}
+// ---- block load / store between any dtype + stride and an f32 buffer: simd.h ----
+using simd::load_block;
+using simd::store_block;
 
 // An f32 operand pointer for m elements at (off, stride): in place when f32 with stride 0/1,
 // otherwise converted into buf (one element when stride is 0).

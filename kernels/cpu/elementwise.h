@@ -9,7 +9,8 @@
 // fill: sets every element of out to value (converted to out's dtype).
 // where: out = cond ? a : b (cond BOOL; all views broadcast to out's shape).
 //
-// Bench: `node bench/ops.mjs elementwise`.
+// Bench: build/nx_ops_bench (bench/cpp/ops_bench.cpp: add, gelu). `node bench/kernels.mjs` runs kernel
+// benches through the addon.
 #pragma once
 #include "../common.h"
 

@@ -3,7 +3,7 @@
 //   ref::gemm   a plain triple loop over the strided views; b and bias of any dtype via load_f32. It
 //               is the oracle for test/cpp/gemm_test.cpp and favours clarity over speed.
 //   fast::gemm  three paths, picked per call:
-//     * GEMM (M > kMatvecMaxM): BLIS-style cache blocking. Loops jc (N by NC) > pc (K by KC) > ic
+//     * GEMM (M > kStreamMaxM = 8): BLIS-style cache blocking. Loops jc (N by NC) > pc (K by KC) > ic
 //       (M by MC) > jr (NR-wide micro-panels of packed B) > ir (MR-tall micro-panels of packed A), with
 //       an MR x NR register-blocked micro-kernel (AVX-512: 8 x 48 = 24 zmm accumulators, 3 B vectors,
 //       one broadcast of A per row; alone it runs at ~97% of the FMA peak). B is widened bf16/f16 -> f32
@@ -18,6 +18,8 @@
 //       of a[m,:] with 4-8 rows of W at a time. bf16/f16 widen in registers (bf16 is a 16-bit shift).
 //       The AVX512_BF16 dot-product instructions are NOT used: they would round a to bf16 too, and the
 //       contract accumulates a in f32 (and the path is bound by memory, not arithmetic, anyway).
+//       4 < M <= 8: the same kernels over groups of rows of a, walking the weights in L2-sized chunks
+//       so each chunk is read from memory once for all groups (stream_part).
 //     * anything else (b with no unit stride) packs / loads through load_f32: correct, not fast.
 //   Non-contiguous a is handled by the packing (GEMM) or a dense copy (matvec); out with a column
 //   stride != 1 is computed into a dense scratch and then copied.
@@ -173,6 +175,10 @@ inline vf pin(vf v) { return v; }
 
 constexpr int NR = NV * VL;
 constexpr int kMatvecMaxM = 4;  // M <= this streams the weights (decode, tiny batches)
+// M <= this still streams the weights, rows of a taken in groups (stream_part). Measured on one core
+// against the GEMM path (K = N = 4096): streaming is ~2x faster at M = 5..7, even at M = 8 (kn 9.9 vs
+// 9.3 ms, nk_t 7.4 vs 8.6 ms), and slower from M = 12 on, where packing B pays off.
+constexpr int kStreamMaxM = 8;
 // Blocking (Zen4: L1d 32 KiB, L2 1 MiB per core, L3 32 MiB shared). Measured at M=128, N=3072, K=768
 // on one core: KC 768 > 512 > 384 > 256 > 128 (99 vs 95 vs 90 GFLOP/s for 768 / 384 / 128): a long K
 // block amortises the micro-kernel's C update and call overhead, and the B micro-panel is read from L2
@@ -380,7 +386,22 @@ void pack_b_trans(const typename L::T* b, int64_t ldn, int64_t kc, int64_t nc, f
 #if defined(__AVX512F__)
     for (int64_t c0 = 0; c0 < NR; c0 += 16) {
       int64_t ncol = std::max<int64_t>(0, std::min<int64_t>(16, nr - c0));
-      for (int64_t k0 = 0; k0 < kc; k0 += 16) {
+      int64_t k0 = 0;
+      if (ncol == 16) {
+        // Full blocks: 16 distinct, unrolled load instructions, each walking one W row by 64 B per
+        // step, so the per-instruction stride prefetcher can follow every row (a rolled loop shares
+        // one load instruction across 16 rows and measured ~3% slower overall at M=128).
+        const typename L::T* s0 = b + (j0 + c0) * ldn;
+        for (; k0 + 16 <= kc; k0 += 16) {
+          __m512 r[16];
+#pragma GCC unroll 16
+          for (int i = 0; i < 16; i++) r[i] = L::vec(s0 + i * ldn + k0);
+          transpose16(r);
+#pragma GCC unroll 16
+          for (int kk = 0; kk < 16; kk++) _mm512_store_ps(d + (k0 + kk) * NR + c0, r[kk]);
+        }
+      }
+      for (; k0 < kc; k0 += 16) {
         int64_t nk = std::min<int64_t>(16, kc - k0);
         __m512 r[16];
         for (int64_t i = 0; i < 16; i++) {
@@ -544,20 +565,21 @@ void gemm_path(const GemmArgs& g) {
   }
 }
 
-// ---- matrix-vector path (M <= kMatvecMaxM) ----
+// ---- matrix-vector path (M <= kMatvecMaxM; grouped up to kStreamMaxM) ----
 // Row-major b: acc[m, n0:n1] = sum_{k in [k0,k1)} a[m,k] * b[k, n0:n1]. Threads split K (each streams
 // one contiguous block of rows: measured ~25% more bandwidth than splitting N, whose per-row chunks are
 // short) and their partial sums are added at the end. RR rows of b are combined per pass over the
 // accumulator strip (<= 256 KiB, L2-resident), so the strip costs one load + store per RR rows.
 template <class L, int MM>
 void axpy_rows(const float* a, int64_t lda, const typename L::T* b, int64_t ldb, int64_t k0, int64_t k1,
-               int64_t n0, int64_t n1, float* acc, int64_t ldacc) {
+               int64_t n0, int64_t n1, float* acc, int64_t ldacc, bool zero_first) {
   // 8 rows of b per pass (8 streams in flight). For MM > 2 the MM * 8 broadcasts of a do not all fit in
   // registers and some become memory operands (L1 hits): still ~10% faster than 4 rows at M = 3, 4.
   constexpr int RR = 8;
   const int64_t strip = std::max<int64_t>(1024, 65536 / MM);
-  for (int m = 0; m < MM; m++)
-    for (int64_t j = n0; j < n1; j++) acc[m * ldacc + j] = 0.0f;
+  if (zero_first)
+    for (int m = 0; m < MM; m++)
+      for (int64_t j = n0; j < n1; j++) acc[m * ldacc + j] = 0.0f;
   for (int64_t s0 = n0; s0 < n1; s0 += strip) {
     const int64_t s1 = std::min(n1, s0 + strip);
     const int64_t sv = s0 + (s1 - s0) / VL * VL;
@@ -682,9 +704,64 @@ template <class L, int MM>
 void matvec_part(const MvArgs& g, int64_t k0, int64_t k1, int64_t n0, int64_t n1, int64_t ks) {
   const auto* base = g.b->ptr<const typename L::T>();
   if (g.lay == BLayout::RowMajor)
-    axpy_rows<L, MM>(g.a, g.lda, base, g.b->stride(0), k0, k1, n0, n1, g.partial + ks * MM * g.N, g.N);
+    axpy_rows<L, MM>(g.a, g.lda, base, g.b->stride(0), k0, k1, n0, n1, g.partial + ks * MM * g.N, g.N, true);
   else
     matvec_dots<L, MM>(g.a, g.lda, base, g.b->stride(1), g.K, n0, n1, g.c, g.ldc, g.bias);
+}
+
+// kMatvecMaxM < M <= kStreamMaxM: the rows of a are taken in groups, and the weights are walked in
+// chunks that stay in L2 while every group passes over them, so they still come from memory once.
+// Row-major b: chunks of rows of b (~256 KiB), groups of 4 rows of a. Transposed b: blocks of 8 rows of
+// W (8 x K), groups of 2 rows of a (the 8-row dot kernel).
+template <class L>
+void stream_part(const MvArgs& g, int64_t k0, int64_t k1, int64_t n0, int64_t n1, int64_t ks) {
+  const auto* base = g.b->ptr<const typename L::T>();
+  const int64_t M = g.M;
+  if (g.lay == BLayout::RowMajor) {
+    const int64_t ldb = g.b->stride(0);
+    const int64_t row_bytes = (n1 - n0) * static_cast<int64_t>(sizeof(typename L::T));
+    const int64_t chunk = std::max<int64_t>(8, (262144 / std::max<int64_t>(row_bytes, 1)) / 8 * 8);
+    float* acc = g.partial + ks * M * g.N;
+    for (int64_t c0 = k0; c0 < k1; c0 += chunk) {
+      const int64_t c1 = std::min(k1, c0 + chunk);
+      for (int64_t m = 0; m < M; m += 4) {
+        const float* am = g.a + m * g.lda;
+        float* accm = acc + m * g.N;
+        const bool z = c0 == k0;
+        switch (std::min<int64_t>(4, M - m)) {
+          case 1: axpy_rows<L, 1>(am, g.lda, base, ldb, c0, c1, n0, n1, accm, g.N, z); break;
+          case 2: axpy_rows<L, 2>(am, g.lda, base, ldb, c0, c1, n0, n1, accm, g.N, z); break;
+          case 3: axpy_rows<L, 3>(am, g.lda, base, ldb, c0, c1, n0, n1, accm, g.N, z); break;
+          default: axpy_rows<L, 4>(am, g.lda, base, ldb, c0, c1, n0, n1, accm, g.N, z); break;
+        }
+      }
+    }
+  } else {
+    const int64_t ldn = g.b->stride(1);
+    constexpr int RR = 8;
+    for (int64_t n = n0; n < n1; n += RR) {
+      const int64_t rr = std::min<int64_t>(RR, n1 - n);
+      const float* bn = g.bias != nullptr ? g.bias + n : nullptr;
+      for (int64_t m = 0; m < M; m += 2) {
+        const float* am = g.a + m * g.lda;
+        float* cm = g.c + m * g.ldc + n;
+        if (rr == RR) {
+          if (M - m >= 2)
+            dot_block<L, 2, RR>(am, g.lda, base + n * ldn, ldn, g.K, cm, g.ldc, bn);
+          else
+            dot_block<L, 1, RR>(am, g.lda, base + n * ldn, ldn, g.K, cm, g.ldc, bn);
+        } else {
+          for (int64_t r = 0; r < rr; r++) {
+            const float* br = bn != nullptr ? bn + r : nullptr;
+            if (M - m >= 2)
+              dot_block<L, 2, 1>(am, g.lda, base + (n + r) * ldn, ldn, g.K, cm + r, g.ldc, br);
+            else
+              dot_block<L, 1, 1>(am, g.lda, base + (n + r) * ldn, ldn, g.K, cm + r, g.ldc, br);
+          }
+        }
+      }
+    }
+  }
 }
 
 template <class L>
@@ -694,7 +771,8 @@ void matvec_part_m(const MvArgs& g, int64_t k0, int64_t k1, int64_t n0, int64_t 
     case 1: return matvec_part<L, 1>(g, k0, k1, n0, n1, ks);
     case 2: return matvec_part<L, 2>(g, k0, k1, n0, n1, ks);
     case 3: return matvec_part<L, 3>(g, k0, k1, n0, n1, ks);
-    default: return matvec_part<L, 4>(g, k0, k1, n0, n1, ks);
+    case 4: return matvec_part<L, 4>(g, k0, k1, n0, n1, ks);
+    default: return stream_part<L>(g, k0, k1, n0, n1, ks);
   }
 }
 
@@ -790,7 +868,7 @@ void gemm(const KView& a, const KView& b, const KView* bias, const KView& out) {
     std::vector<float> a_buf;
     const float* ap = a.ptr<const float>();
     int64_t sa0 = a.stride(0), sa1 = a.stride(1);
-    const bool small_m = M <= kMatvecMaxM;
+    const bool small_m = M <= kStreamMaxM;
     if (a.dtype != DType::F32 || (small_m && sa1 != 1 && K > 1)) {
       a_buf.resize(static_cast<size_t>(M * K));
       for (int64_t i = 0; i < M; i++)

@@ -16,7 +16,7 @@
 //        sorted buffer per row (one compare per element when k << n), parallel over rows; gather and
 //        scatter delegate to ref (rarely hot: sampling and loss only).
 //
-// Bench: `node bench/ops.mjs index`.
+// Bench: none yet (build/nx_ops_bench and `node bench/kernels.mjs` do not cover index ops).
 #include "index.h"
 
 #include <algorithm>
@@ -39,6 +39,30 @@ std::vector<int64_t> read_indices(const KView& index) {
     r[static_cast<size_t>(lin)] = load_i64(index.data, index.dtype, index.offset_of(idx));
   });
   return r;
+}
+// ... each checked against [0, n) (error names op).
+std::vector<int64_t> read_indices_checked(const char* op, const KView& index, int64_t n) {
+  std::vector<int64_t> r = read_indices(index);
+  for (int64_t v : r)
+    if (v < 0 || v >= n) throw_index(op, v, 0, n);
+  return r;
+}
+// ... each in [-n, n), negative ones wrapped to v + n (index_select).
+std::vector<int64_t> read_indices_wrapped(const char* op, const KView& index, int64_t n) {
+  std::vector<int64_t> r = read_indices(index);
+  for (int64_t& v : r) {
+    const int64_t w = v < 0 ? v + n : v;
+    if (w < 0 || w >= n) throw_index(op, v, -n, n);
+    v = w;
+  }
+  return r;
+}
+
+// Element offset in v of multi-index idx with idx[dim] replaced by at.
+inline int64_t offset_at(const KView& v, const int64_t* idx, int dim, int64_t at) {
+  int64_t o = 0;
+  for (int i = 0; i < v.ndim; i++) o += (i == dim ? at : idx[i]) * v.strides[i];
+  return o;
 }
 
 // Copy one element between views of possibly different dtypes (exact when they agree).
@@ -88,9 +112,7 @@ namespace ref {
 
 void embedding(const KView& weight, const KView& ids, const KView& out) {
   const int64_t V = weight.shape[0], D = weight.shape[1];
-  const std::vector<int64_t> id = read_indices(ids);
-  for (int64_t x : id)
-    if (x < 0 || x >= V) throw_index("embedding", x, 0, V);
+  const std::vector<int64_t> id = read_indices_checked("embedding", ids, V);
   // out [..., D]: row lin of out is ids' element lin (row-major)
   for_each_index(ids.ndim, ids.shape, [&](int64_t lin, const int64_t* idx) {
     int64_t oo = 0;
@@ -104,42 +126,27 @@ void embedding(const KView& weight, const KView& ids, const KView& out) {
 void gather(const KView& x, int dim, const KView& index, const KView& out) {
   if (dim < 0) dim += x.ndim;
   const int64_t n = x.shape[dim];
-  const std::vector<int64_t> id = read_indices(index);
-  for (int64_t v : id)
-    if (v < 0 || v >= n) throw_index("gather", v, 0, n);
+  const std::vector<int64_t> id = read_indices_checked("gather", index, n);
   for_each_index(index.ndim, index.shape, [&](int64_t lin, const int64_t* idx) {
-    int64_t xo = 0;
-    for (int i = 0; i < x.ndim; i++) xo += (i == dim ? id[static_cast<size_t>(lin)] : idx[i]) * x.strides[i];
-    copy_elem(x, xo, out, out.offset_of(idx));
+    copy_elem(x, offset_at(x, idx, dim, id[static_cast<size_t>(lin)]), out, out.offset_of(idx));
   });
 }
 
 void scatter(const KView& dst, int dim, const KView& index, const KView& src) {
   if (dim < 0) dim += dst.ndim;
   const int64_t n = dst.shape[dim];
-  const std::vector<int64_t> id = read_indices(index);
-  for (int64_t v : id)
-    if (v < 0 || v >= n) throw_index("scatter", v, 0, n);
+  const std::vector<int64_t> id = read_indices_checked("scatter", index, n);
   for_each_index(index.ndim, index.shape, [&](int64_t lin, const int64_t* idx) {
-    int64_t dof = 0;
-    for (int i = 0; i < dst.ndim; i++) dof += (i == dim ? id[static_cast<size_t>(lin)] : idx[i]) * dst.strides[i];
-    copy_elem(src, src.offset_of(idx), dst, dof);
+    copy_elem(src, src.offset_of(idx), dst, offset_at(dst, idx, dim, id[static_cast<size_t>(lin)]));
   });
 }
 
 void index_select(const KView& x, int dim, const KView& index, const KView& out) {
   if (dim < 0) dim += x.ndim;
   const int64_t n = x.shape[dim];
-  std::vector<int64_t> id = read_indices(index);
-  for (int64_t& v : id) {
-    const int64_t w = v < 0 ? v + n : v;
-    if (w < 0 || w >= n) throw_index("index_select", v, -n, n);
-    v = w;
-  }
+  const std::vector<int64_t> id = read_indices_wrapped("index_select", index, n);
   for_each_index(out.ndim, out.shape, [&](int64_t, const int64_t* idx) {
-    int64_t xo = 0;
-    for (int i = 0; i < x.ndim; i++) xo += (i == dim ? id[static_cast<size_t>(idx[i])] : idx[i]) * x.strides[i];
-    copy_elem(x, xo, out, out.offset_of(idx));
+    copy_elem(x, offset_at(x, idx, dim, id[static_cast<size_t>(idx[dim])]), out, out.offset_of(idx));
   });
 }
 
@@ -199,6 +206,14 @@ void copy_row(const void* src, DType st, int64_t ss, void* dst, DType dt, int64_
   }
 }
 
+// Multi-index idx[0..nd) of row-major linear index r over shape.
+inline void unravel(int64_t r, int nd, const int64_t* shape, int64_t* idx) {
+  for (int i = nd - 1; i >= 0; i--) {
+    idx[i] = r % shape[i];
+    r /= shape[i];
+  }
+}
+
 inline void* advance(void* p, DType t, int64_t elems) {
   return static_cast<char*>(p) + elems * static_cast<int64_t>(dtype_size(t));
 }
@@ -207,9 +222,7 @@ inline void* advance(void* p, DType t, int64_t elems) {
 
 void embedding(const KView& weight, const KView& ids, const KView& out) {
   const int64_t V = weight.shape[0], D = weight.shape[1];
-  const std::vector<int64_t> id = read_indices(ids);  // validated here, before any task runs
-  for (int64_t x : id)
-    if (x < 0 || x >= V) throw_index("embedding", x, 0, V);
+  const std::vector<int64_t> id = read_indices_checked("embedding", ids, V);  // before any task runs
   const int64_t N = static_cast<int64_t>(id.size());
   if (N == 0 || D == 0) return;
   // output row offsets (out's leading dims follow ids' shape)
@@ -234,12 +247,7 @@ void scatter(const KView& dst, int dim, const KView& index, const KView& src) { 
 void index_select(const KView& x, int dim, const KView& index, const KView& out) {
   if (dim < 0) dim += x.ndim;
   const int64_t n = x.shape[dim];
-  std::vector<int64_t> id = read_indices(index);
-  for (int64_t& v : id) {
-    const int64_t w = v < 0 ? v + n : v;
-    if (w < 0 || w >= n) throw_index("index_select", v, -n, n);
-    v = w;
-  }
+  const std::vector<int64_t> id = read_indices_wrapped("index_select", index, n);
   const int nd = x.ndim;
   if (out.numel() == 0) return;
   // rows = all output elements but the last dim (the last dim is copied as a row); when dim is the
@@ -255,11 +263,7 @@ void index_select(const KView& x, int dim, const KView& index, const KView& out)
   parallel_for(0, rows, std::max<int64_t>(1, 8192 / D), [&](int64_t lo, int64_t hi) {
     int64_t idx[kMaxDims];
     for (int64_t r = lo; r < hi; r++) {
-      int64_t rem = r;
-      for (int i = nd - 1; i >= 0; i--) {
-        idx[i] = rem % lead[i];
-        rem /= lead[i];
-      }
+      unravel(r, nd, lead, idx);
       int64_t xo = 0, oo = 0;
       for (int i = 0; i < nd; i++) {
         xo += (i == dim ? id[static_cast<size_t>(idx[i])] : idx[i]) * x.strides[i];
@@ -287,11 +291,7 @@ void topk(const KView& x, int64_t k, const KView& values, const KView& indices) 
     std::vector<TopkKey> all;
     int64_t idx[kMaxDims];
     for (int64_t r = lo; r < hi; r++) {
-      int64_t rem = r;
-      for (int i = nd - 1; i >= 0; i--) {
-        idx[i] = rem % lead[i];
-        rem /= lead[i];
-      }
+      unravel(r, nd, lead, idx);
       const int64_t xo = x.offset_of(idx), vo = values.offset_of(idx), io = indices.offset_of(idx);
       best.clear();
       if (k * 16 <= n) {

@@ -10,7 +10,8 @@
 // topk: along the last dim, the k largest values (sorted descending; ties keep the lower index first)
 //   into values (x's dtype) and indices (I64), both [..., k].
 //
-// Bench: `node bench/ops.mjs index`.
+// Bench: none of the benches covers these yet (build/nx_ops_bench and build/nx_attention_bench, sources
+// bench/cpp/*.cpp, and `node bench/kernels.mjs`, which runs kernel benches through the addon).
 #pragma once
 #include "../common.h"
 

@@ -16,20 +16,17 @@
 //         in f32"), so bf16 outputs can differ from HF by 1 bf16 ulp.
 //         Other layouts (strided last dim) and integer dtypes go to ref.
 //
-// Bench: `bench/cpp/ops_bench.cpp` (rmsnorm) or `node bench/ops.mjs norm`.
+// Bench: build/nx_ops_bench (bench/cpp/ops_bench.cpp: rmsnorm), or `node bench/kernels.mjs --filter rmsnorm`
+// through the addon.
 #include "norm.h"
+#include "simd.h"
 
 #include <algorithm>
 #include <cmath>
 #include <cstring>
 #include <vector>
 
-#if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VL__) && defined(__AVX512DQ__)
-#define NX_NM_AVX512 1
-#include <immintrin.h>
-#else
-#define NX_NM_AVX512 0
-#endif
+#define NX_NM_AVX512 NX_SIMD_AVX512DQ  // AVX-512 F/BW/VL/DQ
 
 namespace nx {
 namespace {
@@ -132,68 +129,11 @@ void layernorm(const KView& x, const KView* weight, const KView* bias, float eps
 namespace {
 
 #if NX_NM_AVX512
-inline __mmask16 tail_mask(int64_t n) { return static_cast<__mmask16>((1u << n) - 1u); }
-inline __m256i f32_to_bf16x16(__m512 v) {  // round to nearest even, NaN kept quiet (as common.h)
-  __m512i u = _mm512_castps_si512(v);
-  __m512i lsb = _mm512_and_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(1));
-  __m512i r = _mm512_add_epi32(u, _mm512_add_epi32(lsb, _mm512_set1_epi32(0x7fff)));
-  __mmask16 nan = _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q);
-  r = _mm512_mask_mov_epi32(r, nan, _mm512_or_si512(u, _mm512_set1_epi32(0x400000)));
-  return _mm512_cvtepi32_epi16(_mm512_srli_epi32(r, 16));
-}
+using simd::tail_mask;
 #endif
-
-// Contiguous row of any float dtype -> f32.
-void load_row(const void* src, DType t, int64_t n, float* dst) {
-  int64_t i = 0;
-  const uint16_t* s = static_cast<const uint16_t*>(src);
-  switch (t) {
-    case DType::F32: std::memcpy(dst, src, static_cast<size_t>(n) * 4); return;
-    case DType::BF16:
-#if NX_NM_AVX512
-      for (; i + 16 <= n; i += 16)
-        _mm512_storeu_ps(dst + i, _mm512_castsi512_ps(_mm512_slli_epi32(
-                                      _mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(s + i))), 16)));
-#endif
-      for (; i < n; i++) dst[i] = bf16_to_f32(s[i]);
-      return;
-    case DType::F16:
-#if NX_NM_AVX512
-      for (; i + 16 <= n; i += 16)
-        _mm512_storeu_ps(dst + i, _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(s + i))));
-#endif
-      for (; i < n; i++) dst[i] = f16_to_f32(s[i]);
-      return;
-    default:
-      for (; i < n; i++) dst[i] = load_f32(src, t, i);
-  }
-}
-
-// f32 -> contiguous row of any float dtype.
-void store_row(const float* src, int64_t n, void* dst, DType t) {
-  int64_t i = 0;
-  uint16_t* d = static_cast<uint16_t*>(dst);
-  switch (t) {
-    case DType::F32: std::memcpy(dst, src, static_cast<size_t>(n) * 4); return;
-    case DType::BF16:
-#if NX_NM_AVX512
-      for (; i + 16 <= n; i += 16)
-        _mm256_storeu_si256(reinterpret_cast<__m256i*>(d + i), f32_to_bf16x16(_mm512_loadu_ps(src + i)));
-#endif
-      for (; i < n; i++) d[i] = f32_to_bf16(src[i]);
-      return;
-    case DType::F16:
-#if NX_NM_AVX512
-      for (; i + 16 <= n; i += 16)
-        _mm256_storeu_si256(reinterpret_cast<__m256i*>(d + i),
-                            _mm512_cvtps_ph(_mm512_loadu_ps(src + i), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
-#endif
-      for (; i < n; i++) d[i] = f32_to_f16(src[i]);
-      return;
-    default:
-      for (; i < n; i++) store_f32(dst, t, i, src[i]);
-  }
-}
+// contiguous rows of any float dtype <-> f32
+using simd::load_row;
+using simd::store_row;
 
 // sum of (x - c)^2 over a row (c = 0 for rmsnorm), 64 f32 lanes
 float sum_sq(const float* x, int64_t n, float c) {
@@ -221,28 +161,6 @@ float sum_sq(const float* x, int64_t n, float c) {
   for (; i + 8 <= n; i += 8)
     for (int j = 0; j < 8; j++) a[j] += (x[i + j] - c) * (x[i + j] - c);
   for (; i < n; i++) a[0] += (x[i] - c) * (x[i] - c);
-  return ((a[0] + a[1]) + (a[2] + a[3])) + ((a[4] + a[5]) + (a[6] + a[7]));
-#endif
-}
-
-float sum_row(const float* x, int64_t n) {
-#if NX_NM_AVX512
-  __m512 a0 = _mm512_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
-  int64_t i = 0;
-  for (; i + 64 <= n; i += 64) {
-    a0 = _mm512_add_ps(a0, _mm512_loadu_ps(x + i));
-    a1 = _mm512_add_ps(a1, _mm512_loadu_ps(x + i + 16));
-    a2 = _mm512_add_ps(a2, _mm512_loadu_ps(x + i + 32));
-    a3 = _mm512_add_ps(a3, _mm512_loadu_ps(x + i + 48));
-  }
-  for (; i < n; i += 16) a0 = _mm512_add_ps(a0, _mm512_maskz_loadu_ps(tail_mask(std::min<int64_t>(16, n - i)), x + i));
-  return _mm512_reduce_add_ps(_mm512_add_ps(_mm512_add_ps(a0, a1), _mm512_add_ps(a2, a3)));
-#else
-  float a[8] = {0, 0, 0, 0, 0, 0, 0, 0};
-  int64_t i = 0;
-  for (; i + 8 <= n; i += 8)
-    for (int j = 0; j < 8; j++) a[j] += x[i + j];
-  for (; i < n; i++) a[0] += x[i];
   return ((a[0] + a[1]) + (a[2] + a[3])) + ((a[4] + a[5]) + (a[6] + a[7]));
 #endif
 }
@@ -336,7 +254,7 @@ void layernorm(const KView& x, const KView* weight, const KView* bias, float eps
   const float* b = param_f32(bias, rw.D, bstore);
   const int64_t D = rw.D;
   for_rows(x, out, rw, [&](const float* xr, float* orow) {
-    float mean = static_cast<float>(static_cast<double>(sum_row(xr, D)) / static_cast<double>(D));
+    float mean = static_cast<float>(static_cast<double>(simd::sum_f32(xr, D)) / static_cast<double>(D));
     double var = static_cast<double>(sum_sq(xr, D, mean)) / static_cast<double>(D);
     float inv = static_cast<float>(1.0 / std::sqrt(var + eps));
     scale_row(xr, mean, inv, w, b, orow, D);

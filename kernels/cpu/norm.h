@@ -5,7 +5,8 @@
 // x: [..., D] any float dtype and strides; weight/bias: [D] f32/bf16/f16 or nullptr (then 1 / 0);
 // out: x's shape, any float dtype.
 //
-// Bench: `node bench/ops.mjs norm`.
+// Bench: build/nx_ops_bench (bench/cpp/ops_bench.cpp: rmsnorm); `node bench/kernels.mjs --filter rmsnorm`
+// through the addon.
 #pragma once
 #include "../common.h"
 

@@ -15,12 +15,14 @@
 //             accumulated in blocks of kBlock lanes instead. Threads split lines / column blocks.
 //   cumsum  - running sum in double (PyTorch's CPU accumulate type for f32), lines in parallel; the
 //             column-blocked form for inner-contiguous layouts. Same arithmetic as ref: equal results.
-//   softmax - last-dim-contiguous rows (the attention case): max, then exp(x - max) (vector exp,
-//             <= ~1 ulp, same scheme as elementwise.cpp) summed in f32 lanes, then a scale by 1/sum
+//   softmax - last-dim-contiguous rows (the attention case): max, then exp(x - max) (simd::v_exp,
+//             max 0.94 ulp) summed in f32 lanes, then a scale by 1/sum
 //             (log_softmax: (x - max) - log(sum)); rows split across threads. Other layouts: ref.
 //
-// Bench: `bench/cpp/ops_bench.cpp` (softmax) or `node bench/ops.mjs reduce`.
+// Bench: build/nx_ops_bench (bench/cpp/ops_bench.cpp: softmax), or `node bench/kernels.mjs --filter softmax`
+// through the addon.
 #include "reduce.h"
+#include "simd.h"
 
 #include <algorithm>
 #include <cmath>
@@ -28,12 +30,7 @@
 #include <limits>
 #include <vector>
 
-#if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VL__) && defined(__AVX512DQ__)
-#define NX_RD_AVX512 1
-#include <immintrin.h>
-#else
-#define NX_RD_AVX512 0
-#endif
+#define NX_RD_AVX512 NX_SIMD_AVX512DQ  // AVX-512 F/BW/VL/DQ
 
 namespace nx {
 namespace {
@@ -201,77 +198,13 @@ namespace {
 
 constexpr int64_t kBlock = 512;  // f32 elements per conversion / accumulation chunk
 
-// ---- conversions between any float storage + stride and f32 (same scheme as elementwise.cpp) ----
+// ---- conversions between any float storage + stride and f32, vector exp: simd.h ----
 #if NX_RD_AVX512
-inline __mmask16 tail_mask(int64_t n) { return static_cast<__mmask16>((1u << n) - 1u); }
-inline __m512 bf16x16_to_f32(__m256i h) {
-  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
-}
-inline __m256i f32_to_bf16x16(__m512 v) {  // round to nearest even, NaN kept quiet (as common.h)
-  __m512i u = _mm512_castps_si512(v);
-  __m512i lsb = _mm512_and_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(1));
-  __m512i r = _mm512_add_epi32(u, _mm512_add_epi32(lsb, _mm512_set1_epi32(0x7fff)));
-  __mmask16 nan = _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q);
-  r = _mm512_mask_mov_epi32(r, nan, _mm512_or_si512(u, _mm512_set1_epi32(0x400000)));
-  return _mm512_cvtepi32_epi16(_mm512_srli_epi32(r, 16));
-}
-inline __m512 v_exp(__m512 x) {  // see elementwise.cpp for the derivation; <= ~1 ulp
-  x = _mm512_min_ps(_mm512_set1_ps(89.0f), _mm512_max_ps(_mm512_set1_ps(-104.0f), x));
-  __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
-                                  _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-  __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), x);
-  r = _mm512_fnmadd_ps(n, _mm512_set1_ps(-2.12194440e-4f), r);
-  __m512 p = _mm512_set1_ps(0.0013836425f);
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(0.0083747253f));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(0.041668228f));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(0.16666421f));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(0.49999992f));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f));
-  return _mm512_scalef_ps(p, n);
-}
+using simd::tail_mask;
+using simd::v_exp;
 #endif
-
-void load_block(const KView& v, int64_t off, int64_t stride, int64_t m, float* dst) {
-  if (stride == 1 && v.dtype == DType::F32) {
-    std::memcpy(dst, v.ptr<const float>() + off, static_cast<size_t>(m) * 4);
-    return;
-  }
-  int64_t i = 0;
-#if NX_RD_AVX512
-  if (stride == 1 && v.dtype == DType::BF16) {
-    const uint16_t* s = v.ptr<const uint16_t>() + off;
-    for (; i + 16 <= m; i += 16)
-      _mm512_storeu_ps(dst + i, bf16x16_to_f32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(s + i))));
-  } else if (stride == 1 && v.dtype == DType::F16) {
-    const uint16_t* s = v.ptr<const uint16_t>() + off;
-    for (; i + 16 <= m; i += 16)
-      _mm512_storeu_ps(dst + i, _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(s + i))));
-  }
-#endif
-  for (; i < m; i++) dst[i] = load_f32(v.data, v.dtype, off + i * stride);
-}
-
-void store_block(const float* src, int64_t m, const KView& v, int64_t off, int64_t stride) {
-  if (stride == 1 && v.dtype == DType::F32) {
-    std::memcpy(v.ptr<float>() + off, src, static_cast<size_t>(m) * 4);
-    return;
-  }
-  int64_t i = 0;
-#if NX_RD_AVX512
-  if (stride == 1 && v.dtype == DType::BF16) {
-    uint16_t* d = v.ptr<uint16_t>() + off;
-    for (; i + 16 <= m; i += 16)
-      _mm256_storeu_si256(reinterpret_cast<__m256i*>(d + i), f32_to_bf16x16(_mm512_loadu_ps(src + i)));
-  } else if (stride == 1 && v.dtype == DType::F16) {
-    uint16_t* d = v.ptr<uint16_t>() + off;
-    for (; i + 16 <= m; i += 16)
-      _mm256_storeu_si256(reinterpret_cast<__m256i*>(d + i),
-                          _mm512_cvtps_ph(_mm512_loadu_ps(src + i), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
-  }
-#endif
-  for (; i < m; i++) store_f32(v.data, v.dtype, off + i * stride, src[i]);
-}
+using simd::load_block;
+using simd::store_block;
 
 // f32 pointer to m elements at (off, stride): in place for contiguous f32, else converted into buf.
 const float* chunk(const KView& v, int64_t off, int64_t stride, int64_t m, float* buf) {
@@ -281,28 +214,6 @@ const float* chunk(const KView& v, int64_t off, int64_t stride, int64_t m, float
 }
 
 // ---- chunk kernels over f32 ----
-float sum_chunk(const float* p, int64_t m) {
-#if NX_RD_AVX512
-  __m512 a0 = _mm512_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
-  int64_t i = 0;
-  for (; i + 64 <= m; i += 64) {
-    a0 = _mm512_add_ps(a0, _mm512_loadu_ps(p + i));
-    a1 = _mm512_add_ps(a1, _mm512_loadu_ps(p + i + 16));
-    a2 = _mm512_add_ps(a2, _mm512_loadu_ps(p + i + 32));
-    a3 = _mm512_add_ps(a3, _mm512_loadu_ps(p + i + 48));
-  }
-  for (; i < m; i += 16) a0 = _mm512_add_ps(a0, _mm512_maskz_loadu_ps(tail_mask(std::min<int64_t>(16, m - i)), p + i));
-  return _mm512_reduce_add_ps(_mm512_add_ps(_mm512_add_ps(a0, a1), _mm512_add_ps(a2, a3)));
-#else
-  float a[8] = {0, 0, 0, 0, 0, 0, 0, 0};
-  int64_t i = 0;
-  for (; i + 8 <= m; i += 8)
-    for (int j = 0; j < 8; j++) a[j] += p[i + j];
-  for (; i < m; i++) a[0] += p[i];
-  return ((a[0] + a[1]) + (a[2] + a[3])) + ((a[4] + a[5]) + (a[6] + a[7]));
-#endif
-}
-
 // max (is_max) or min of a chunk; NaN if any element is NaN.
 float extreme_chunk(const float* p, int64_t m, bool is_max) {
 #if NX_RD_AVX512
@@ -359,7 +270,7 @@ void reduce_line(ReduceOp op, const KView& x, int64_t off, int64_t stride, int64
     int64_t m = std::min(kBlock, n - j);
     const float* p = chunk(x, off + j * stride, stride, m, buf);
     if (op == ReduceOp::SUM || op == ReduceOp::MEAN) {
-      total += sum_chunk(p, m);
+      total += simd::sum_f32(p, m);
       continue;
     }
     float e = extreme_chunk(p, m, is_max);

@@ -7,7 +7,8 @@
 // cumsum: out has x's shape.
 // softmax / log_softmax: along `dim`, max-subtracted, f32 math; out has x's shape.
 //
-// Bench: `node bench/ops.mjs reduce`.
+// Bench: build/nx_ops_bench (bench/cpp/ops_bench.cpp: softmax); `node bench/kernels.mjs --filter softmax`
+// through the addon.
 #pragma once
 #include "../common.h"
 

@@ -49,7 +49,12 @@ describe("stories260K", () => {
           worst = Math.max(worst, Math.abs(got - a[i * V + v]!));
         }
       }
-      expect(worst).toBeLessThan(1e-5);
+      // relative to the logits' scale: a batch runs the GEMMs at another M, which may take another kernel
+      // path (the streamed matvec for small M) that sums dot products in another order (f32 rounding,
+      // about 1 ulp per layer; measured 9e-6 on logits of magnitude 19)
+      let scale = 1;
+      for (const x of a) scale = Math.max(scale, Math.abs(x));
+      expect(worst / scale).toBeLessThan(1e-5);
     }
   });
 

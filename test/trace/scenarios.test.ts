@@ -16,6 +16,20 @@ afterAll(async () => {
 const P1 = "Once upon a time";
 const P2 = "Lily and Ben";
 const arr = (t: Tensor) => Array.from(t.toFloat32Array());
+/**
+ * max |a - b| relative to b's scale (max(1, max |b|)): batched and single runs may run the GEMMs at
+ * another M, which can take a kernel path that sums dot products in another order (f32 rounding).
+ */
+const maxRel = (a: Tensor, b: Tensor) => {
+  const x = a.toFloat32Array(), y = b.toFloat32Array();
+  expect(x.length).toBe(y.length);
+  let m = 0, scale = 1;
+  for (let i = 0; i < x.length; i++) {
+    m = Math.max(m, Math.abs(x[i]! - y[i]!));
+    scale = Math.max(scale, Math.abs(y[i]!));
+  }
+  return m / scale;
+};
 const maxAbs = (a: Tensor, b: Tensor) => {
   const x = a.toFloat32Array(), y = b.toFloat32Array();
   expect(x.length).toBe(y.length);
@@ -189,8 +203,8 @@ describe("batching (T12, T25, T26, T35)", () => {
     const a = await model.trace(P1, () => ({ x: model.lm_head.output.at([":", -1]) }));
     const b = await model.trace(P2, () => ({ x: model.lm_head.output.at([":", -1]) }));
     expect(r.a.shape).toEqual([1, 512]);
-    expect(maxAbs(r.a, a.x)).toBeLessThan(1e-5);
-    expect(maxAbs(r.b, b.x)).toBeLessThan(1e-5);
+    expect(maxRel(r.a, a.x)).toBeLessThan(1e-5);
+    expect(maxRel(r.b, b.x)).toBeLessThan(1e-5);
   });
 
   it("T12: invoke 1 zeroing a layer does not touch invoke 2's rows", async () => {
@@ -203,7 +217,7 @@ describe("batching (T12, T25, T26, T35)", () => {
     });
     expect(arr(r.z).every((v) => v === 0)).toBe(true);
     expect(arr(r.n).some((v) => v !== 0)).toBe(true);
-    expect(maxAbs(r.l, await model.forward(P1))).toBeLessThan(1e-5);
+    expect(maxRel(r.l, await model.forward(P1))).toBeLessThan(1e-5);
   });
 
   it("T25: invokes of 1, 2, empty, empty, 1 prompts see 1, 2, 4, 4, 1 rows", async () => {
@@ -228,9 +242,8 @@ describe("batching (T12, T25, T26, T35)", () => {
       tr.invoke(() => ({ all: model.model.layers[2].output }));
     });
     expect(maxAbs(r.h2, r.h1)).toBeGreaterThan(0);
-    const rows = r.all.toArray();
-    const h1 = (await model.trace(P1, () => ({ h: model.model.layers[1].output }))).h.toArray();
-    expect(rows[0]).toEqual(h1[0]);
+    const h1 = (await model.trace(P1, () => ({ h: model.model.layers[1].output }))).h;
+    expect(maxRel(r.all.at([[0]]), h1)).toBeLessThan(1e-5);
   });
 
   it("activation patching across invokes: values flow between invokes at the same layer", async () => {

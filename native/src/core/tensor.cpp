@@ -2,6 +2,9 @@
 #include "tensor.h"
 
 #include <cstdlib>
+#include <mutex>
+#include <unordered_map>
+#include <vector>
 #include <sstream>
 
 namespace nx {
@@ -16,19 +19,87 @@ Storage::~Storage() {
   memory_stats().storages--;
 }
 
+namespace {
+
+// A cache of large host blocks. A forward pass allocates the same sizes every step; returning them to
+// the OS (glibc unmaps big blocks on free) would make every step fault fresh pages in again, which
+// costs more than the kernels that fill them. Freed blocks of 256 KiB and more are kept by exact
+// (page-rounded) size up to a byte budget (NX_ALLOC_CACHE_MB, default 1024) and reused first.
+class BlockCache {
+ public:
+  static constexpr size_t kMin = 256 * 1024;
+  BlockCache() {
+    const char* e = std::getenv("NX_ALLOC_CACHE_MB");
+    budget_ = static_cast<size_t>(e ? std::atoll(e) : 1024) << 20;
+  }
+  void* take(size_t n) {
+    std::lock_guard<std::mutex> lk(mu_);
+    auto it = free_.find(n);
+    if (it == free_.end() || it->second.empty()) return nullptr;
+    void* p = it->second.back();
+    it->second.pop_back();
+    cached_ -= n;
+    return p;
+  }
+  // true when kept (the caller must not free it)
+  bool give(void* p, size_t n) {
+    std::lock_guard<std::mutex> lk(mu_);
+    if (cached_ + n > budget_) return false;
+    free_[n].push_back(p);
+    cached_ += n;
+    return true;
+  }
+  size_t cached() {
+    std::lock_guard<std::mutex> lk(mu_);
+    return cached_;
+  }
+  void clear() {
+    std::lock_guard<std::mutex> lk(mu_);
+    for (auto& kv : free_)
+      for (void* p : kv.second) std::free(p);
+    free_.clear();
+    cached_ = 0;
+  }
+
+ private:
+  std::mutex mu_;
+  std::unordered_map<size_t, std::vector<void*>> free_;
+  size_t cached_ = 0;
+  size_t budget_;
+};
+
+BlockCache& block_cache() {
+  static BlockCache* c = new BlockCache();  // leaked: storages may be freed during static destruction
+  return *c;
+}
+
+}  // namespace
+
+size_t cached_host_bytes() { return block_cache().cached(); }
+void release_cached_host_memory() { block_cache().clear(); }
+
 std::shared_ptr<Storage> Storage::allocate(size_t nbytes) {
   auto s = std::make_shared<Storage>();
   size_t n = (nbytes + 63) & ~static_cast<size_t>(63);
   if (n == 0) n = 64;
-  void* p = std::aligned_alloc(64, n);
+  const bool big = n >= BlockCache::kMin;
+  if (big) n = (n + 4095) & ~static_cast<size_t>(4095);
+  void* p = big ? block_cache().take(n) : nullptr;
+  if (p == nullptr) {
+    p = std::aligned_alloc(64, n);
+    if (p == nullptr && big) {  // give the cache back to the system and try once more
+      block_cache().clear();
+      p = std::aligned_alloc(64, n);
+    }
+  }
   NX_CHECK(p != nullptr, "OOM", "could not allocate " << nbytes << " bytes");
   s->data = p;
   s->nbytes = nbytes;
   memory_stats().storages++;
   memory_stats().host_bytes += static_cast<int64_t>(n);
-  s->release = [p, n] {
-    std::free(p);
+  s->release = [p, n, big] {
     memory_stats().host_bytes -= static_cast<int64_t>(n);
+    if (!big || !block_cache().give(p, n)) std::free(p);
   };
   return s;
 }

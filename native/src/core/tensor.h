@@ -29,6 +29,9 @@ struct MemoryStats {
   std::atomic<int64_t> mapped_bytes{0}; // bytes mapped from files
 };
 MemoryStats& memory_stats();
+// Bytes of freed large blocks kept for reuse (not counted in host_bytes), and a way to drop them.
+size_t cached_host_bytes();
+void release_cached_host_memory();
 
 struct Storage {
   void* data = nullptr;

@@ -388,6 +388,7 @@ Napi::Value Memory(const Napi::CallbackInfo& info) {
   o.Set("storages", Napi::Number::New(env, static_cast<double>(m.storages.load())));
   o.Set("hostBytes", Napi::Number::New(env, static_cast<double>(m.host_bytes.load())));
   o.Set("mappedBytes", Napi::Number::New(env, static_cast<double>(m.mapped_bytes.load())));
+  o.Set("cachedBytes", Napi::Number::New(env, static_cast<double>(nx::cached_host_bytes())));
   o.Set("pendingKernels", Napi::Number::New(env, static_cast<double>(nx::executor().pending())));
   return o;
 }
@@ -401,6 +402,12 @@ Napi::Value GetThreads(const Napi::CallbackInfo& info) { return Napi::Number::Ne
 Napi::Value SetReferenceKernels(const Napi::CallbackInfo& info) {
   nx::executor().sync();
   nx::set_use_reference_kernels(info[0].ToBoolean().Value());
+  return info.Env().Undefined();
+}
+
+Napi::Value ReleaseCachedMemory(const Napi::CallbackInfo& info) {
+  nx::executor().sync();
+  nx::release_cached_host_memory();
   return info.Env().Undefined();
 }
 
@@ -457,6 +464,7 @@ Napi::Object Init(Napi::Env env, Napi::Object exports) {
   exports.Set("getThreads", Napi::Function::New(env, GetThreads));
   exports.Set("setReferenceKernels", Napi::Function::New(env, SetReferenceKernels));
   exports.Set("setMetaMode", Napi::Function::New(env, SetMetaMode));
+  exports.Set("releaseCachedMemory", Napi::Function::New(env, ReleaseCachedMemory));
   exports.Set("probeFmaPeak", Napi::Function::New(env, ProbeFma));
   exports.Set("probeTriad", Napi::Function::New(env, ProbeTriad));
   return exports;

@@ -24,6 +24,8 @@ export interface NativeMemory {
   storages: number;
   hostBytes: number;
   mappedBytes: number;
+  /** freed large blocks kept for reuse (not in hostBytes) */
+  cachedBytes: number;
   pendingKernels: number;
 }
 
@@ -54,6 +56,8 @@ export interface NativeAddon {
   setReferenceKernels(on: boolean): void;
   /** tensors allocated while on carry shapes only and run no kernels (scan) */
   setMetaMode(on: boolean): void;
+  /** return cached freed blocks to the system */
+  releaseCachedMemory(): void;
   probeFmaPeak(threads: number, isa: 512 | 256): number;
   probeTriad(threads: number, bytesPerArray: number): number;
 }

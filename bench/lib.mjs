@@ -6,6 +6,7 @@
  * Every result line carries: bench, command, shape, threads, ms (median), best_ms, reps, a rate
  * (gflops or gbps) and, where a limit applies, the fraction of that limit (frac_*), plus peak_rss_mib.
  */
+import { performance } from "node:perf_hooks";
 import { spawnSync } from "node:child_process";
 import { existsSync, readFileSync } from "node:fs";
 import { createRequire } from "node:module";
@@ -90,7 +91,8 @@ export function flags(defaults) {
     let val = eq > 0 ? a.slice(eq + 1) : undefined;
     if (val === undefined) {
       const next = argv[i + 1];
-      if (typeof defaults[key] === "boolean" || next === undefined || next.startsWith("--")) val = "true";
+      if (typeof defaults[key] === "boolean") val = next === "true" || next === "false" ? argv[++i] : "true";
+      else if (next === undefined || next.startsWith("--")) val = "true";
       else val = argv[++i];
     }
     const d = defaults[key];

@@ -18,6 +18,7 @@
  * Decode timing mirrors generation (ts/src/models/generate.ts): one lastOnly forward with the cache, then
  * the logits are read (the greedy pick needs them), per step; ms = median step, best_ms = fastest step.
  */
+import { performance } from "node:perf_hooks";
 import { spawnSync } from "node:child_process";
 import { existsSync } from "node:fs";
 import { join, resolve } from "node:path";
@@ -133,9 +134,9 @@ async function runOne(name) {
         let data = await logits.data();
         logits.dispose();
         for (let s = 0; s < steps; s++) {
+          const a = performance.now(); // the greedy pick is part of the step, as in generation
           let best = 0;
           for (let i = 1; i < data.length; i++) if (data[i] > data[best]) best = i;
-          const a = performance.now();
           logits = lm.forward({ batch: 1, seq: 1, ids: Int32Array.of(best), positions: Int32Array.of(P + s), keyMask: null }, { cache, lastOnly: true });
           data = await logits.data();
           logits.dispose();

@@ -80,7 +80,8 @@ export async function executeTrace(model: CausalLM, graph: TraceGraph, attachmen
       il.beginStep(0);
       if (opts.scan) native.setMetaMode(true); // shapes only: no memory, no kernels
       try {
-        const logits = model._forwardRows(rows, il);
+        // a graph with no nodes needs no hooks: the plain forward
+        const logits = model._forwardRows(rows, graph.nodes.length === 0 ? null : il);
         logits.dispose();
       } catch (e) {
         if (!(e instanceof StopSignal)) throw e;

@@ -10,7 +10,8 @@
 // out: f32, any strides (fast path: rows contiguous). out must not alias a or b.
 // Accumulation is in f32. M == 1 (decode) takes a matrix-vector path bound by weight bandwidth.
 //
-// Bench: `node bench/gemm.mjs` (one JSON line per shape).
+// Bench: build/nx_gemm_bench (source bench/cpp/gemm_bench.cpp; OpenBLAS side by side) or
+// `node bench/kernels.mjs --filter gemm` through the addon; one JSON line per result.
 #pragma once
 #include "../common.h"
 

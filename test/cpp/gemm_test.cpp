@@ -3,8 +3,8 @@
 // Covers both fast b layouts (row-major [K,N] and the transposed nn.Linear view with stride(0) == 1)
 // plus a b with no unit stride (generic path); b in f32/bf16/f16; bias on/off and of every float dtype;
 // non-contiguous a and out; odd sizes around the micro-tile (MR x NR = 8 x 48 with AVX-512), the
-// matvec threshold (M <= 4), the K block (768), the M block (192) and the N block (3072); size-0 and
-// size-1 dims; 1, 2 and 3 pool threads.
+// matvec thresholds (M <= 4 single pass, M <= 8 grouped), the K block (768), the M block (192) and
+// the N block (3072); size-0 and size-1 dims; 1, 2 and 3 pool threads.
 //
 // Tolerance (one formula, used by every check through `tol_for`): both sides accumulate in f32 but in
 // a different order (the fast kernels split K into blocks, keep 16-lane partial sums and reduce them
@@ -166,7 +166,8 @@ NX_TEST(gemm_threads_and_big_blocks) {
   for (int threads : {1, 2, 3}) {
     ThreadScope ts(threads);
     const int64_t shapes[][3] = {{9, 6300, 24},  {420, 40, 24}, {130, 300, 64}, {1, 4099, 70},
-                                 {4, 3001, 33},  {3, 700, 301}, {1, 260, 999},  {200, 3100, 8}};
+                                 {4, 3001, 33},  {3, 700, 301}, {1, 260, 999},  {200, 3100, 8},
+                                 {6, 4099, 70},  {7, 300, 301}, {8, 1000, 200}, {5, 77, 1001}};
     for (auto& sh : shapes)
       for (Layout bl : {Layout::Contiguous, Layout::Transposed})
         for (DType dt : {DType::F32, DType::F16}) {
@@ -183,7 +184,7 @@ NX_TEST(gemm_threads_and_big_blocks) {
 NX_TEST(gemm_random_shapes) {
   for (int it = 0; it < 150; it++) {
     Spec s{nxt::rand_int(1, 70), nxt::rand_int(1, 150), nxt::rand_int(1, 450)};
-    if (it % 5 == 0) s.M = nxt::rand_int(1, 4);  // matvec path often
+    if (it % 4 == 0) s.M = nxt::rand_int(1, 8);  // matvec / grouped-stream paths often
     s.bdt = kBDtypes[nxt::rand_int(0, 2)];
     s.blay = kBLayouts[nxt::rand_int(0, 2)];
     s.alay = kBLayouts[nxt::rand_int(0, 2)];

@@ -2,10 +2,17 @@
 // residual stream / final norm / attention output of Llama- and GPT-2-style models, token labels,
 // text tables, and an SVG heat map. Plain ESM so every example runs with `node examples/x.mjs`.
 import { mkdir, writeFile } from "node:fs/promises";
+import { performance } from "node:perf_hooks";
 import * as path from "node:path";
 import { fileURLToPath } from "node:url";
 
 import { LanguageModel } from "nnsight";
+
+// `node examples/x.mjs | head` closes the pipe early: end quietly instead of throwing EPIPE.
+process.stdout.on("error", (e) => {
+  if (e.code === "EPIPE") process.exit(0);
+  throw e;
+});
 
 /** The folder examples write into (`examples/out`, git-ignored). */
 export const OUT_DIR = path.join(path.dirname(fileURLToPath(import.meta.url)), "out");
@@ -63,10 +70,14 @@ export function fit(s, w) {
   return s.length <= w ? s : s.slice(0, Math.max(1, w - 1)) + "…";
 }
 
-/** A fixed-width text table: `header` is a list of column titles, `rows` lists of cells. */
+/**
+ * A fixed-width text table: `header` is a list of column titles, `rows` lists of cells. `width` is
+ * the width of every column after the first, or a list of widths (one per column after the first).
+ */
 export function table(header, rows, { width = 10, firstWidth } = {}) {
   const fw = firstWidth ?? Math.max(header[0].length, ...rows.map((r) => String(r[0]).length));
-  const line = (cells) => cells.map((c, i) => (i === 0 ? String(c).padEnd(fw) : fit(String(c), width).padEnd(width))).join(" ").trimEnd();
+  const wOf = (i) => (Array.isArray(width) ? width[i - 1] : width);
+  const line = (cells) => cells.map((c, i) => (i === 0 ? String(c).padEnd(fw) : fit(String(c), wOf(i)).padEnd(wOf(i)))).join(" ").trimEnd();
   return [line(header), "-".repeat(line(header).length), ...rows.map(line)].join("\n");
 }
 
@@ -89,6 +100,29 @@ export function topK(xs, k) {
 export function sameLengthPair(tokenizer, pairs) {
   for (const [a, b] of pairs) if (tokenizer.encode(a).length === tokenizer.encode(b).length) return [a, b];
   throw new Error(`no pair of prompts with the same token count among ${pairs.length}`);
+}
+
+/**
+ * The token ids that tell two continuations apart (e.g. " she" and " he"): the first position where
+ * their encodings differ, so a tokenizer that splits off a leading space piece still works.
+ */
+export function tokenPair(tokenizer, a, b) {
+  const x = tokenizer.encode(a, { addSpecialTokens: false });
+  const y = tokenizer.encode(b, { addSpecialTokens: false });
+  let i = 0;
+  while (i < x.length && i < y.length && x[i] === y[i]) i++;
+  if (i === x.length || i === y.length) throw new Error(`${JSON.stringify(a)} and ${JSON.stringify(b)} do not differ in their tokens`);
+  return [x[i], y[i]];
+}
+
+/**
+ * A prompt as token ids that fit the model's context, keeping room for `reserve` new tokens
+ * (tiny test checkpoints have only 64 positions).
+ */
+export function fitPrompt(model, text, reserve = 0) {
+  const ids = model.tokenizer.encode(text);
+  const room = Math.max(1, model.spec.maxPositions - reserve);
+  return ids.length <= room ? ids : ids.slice(0, room);
 }
 
 /**
@@ -196,7 +230,9 @@ function colour(x) {
 export function heatmapSvg(values, { rowLabels, colLabels, title, subtitle = "", scale, legend = "" }) {
   const cell = 44, left = 80, top = 70, rows = values.length, cols = values[0].length;
   const max = scale ?? Math.max(1e-9, ...values.flat().map(Math.abs));
-  const w = left + cols * cell + 110, h = top + rows * cell + 90;
+  const w = Math.max(left + cols * cell + 110, Math.ceil(subtitle.length * 6.6) + 40, Math.ceil(title.length * 9.5) + 40);
+  const h = top + rows * cell + 90;
+  const num = (v) => (Math.abs(v) < 0.005 ? "0.00" : v.toFixed(2));
   const out = [
     `<svg xmlns="http://www.w3.org/2000/svg" width="${w}" height="${h}" viewBox="0 0 ${w} ${h}" font-family="sans-serif" font-size="12">`,
     `<rect width="${w}" height="${h}" fill="white"/>`,
@@ -208,7 +244,7 @@ export function heatmapSvg(values, { rowLabels, colLabels, title, subtitle = "",
     row.forEach((v, j) => {
       const x = left + j * cell, y = top + i * cell;
       out.push(`<rect x="${x}" y="${y}" width="${cell}" height="${cell}" fill="${colour(v / max)}" stroke="#ddd"><title>${esc(`${rowLabels[i]}, ${colLabels[j]}: ${v.toFixed(3)}`)}</title></rect>`);
-      out.push(`<text x="${x + cell / 2}" y="${y + cell / 2 + 4}" text-anchor="middle" font-size="10" fill="${Math.abs(v / max) > 0.6 ? "white" : "#222"}">${v.toFixed(2)}</text>`);
+      out.push(`<text x="${x + cell / 2}" y="${y + cell / 2 + 4}" text-anchor="middle" font-size="10" fill="${Math.abs(v / max) > 0.6 ? "white" : "#222"}">${num(v)}</text>`);
     });
   });
   colLabels.forEach((c, j) => {
@@ -224,7 +260,7 @@ export function heatmapSvg(values, { rowLabels, colLabels, title, subtitle = "",
   out.push(`<text x="${bx + 22}" y="${top + 10}">${max.toFixed(2)}</text>`);
   out.push(`<text x="${bx + 22}" y="${top + bh / 2 + 4}">0</text>`);
   out.push(`<text x="${bx + 22}" y="${top + bh}">${(-max).toFixed(2)}</text>`);
-  if (legend) out.push(`<text x="${bx + 8}" y="${top - 10}" text-anchor="middle" fill="#555">${esc(legend)}</text>`);
+  if (legend) out.push(`<text x="${bx + 8}" y="${top + bh + 24}" text-anchor="middle" fill="#555">${esc(legend)}</text>`);
   out.push("</svg>");
   return out.join("\n") + "\n";
 }

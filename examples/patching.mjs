@@ -2,16 +2,18 @@
 // output at one position) into it, and measure how much of the clean behaviour comes back.
 // Every (layer, position) is its own invoke, so the whole sweep is one batched forward pass.
 //
-//   node examples/patching.mjs [model] [--clean "..." --corrupted "..." --target " she" --foil " he"]
+//   node examples/patching.mjs [model] [--clean "..." --corrupted "..." --target " she" --foil " he" --out file.svg]
 //
-// Writes a heat map to examples/out/patching.svg.
+// Writes a heat map to examples/out/patching.svg (or --out FILE).
+import { writeFile } from "node:fs/promises";
+import * as path from "node:path";
 import { parseArgs } from "node:util";
 
-import { heatmapSvg, loadModel, parts, patchingSweep, sameLengthPair, strongest, timed, tokenLabel, writeOut } from "./lib.mjs";
+import { heatmapSvg, loadModel, parts, patchingSweep, sameLengthPair, strongest, timed, tokenLabel, tokenPair, writeOut } from "./lib.mjs";
 
 const { values, positionals } = parseArgs({
   allowPositionals: true,
-  options: { clean: { type: "string" }, corrupted: { type: "string" }, target: { type: "string", default: " she" }, foil: { type: "string", default: " he" } },
+  options: { clean: { type: "string" }, corrupted: { type: "string" }, target: { type: "string", default: " she" }, foil: { type: "string", default: " he" }, out: { type: "string" } },
 });
 
 // Candidate pairs, best first: the first whose two prompts have the same token count is used.
@@ -22,16 +24,6 @@ const PAIRS = values.clean && values.corrupted
       ["Lily was sad because", "Tom was sad because"],
       ["The girl was happy because", "The king was happy because"], // equal lengths for character tokenizers
     ];
-
-/** The token ids that tell the two continuations apart: the first position where they differ. */
-function tokenPair(tokenizer, target, foil) {
-  const a = tokenizer.encode(target, { addSpecialTokens: false });
-  const b = tokenizer.encode(foil, { addSpecialTokens: false });
-  let i = 0;
-  while (i < a.length && i < b.length && a[i] === b[i]) i++;
-  if (i === a.length || i === b.length) throw new Error(`${JSON.stringify(target)} and ${JSON.stringify(foil)} do not differ in their tokens`);
-  return [a[i], b[i]];
-}
 
 const { id, model } = await loadModel(positionals);
 try {
@@ -60,7 +52,7 @@ try {
     scale: 1,
     legend: "restored",
   });
-  const file = await writeOut("patching.svg", svg);
+  const file = values.out ? (await writeFile(values.out, svg), path.resolve(values.out)) : await writeOut("patching.svg", svg);
   console.log(`\nheat map written to ${file}`);
 
   const best = strongest(res.effect);

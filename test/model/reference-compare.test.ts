@@ -98,3 +98,16 @@ describe("native forward = TypeScript reference on every module output", () => {
     });
   }
 });
+
+describe("limits", () => {
+  it("a sequence longer than learned positions is a clear BAD_INPUT", async () => {
+    const dir = join(tmp, "tiny-gpt2-limits");
+    await writeRandomCheckpoint(dir, { preset: "tiny-gpt2", seed: 1 });
+    const model = await LanguageModel.load(dir);
+    const n = model.spec.maxPositions;
+    const ids = Array.from({ length: n + 2 }, (_, i) => i % 50);
+    await expect(model.trace(ids, () => ({ l: model.lm_head.output }))).rejects.toMatchObject({ code: "BAD_INPUT", message: expect.stringContaining(`${n}`) });
+    await expect(model.generateText(ids.slice(0, n - 2), { maxNewTokens: 10 })).rejects.toMatchObject({ code: "BAD_INPUT" });
+    await model.dispose();
+  });
+});

@@ -98,6 +98,13 @@ export async function generateTokens(
   const eos = new Set(opts.eosTokenId === undefined ? opts.defaultEos : Array.isArray(opts.eosTokenId) ? opts.eosTokenId : [opts.eosTokenId]);
   const rand = seededRandom(opts.seed ?? 0x5eed);
   const first = makeBatch(rows, opts.padId);
+  const longest = Math.max(...rows.map((r) => r.mask.reduce((a, m) => a + m, 0)));
+  if (lm.config.positionEmbedding === "learned" && longest + maxNew > lm.config.maxPositions) {
+    throw new NNsightError(
+      "BAD_INPUT",
+      `a prompt of ${longest} tokens plus ${maxNew} new tokens needs ${longest + maxNew} positions, but this model has ${lm.config.maxPositions}; lower maxNewTokens or shorten the prompt`,
+    );
+  }
   const B = first.batch;
   const cache = lm.newCache(B, first.seq + Math.max(maxNew, 1));
   const generated: number[][] = rows.map(() => []);

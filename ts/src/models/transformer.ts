@@ -75,6 +75,16 @@ export class TransformerLM {
   forward(b: ForwardBatch, opts: ForwardOptions = {}): Tensor {
     const hooks = opts.hooks ?? null;
     const cache = opts.cache ?? null;
+    if (this.config.positionEmbedding === "learned") {
+      let maxPos = 0;
+      for (const p of b.positions) if (p > maxPos) maxPos = p;
+      if (maxPos >= this.config.maxPositions) {
+        throw new NNsightError(
+          "BAD_INPUT",
+          `the sequence needs ${maxPos + 1} positions, but this ${this.config.modelType} model has ${this.config.maxPositions} (learned position embeddings); shorten the prompt or generate fewer tokens`,
+        );
+      }
+    }
     return scope(() => {
       const ids = fromArray(b.ids, "int32", [b.batch, b.seq]);
       const pos = fromArray(b.positions, "int32", [b.batch, b.seq]);

@@ -1,9 +1,21 @@
 #!/usr/bin/env node
-/** `nnsight` command line: `nnsight info`, more subcommands as the service lands. */
+/**
+ * `nnsight` command line:
+ *   nnsight info [model]                      config and memory of a model
+ *   nnsight serve [--model ID]... [--port N]   the NDIF service
+ *   nnsight status URL                        what a server serves
+ *   nnsight run script.mjs [--remote URL]     run a script; with --remote, LanguageModel.load() connects
+ *   nnsight make-checkpoint PRESET DIR        a random-weight HF checkpoint (gpt2-124m, llama-1b, ...)
+ */
+import { resolve } from "node:path";
+import { pathToFileURL } from "node:url";
+
 import { LanguageModel, memory } from "../index.js";
+import { runMakeCheckpointCli } from "../models/random-checkpoint.js";
 import { SERVE_USAGE, serveCommand, statusCommand } from "../server/cli.js";
 
-async function main(argv: string[]): Promise<number> {
+/** Exit code, or null to let the process end by itself (scripts run with `nnsight run`). */
+async function main(argv: string[]): Promise<number | null> {
   const [cmd, ...rest] = argv;
   switch (cmd) {
     case "info": {
@@ -16,14 +28,44 @@ async function main(argv: string[]): Promise<number> {
       return serveCommand(rest);
     case "status":
       return statusCommand(rest[0]);
+    case "run":
+      return runCommand(rest);
+    case "make-checkpoint":
+      return runMakeCheckpointCli(rest);
     default:
-      console.error(`usage: nnsight info [model]\n       nnsight status URL\n${SERVE_USAGE.replace("usage: ", "       ")}`);
+      console.error(
+        `usage: nnsight info [model]\n       nnsight status URL\n       nnsight run script.mjs [--remote URL] [--api-key KEY] [args...]\n       nnsight make-checkpoint PRESET DIR [--dtype float32|bfloat16|float16] [--shards N] [--seed S]\n${SERVE_USAGE.replace("usage: ", "       ")}`,
+      );
       return cmd ? 2 : 0;
   }
 }
 
+/** Run a user script; `--remote URL` makes every LanguageModel.load() in it connect to that server. */
+async function runCommand(args: string[]): Promise<number | null> {
+  const script = args[0];
+  if (!script) {
+    console.error("usage: nnsight run script.mjs [--remote URL] [--api-key KEY] [args...]");
+    return 2;
+  }
+  if (/\.(ts|mts|cts)$/.test(script)) {
+    console.error(`nnsight run takes JavaScript (.mjs/.js); compile ${script} first (e.g. with tsc or tsup)`);
+    return 2;
+  }
+  const rest: string[] = [];
+  for (let i = 1; i < args.length; i++) {
+    if (args[i] === "--remote") process.env.NNSIGHT_REMOTE = args[++i];
+    else if (args[i] === "--api-key") process.env.NNSIGHT_API_KEY = args[++i];
+    else rest.push(args[i]!);
+  }
+  process.argv = [process.argv[0]!, resolve(script), ...rest];
+  await import(pathToFileURL(resolve(script)).href);
+  return null; // the script's own pending work decides when the process ends
+}
+
 main(process.argv.slice(2)).then(
-  (code) => process.exit(code),
+  (code) => {
+    if (code !== null) process.exit(code);
+  },
   (e) => {
     console.error(e instanceof Error ? `${(e as { code?: string }).code ?? "ERROR"}: ${e.message}` : e);
     process.exit(1);

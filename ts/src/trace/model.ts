@@ -113,6 +113,9 @@ export class LanguageModel extends CausalLM {
 
   /** Load a model from a directory, a Hub id in the local cache, or the bundled `"stories260K"`. */
   static override async load(idOrDir = "stories260K", opts: LanguageModelOptions = {}): Promise<LanguageModel> {
+    // `nnsight run script.mjs --remote URL` sets NNSIGHT_REMOTE: the same script then runs on the server
+    const remote = process.env.NNSIGHT_REMOTE;
+    if (remote) return LanguageModel.connect(remote, idOrDir, { apiKey: process.env.NNSIGHT_API_KEY });
     return new LanguageModel(await CausalLM.loadParts(idOrDir, opts), { rename: opts.rename });
   }
 

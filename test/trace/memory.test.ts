@@ -5,7 +5,7 @@ import { describe, expect, it } from "vitest";
 import { LanguageModel, memory, sync } from "../../ts/src/index.js";
 
 describe("memory across many traces", () => {
-  it("2,000 traces with saves: native memory exact, RSS flat", async () => {
+  it("1,500 traces with saves: native memory exact, RSS flat", async () => {
     const model = await LanguageModel.load("stories260K");
     const tick = () => new Promise((r) => setImmediate(r));
     const once = async () => {

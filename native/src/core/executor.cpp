@@ -78,7 +78,7 @@ void Executor::loop() {
   for (;;) {
     Task t;
     // Spin briefly for the next op (JS records ops a few microseconds apart), then sleep.
-    for (int spin = 0; spin < 4000 && queued_.load(std::memory_order_acquire) == taken_; spin++) {
+    for (int spin = 0; spin < 1000 && queued_.load(std::memory_order_acquire) == taken_; spin++) {
 #if defined(__x86_64__)
       __builtin_ia32_pause();
 #endif

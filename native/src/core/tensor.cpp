@@ -24,13 +24,13 @@ namespace {
 // A cache of large host blocks. A forward pass allocates the same sizes every step; returning them to
 // the OS (glibc unmaps big blocks on free) would make every step fault fresh pages in again, which
 // costs more than the kernels that fill them. Freed blocks of 256 KiB and more are kept by exact
-// (page-rounded) size up to a byte budget (NX_ALLOC_CACHE_MB, default 1024) and reused first.
+// (page-rounded) size up to a byte budget (NX_ALLOC_CACHE_MB, default 256) and reused first.
 class BlockCache {
  public:
   static constexpr size_t kMin = 256 * 1024;
   BlockCache() {
     const char* e = std::getenv("NX_ALLOC_CACHE_MB");
-    budget_ = static_cast<size_t>(e ? std::atoll(e) : 1024) << 20;
+    budget_ = static_cast<size_t>(e ? std::atoll(e) : 256) << 20;
   }
   void* take(size_t n) {
     std::lock_guard<std::mutex> lk(mu_);

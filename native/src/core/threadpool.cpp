@@ -97,7 +97,7 @@ class Pool {
     for (;;) {
       // spin a little before sleeping: kernels come in bursts
       bool got = false;
-      for (int spin = 0; spin < 20000; spin++) {
+      for (int spin = 0; spin < 2000; spin++) {
         if (generation_seen() != seen || stop_) { got = true; break; }
 #if defined(__x86_64__)
         __builtin_ia32_pause();

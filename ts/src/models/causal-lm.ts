@@ -164,8 +164,8 @@ export class CausalLM {
     if (this.disposed) return;
     this.disposed = true;
     await native.sync();
-    for (const t of this._lm.weights.values()) t.dispose();
     this._lm.disposeTables();
+    for (const t of this._lm.weights.values()) t.dispose();
   }
   async [Symbol.asyncDispose](): Promise<void> {
     await this.dispose();

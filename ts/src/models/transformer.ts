@@ -10,6 +10,7 @@
  */
 import { NNsightError } from "../errors.js";
 import { keep, scope } from "../tensor/index.js";
+import { untracked } from "../tensor/scope.js";
 import { Tensor, fromArray } from "../tensor/tensor.js";
 import type { ModelConfig } from "./config.js";
 import { KVCache } from "./kv-cache.js";
@@ -64,6 +65,7 @@ export class TransformerLM {
   /** @internal free the tables this class made (weights are owned by the model) */
   disposeTables(): void {
     this.invFreq?.dispose();
+    disposeTransposes(this.weights.values());
   }
 
   newCache(batch: number, maxLen: number): KVCache {
@@ -276,8 +278,27 @@ function embed(weight: Tensor, ids: Tensor): Tensor {
  * y = x @ W (+ b) over the last dim of x. `layout` says how W is stored: "out_in" (nn.Linear [out, in],
  * used through a transposed view) or "in_out" (GPT-2 Conv1D [in, out]).
  */
+/** Transposed views of nn.Linear weights, made once per weight (a view per call would cost a native call). */
+const transposed = new WeakMap<Tensor, Tensor>();
+function transposeOf(w: Tensor): Tensor {
+  let t = transposed.get(w);
+  if (!t || t.isDisposed) {
+    t = untracked(() => w.t());
+    transposed.set(w, t);
+  }
+  return t;
+}
+
+/** Free the cached transposed views of these weights (when a model is disposed). */
+export function disposeTransposes(weights: Iterable<Tensor>): void {
+  for (const w of weights) {
+    transposed.get(w)?.dispose();
+    transposed.delete(w);
+  }
+}
+
 export function linear(x: Tensor, w: Tensor, b: Tensor | null, layout: "out_in" | "in_out"): Tensor {
-  const wt = layout === "out_in" ? w.t() : w;
+  const wt = layout === "out_in" ? transposeOf(w) : w;
   const K = wt.shape[0]!, N = wt.shape[1]!;
   if (x.shape[x.ndim - 1] !== K) {
     throw new NNsightError("SHAPE", `linear: input ${JSON.stringify(x.shape)} does not match weight [${K}, ${N}] (in, out)`);

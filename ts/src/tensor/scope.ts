@@ -79,3 +79,15 @@ export class OwnedScope {
     this.tensors.clear();
   }
 }
+
+/** Run fn with no scope collecting what it creates (long-lived tensors made while a scope is open). */
+export function untracked<T>(fn: () => T): T {
+  const detached = new Set<Tensor>();
+  stack.push(detached);
+  try {
+    return fn();
+  } finally {
+    const i = stack.lastIndexOf(detached);
+    if (i >= 0) stack.splice(i, 1);
+  }
+}

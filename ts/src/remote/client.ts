@@ -6,6 +6,7 @@
  * The connection survives drops: it reconnects (bounded retries), re-sends unanswered requests (submits
  * are idempotent by a client key) and re-subscribes to unfinished jobs, whose results then still arrive.
  */
+import { withSources } from "../trace/recorder.js";
 import { randomUUID } from "node:crypto";
 
 import WebSocket from "ws";
@@ -233,6 +234,7 @@ export class Connection implements JobLink {
 
   /** Submit a graph; returns the job handle once the server has queued it. */
   async submit<T>(model: string, graph: AnyGraph, attachments: Tensor[], scan: boolean, finish: (r: RunResult, kind: string | undefined) => T, setup?: (job: RemoteJob<T>) => void): Promise<RemoteJob<T>> {
+    for (const t of graph.kind === "session" ? graph.traces : [graph]) withSources(t);
     const json = new TextEncoder().encode(JSON.stringify(graph));
     const att = tensorsToBuffer(attachments);
     let job: RemoteJob<T> | undefined;

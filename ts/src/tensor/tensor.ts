@@ -351,6 +351,12 @@ export class Tensor {
    * give views; an array of indices gathers (a copy).
    */
   at(index: Index): Tensor {
+    const r = this._at(index);
+    return r === this ? this._view([...this.shape], [...this.strides], this.offset) : r;
+  }
+
+  /** @internal at() that may return this tensor itself (when the index selects everything). */
+  _at(index: Index): Tensor {
     const items = normalizeIndex(index, this.ndim);
     let cur: Tensor = this;
     let dim = 0;
@@ -362,7 +368,9 @@ export class Tensor {
         gathers.push({ dim, idx: it });
         dim++;
       } else {
-        cur = cur.slice(dim, it.start, it.stop, it.step);
+        const n = cur.shape[dim]!;
+        const whole = (it.start === null || it.start === 0) && (it.stop === null || it.stop >= n) && (it.step === null || it.step === 1);
+        if (!whole) cur = cur.slice(dim, it.start, it.stop, it.step); // ":" needs no new view
         dim++;
       }
     }
@@ -383,9 +391,11 @@ export class Tensor {
     const items = normalizeIndex(indexOrValue as Index, this.ndim);
     const arrayAt = items.findIndex((it) => Array.isArray(it));
     if (arrayAt < 0) {
-      const region = this.at(items as IndexItem[]);
+      const region = this._at(items as IndexItem[]);
       try {
-        region.copy_(maybeValue);
+        // a number fills in place (one kernel); anything else is copied with broadcasting
+        if (typeof maybeValue === "number" && region !== this) region.fill_(maybeValue);
+        else region.copy_(maybeValue);
       } finally {
         if (region !== this) region.dispose();
       }
@@ -415,6 +425,7 @@ export class Tensor {
   }
   /** Copy values from src (broadcast) into this tensor, in place. */
   copy_(src: TensorLike): this {
+    if (typeof src === "number") return this.fill_(src);
     const s = asTensor(src, this.dtype);
     const b = s.broadcastTo(this.shape);
     call("copy_", [this, b]);

@@ -19,6 +19,7 @@ import type { OwnedScope } from "../tensor/scope.js";
 import { Tensor, cat, full } from "../tensor/tensor.js";
 import { type Arg, type BlockSpec, type GraphNode, type TraceGraph, isRef, isTensorRef, refsOf } from "./graph.js";
 import { OPS, type Value } from "./ops.js";
+import { nodeSource } from "./recorder.js";
 
 export interface RowRange {
   start: number;
@@ -594,9 +595,9 @@ export class Interleaver implements ModuleHooks {
       path ? `module ${path}` : null,
       n.invoke !== null ? `invoke ${n.invoke}` : null,
       this.ctx.kind === "generate" ? `step ${n.block === null ? n.step : this.step}` : null,
-      n.src ? `recorded at ${n.src}` : null,
+      nodeSource(n) ? `recorded at ${nodeSource(n)}` : null,
     ].filter(Boolean);
-    return new NNsightError(code, `${msg} [${where.join(", ")}]`, { path, invoke: n.invoke ?? undefined, step: n.block === null ? n.step : this.step, source: n.src, node: n.id }, { cause });
+    return new NNsightError(code, `${msg} [${where.join(", ")}]`, { path, invoke: n.invoke ?? undefined, step: n.block === null ? n.step : this.step, source: nodeSource(n), node: n.id }, { cause });
   }
 }
 

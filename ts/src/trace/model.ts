@@ -21,7 +21,7 @@ import type { ConnectOptions, RemoteLanguageModel } from "../remote/client.js";
 import type { RemoteJob } from "../remote/job.js";
 import type { AnyGraph, Arg, GraphNode, SessionGraph, TraceGraph } from "./graph.js";
 import type { Value } from "./ops.js";
-import { Recorder, activeRecorder } from "./recorder.js";
+import { Recorder, activeRecorder, copySource } from "./recorder.js";
 import { executeSession, executeTrace, mergeResult } from "./runner.js";
 import { roundTrip } from "./serialize.js";
 import { TracedValue } from "./traced-value.js";
@@ -414,14 +414,10 @@ function setResult(rec: Recorder, id: number, v: Value): void {
   }
 }
 
-/** A copy of a node with new args that keeps its lazy `src` getter lazy. */
+/** A copy of a node with new args (its source line comes along). */
 function withArgs(n: GraphNode, args: Arg[]): GraphNode {
-  const copy = Object.create(null) as GraphNode;
-  for (const k of Object.keys(n) as Array<keyof GraphNode>) {
-    if (k === "src") Object.defineProperty(copy, "src", Object.getOwnPropertyDescriptor(n, "src")!);
-    else (copy as unknown as Record<string, unknown>)[k] = n[k];
-  }
-  copy.args = args;
+  const copy: GraphNode = { ...n, args };
+  copySource(n, copy);
   return copy;
 }
 

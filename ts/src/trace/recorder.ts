@@ -31,25 +31,44 @@ export function isRecording(): boolean {
 
 /**
  * Where the user's code recorded a node: the first stack frame outside this library. Capturing the raw
- * frames is cheap; formatting them is not, so `node.src` is a lazy, enumerable getter (JSON includes it).
+ * frames is cheap; formatting them is not, so the capture is kept aside and formatted only when an
+ * error message or a serialized graph needs it (nodeSource / withSources).
  */
+const captured = new WeakMap<GraphNode, { stack?: string }>();
+
 function attachSource(node: GraphNode): void {
   const holder: { stack?: string } = {};
   const limit = Error.stackTraceLimit;
-  // the user's frame sits 3-4 frames up (add <- TracedValue/Envoy/Tracer method <- user); collecting
-  // frames costs per frame, so take few
-  Error.stackTraceLimit = 6;
+  // the user's frame sits 2-3 frames up (add <- Envoy/TracedValue/Tracer method <- user); frames cost
+  // per frame, so take few
+  Error.stackTraceLimit = 4;
   Error.captureStackTrace(holder, attachSource);
   Error.stackTraceLimit = limit;
-  let cached: string | undefined | null = null;
-  Object.defineProperty(node, "src", {
-    enumerable: true,
-    configurable: true,
-    get(): string | undefined {
-      if (cached === null) cached = userFrame(holder.stack ?? "");
-      return cached;
-    },
-  });
+  captured.set(node, holder);
+}
+
+/** `file:line:col` of the user code that recorded this node, if known. */
+export function nodeSource(node: GraphNode): string | undefined {
+  if (node.src !== undefined) return node.src;
+  const h = captured.get(node);
+  if (!h) return undefined;
+  const src = userFrame(h.stack ?? "");
+  captured.delete(node);
+  if (src !== undefined) node.src = src;
+  return src;
+}
+
+/** Give a copy of a node the same (still unformatted) source. */
+export function copySource(from: GraphNode, to: GraphNode): void {
+  const h = captured.get(from);
+  if (h) captured.set(to, h);
+  else if (from.src !== undefined) to.src = from.src;
+}
+
+/** Fill in every node's `src` (before a graph is serialized). */
+export function withSources<G extends { nodes: GraphNode[] }>(g: G): G {
+  for (const n of g.nodes) nodeSource(n);
+  return g;
 }
 
 function userFrame(stack: string): string | undefined {

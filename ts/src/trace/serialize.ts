@@ -10,6 +10,7 @@ import { encodeSafetensors, parseSafetensorsHeader } from "../tensor/safetensors
 import { Tensor, fromArray } from "../tensor/tensor.js";
 import { type AnyGraph, validateGraph } from "./graph.js";
 import { ALLOWED_OPS } from "./ops.js";
+import { withSources } from "./recorder.js";
 
 export interface WireGraph {
   json: string;
@@ -49,6 +50,7 @@ export function bufferToTensors(buf: Uint8Array, what = "attachments"): Map<stri
 }
 
 export function serializeGraph(graph: AnyGraph, attachments: Tensor[]): WireGraph {
+  for (const t of graph.kind === "session" ? graph.traces : [graph]) withSources(t);
   return { json: JSON.stringify(graph), attachments: tensorsToBuffer(attachments) };
 }
 

@@ -2,6 +2,7 @@
 #include "tensor.h"
 
 #include <cstdlib>
+#include <iterator>
 #include <mutex>
 #include <unordered_map>
 #include <vector>
@@ -41,10 +42,20 @@ class BlockCache {
     cached_ -= n;
     return p;
   }
-  // true when kept (the caller must not free it)
+  // true when kept (the caller must not free it). The newest block wins: older blocks of other sizes
+  // are returned to the system to make room (a benchmark or a phase change leaves sizes that will not
+  // come back; the block just freed is the one most likely to be asked for next).
   bool give(void* p, size_t n) {
     std::lock_guard<std::mutex> lk(mu_);
-    if (cached_ + n > budget_) return false;
+    if (n > budget_) return false;
+    for (auto it = free_.begin(); cached_ + n > budget_ && it != free_.end();) {
+      while (!it->second.empty() && cached_ + n > budget_) {
+        std::free(it->second.back());
+        it->second.pop_back();
+        cached_ -= it->first;
+      }
+      it = it->second.empty() ? free_.erase(it) : std::next(it);
+    }
     free_[n].push_back(p);
     cached_ += n;
     return true;

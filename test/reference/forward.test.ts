@@ -1,3 +1,4 @@
+import { seededRandom } from "../../ts/src/models/generate.js";
 import { readFileSync } from "node:fs";
 import { fileURLToPath } from "node:url";
 import { describe, expect, it } from "vitest";
@@ -30,16 +31,7 @@ function loadStories(): { weights: RefWeights; config: RefConfig } {
 
 // ---- seeded random weights ------------------------------------------------------------------
 
-function mulberry32(seed: number): () => number {
-  let a = seed >>> 0;
-  return () => {
-    a = (a + 0x6d2b79f5) >>> 0;
-    let t = a;
-    t = Math.imul(t ^ (t >>> 15), t | 1);
-    t ^= t + Math.imul(t ^ (t >>> 7), t | 61);
-    return ((t ^ (t >>> 14)) >>> 0) / 4294967296;
-  };
-}
+const mulberry32 = seededRandom;
 
 class RandomWeights {
   readonly weights: RefWeights = new Map();

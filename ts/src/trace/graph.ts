@@ -16,6 +16,7 @@
 import { z } from "zod";
 
 import { NNsightError } from "../errors.js";
+import type { GenerateOptions } from "../models/generate.js";
 
 export const GRAPH_VERSION = 1;
 
@@ -57,15 +58,8 @@ export interface InvokeSpec {
   input: InputJSON | null;
 }
 
-export interface GenerateSpec {
-  maxNewTokens?: number;
-  doSample?: boolean;
-  temperature?: number;
-  topK?: number;
-  topP?: number;
-  seed?: number;
-  eosTokenId?: number | number[];
-}
+/** Generation options as a graph carries them (everything but the local streaming callback). */
+export type GenerateSpec = Omit<GenerateOptions, "stream">;
 
 export interface TraceGraph {
   version: number;

@@ -662,9 +662,37 @@ void dot_block(const float* a, int64_t lda, const typename L::T* w, int64_t ldn,
   }
 }
 
+// One row at a time (M = 1, short rows): consecutive rows of W are adjacent in memory, so reading them
+// one after another is a single sequential stream, which the hardware prefetchers follow best; four
+// accumulators hide the FMA latency.
+template <class L>
+void dot_rows_seq(const float* a, const typename L::T* w, int64_t ldn, int64_t K, int64_t n0, int64_t n1, float* c,
+                  const float* bias) {
+  const int64_t K4 = K / (4 * VL) * (4 * VL), Kv = K / VL * VL;
+  for (int64_t n = n0; n < n1; n++) {
+    const typename L::T* r = w + n * ldn;
+    vf s0 = vzero(), s1 = vzero(), s2 = vzero(), s3 = vzero();
+    int64_t k = 0;
+    for (; k < K4; k += 4 * VL) {
+      s0 = vfma(vload(a + k), L::vec(r + k), s0);
+      s1 = vfma(vload(a + k + VL), L::vec(r + k + VL), s1);
+      s2 = vfma(vload(a + k + 2 * VL), L::vec(r + k + 2 * VL), s2);
+      s3 = vfma(vload(a + k + 3 * VL), L::vec(r + k + 3 * VL), s3);
+    }
+    for (; k < Kv; k += VL) s0 = vfma(vload(a + k), L::vec(r + k), s0);
+    float t = vsum(vadd(vadd(s0, s1), vadd(s2, s3)));
+    for (; k < K; k++) t += a[k] * L::one(r + k);
+    c[n] = t + (bias != nullptr ? bias[n] : 0.0f);
+  }
+}
+
 template <class L, int MM>
 void matvec_dots(const float* a, int64_t lda, const typename L::T* w, int64_t ldn, int64_t K, int64_t n0,
                  int64_t n1, float* c, int64_t ldc, const float* bias) {
+  if (MM == 1 && ldn == K && K * static_cast<int64_t>(sizeof(typename L::T)) <= 8192) {
+    dot_rows_seq<L>(a, w, ldn, K, n0, n1, c, bias);
+    return;
+  }
   // RR weight rows streamed at once (more streams = more lines in flight: 8 rows vs 4 is 28 vs 24 GB/s
   // at M = 1) within the 32 vector registers: MM*RR accumulators + RR rows + MM vectors of a. (Tried
   // for MM = 3, 4: 8 rows in L1-sized K chunks swept once per pair of a rows: slower, 14 vs 18 GB/s.)

@@ -734,7 +734,7 @@ function reduce(op: NativeOpName, x: Tensor, opts: ReduceOpts): Tensor {
   if (x.ndim === 0) return x.clone();
   if (op === "mean" && dims.length > 1) {
     // mean over several dims = sum / count (one rounding, as PyTorch)
-    const s = reduce("sum", x.dtype === "float32" || x.dtype === "float16" || x.dtype === "bfloat16" ? x : x, opts);
+    const s = reduce("sum", x, opts);
     const count = dims.reduce((a, d) => a * x.shape[d]!, 1);
     const r = s.div(count);
     s.dispose();

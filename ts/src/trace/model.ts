@@ -367,8 +367,7 @@ export class LanguageModel extends CausalLM {
       { dir: this.dir, spec: this.spec, tokenizer: this.tokenizer, lm: this._lm, generationConfig: this._generationConfig },
       { rename: this.renames, edits: [...this._edits, e] },
     );
-    // the copy's envoys must record into traces of the copy: rebind the edit's owner
-    rebindEdit(e, copy);
+    copy._sharedFrom = true; // shares this model's weights: disposing the copy must not free them
     copy._backend = this._backend; // an edited remote model runs remotely too
     return copy;
   }
@@ -382,11 +381,7 @@ export class LanguageModel extends CausalLM {
     if (this._sharedFrom) return;
     await super.dispose();
   }
-  private _sharedFrom = false;
-}
-
-function rebindEdit(_e: EditRecord, copy: LanguageModel): void {
-  (copy as unknown as { _sharedFrom: boolean })._sharedFrom = true;
+  /** @internal */ _sharedFrom = false;
 }
 
 /** Give TracedValues their results: saved values, and every returned value. */

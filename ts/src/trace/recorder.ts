@@ -155,9 +155,6 @@ export class Recorder {
     return this.blockStack.length ? this.blockStack[this.blockStack.length - 1]! : null;
   }
   inBlock<T>(steps: StepsSpec | null, cond: Arg | null, fn: (b: BlockSpec) => T): { block: BlockSpec; value: T } {
-    if (steps !== null && this.kind !== "generate") {
-      // iteration blocks in a plain trace iterate over the (single) forward pass: steps must include 0
-    }
     const b: BlockSpec = { id: this.blocks.length, steps, cond, parent: this.block, invoke: this.currentInvoke, result: null };
     this.blocks.push(b);
     this.blockStack.push(b.id);

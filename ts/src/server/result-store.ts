@@ -43,7 +43,7 @@ export class ResultStore {
     this.dir = opts.dir ?? mkdtempSync(path.join(tmpdir(), "nnsight-results-"));
     mkdirSync(this.dir, { recursive: true });
     this.ttlMs = opts.ttlMs ?? 3_600_000;
-    this.maxCacheBytes = opts.maxCacheBytes ?? 256 * 1024 ** 2;
+    this.maxCacheBytes = opts.maxCacheBytes ?? 64 * 1024 ** 2; // results live on disk; this is only a cache
     this.timer = setInterval(() => void this.sweep(), Math.max(1000, Math.min(60_000, this.ttlMs / 4)));
     this.timer.unref();
   }

@@ -588,3 +588,16 @@ describe("stop during generation", () => {
     expect(r.tokens).toBeUndefined();
   });
 });
+
+describe("source lines", () => {
+  it("sourceLines: false skips capturing them; errors keep their code and module", async () => {
+    try {
+      await model.trace(P1, () => ({ x: model.model.layers[1].output.at([0, 99]) }), { sourceLines: false });
+      expect.unreachable();
+    } catch (e) {
+      expect((e as NNsightError).code).toBe("INDEX");
+      expect((e as NNsightError).message).not.toMatch(/scenarios\.test\.ts/);
+      expect((e as NNsightError).details.path).toBe("model.layers.1");
+    }
+  });
+});

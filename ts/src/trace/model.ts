@@ -45,6 +45,11 @@ export interface TraceOptions {
   blocking?: boolean;
   /** generation: receives, after every step, what tr.all / tr.iter blocks returned at that step */
   onStep?: (step: number, values: Record<string, any>) => void;
+  /**
+   * record the user's source line of every node for error messages (default true). Capturing it is
+   * about a third of the recording cost: hot loops of many small traces may turn it off.
+   */
+  sourceLines?: boolean;
 }
 
 /** What running a graph gives back (sessions add one entry per trace). */
@@ -158,10 +163,11 @@ export class LanguageModel extends CausalLM {
   }
 
   // ------------------------------------------------------------------ recording
-  private recordTrace<R>(kind: "trace" | "generate", input: unknown, fn: ((tr: Tracer) => R) | undefined, firstId = 0, sessionPeers: Recorder[] = []) {
+  private recordTrace<R>(kind: "trace" | "generate", input: unknown, fn: ((tr: Tracer) => R) | undefined, firstId = 0, sessionPeers: Recorder[] = [], sourceLines = true) {
     this._checkAlive();
     const editNodes = this._edits.reduce((n, e) => n + e.graph.nodes.length, 0);
     const rec = new Recorder(this, kind, firstId + editNodes);
+    rec.captureSources = sourceLines;
     for (const p of sessionPeers) rec.share(p);
     if (sessionPeers.length) rec.sessionLookup = (id) => sessionPeers.map((p) => p.nodeById(id)).find((n) => n !== undefined);
     const tr = new Tracer(rec);
@@ -245,7 +251,7 @@ export class LanguageModel extends CausalLM {
   trace<R>(fn: (tr: Tracer) => R, opts?: TraceOptions): Promise<TraceResult<R>>;
   async trace<R>(a: unknown, b?: unknown, c?: unknown): Promise<any> {
     const [input, fn, opts] = typeof a === "function" ? [undefined, a, b] : [a, b, c];
-    const { rec, graph, attachments } = this.recordTrace("trace", input, fn as (tr: Tracer) => R);
+    const { rec, graph, attachments } = this.recordTrace("trace", input, fn as (tr: Tracer) => R, 0, [], (opts as TraceOptions | undefined)?.sourceLines ?? true);
     return this.runRecorded(rec, graph, attachments, (opts as TraceOptions) ?? {});
   }
 
@@ -259,9 +265,9 @@ export class LanguageModel extends CausalLM {
   async generate<R>(a: unknown, b?: unknown, c?: unknown): Promise<any> {
     const noInput = typeof b === "function" || (b === undefined && a !== null && typeof a === "object" && !Array.isArray(a) && !("input_ids" in (a as object)));
     const [input, options, fn] = noInput ? [undefined, a as GenerateOptions & TraceOptions, b as ((tr: Tracer) => R) | undefined] : [a, (b ?? {}) as GenerateOptions & TraceOptions, c as ((tr: Tracer) => R) | undefined];
-    const { stream, roundTrip: rt, log, blocking, onStep, ...gen } = options;
+    const { stream, roundTrip: rt, log, blocking, onStep, sourceLines: _sl, ...gen } = options;
     const userFn = fn ?? (() => ({ tokens: this.generator.output }) as unknown as R);
-    const { rec, graph, attachments } = this.recordTrace("generate", input, userFn);
+    const { rec, graph, attachments } = this.recordTrace("generate", input, userFn, 0, [], options.sourceLines ?? true);
     graph.generate = gen;
     if (stream) {
       // streaming needs a callback on this side: run locally with the stream option

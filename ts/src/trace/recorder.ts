@@ -101,6 +101,8 @@ export class Recorder {
   readonly owner: object;
   /** stop was recorded */
   stopped = false;
+  /** capture the user's source line per node (TraceOptions.sourceLines) */
+  captureSources = true;
 
   constructor(owner: object, kind: "trace" | "generate", firstId = 0) {
     this.owner = owner;
@@ -209,7 +211,7 @@ export class Recorder {
       }
     }
     const node: GraphNode = { id, op, args: a, invoke: opts.invoke === undefined ? this.currentInvoke : opts.invoke, step, block: this.block };
-    attachSource(node);
+    if (this.captureSources) attachSource(node);
     this.nodes.push(node);
     const tv = new TracedValue(this, id);
     return tv;

@@ -193,3 +193,17 @@ describe("lifetime", () => {
     expect(growthMB).toBeLessThan(16); // measured: flat (±3 MB of allocator/JS-heap noise)
   });
 });
+
+describe("allocation limit (servers)", () => {
+  it("a tensor above the per-tensor limit is TOO_LARGE and nothing else changes", async () => {
+    const { native } = await import("../../ts/src/native/binding.js");
+    native.setMaxAllocation(1 << 20);
+    try {
+      expect(() => zeros([1024, 1024])).toThrow(expect.objectContaining({ code: "TOO_LARGE" }));
+      expect(zeros([16, 16]).sum().item()).toBe(0);
+    } finally {
+      native.setMaxAllocation(0);
+    }
+    expect(zeros([1024, 1024]).shape).toEqual([1024, 1024]);
+  });
+});

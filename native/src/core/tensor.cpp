@@ -89,7 +89,15 @@ BlockCache& block_cache() {
 size_t cached_host_bytes() { return block_cache().cached(); }
 void release_cached_host_memory() { block_cache().clear(); }
 
+namespace {
+std::atomic<size_t> g_max_alloc{0};  // 0 = no limit
+}
+void set_max_allocation(size_t bytes) { g_max_alloc = bytes; }
+
 std::shared_ptr<Storage> Storage::allocate(size_t nbytes) {
+  size_t cap = g_max_alloc.load();
+  NX_CHECK(cap == 0 || nbytes <= cap, "TOO_LARGE",
+           "a tensor of " << nbytes << " bytes exceeds this process's limit of " << cap << " bytes per tensor");
   auto s = std::make_shared<Storage>();
   size_t n = (nbytes + 63) & ~static_cast<size_t>(63);
   if (n == 0) n = 64;

@@ -31,6 +31,8 @@ struct MemoryStats {
 MemoryStats& memory_stats();
 // Bytes of freed large blocks kept for reuse (not counted in host_bytes), and a way to drop them.
 size_t cached_host_bytes();
+// Largest single allocation allowed (0 = no limit); servers set it so no graph can exhaust memory.
+void set_max_allocation(size_t bytes);
 void release_cached_host_memory();
 
 struct Storage {

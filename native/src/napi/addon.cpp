@@ -405,6 +405,11 @@ Napi::Value SetReferenceKernels(const Napi::CallbackInfo& info) {
   return info.Env().Undefined();
 }
 
+Napi::Value SetMaxAllocation(const Napi::CallbackInfo& info) {
+  nx::set_max_allocation(static_cast<size_t>(info[0].As<Napi::Number>().DoubleValue()));
+  return info.Env().Undefined();
+}
+
 Napi::Value ReleaseCachedMemory(const Napi::CallbackInfo& info) {
   nx::executor().sync();
   nx::release_cached_host_memory();
@@ -465,6 +470,7 @@ Napi::Object Init(Napi::Env env, Napi::Object exports) {
   exports.Set("setReferenceKernels", Napi::Function::New(env, SetReferenceKernels));
   exports.Set("setMetaMode", Napi::Function::New(env, SetMetaMode));
   exports.Set("releaseCachedMemory", Napi::Function::New(env, ReleaseCachedMemory));
+  exports.Set("setMaxAllocation", Napi::Function::New(env, SetMaxAllocation));
   exports.Set("probeFmaPeak", Napi::Function::New(env, ProbeFma));
   exports.Set("probeTriad", Napi::Function::New(env, ProbeTriad));
   return exports;

@@ -58,6 +58,8 @@ export interface NativeAddon {
   setMetaMode(on: boolean): void;
   /** return cached freed blocks to the system */
   releaseCachedMemory(): void;
+  /** largest single tensor allocation in bytes (0 = unlimited): TOO_LARGE beyond it */
+  setMaxAllocation(bytes: number): void;
   probeFmaPeak(threads: number, isa: 512 | 256): number;
   probeTriad(threads: number, bytesPerArray: number): number;
 }

@@ -11,6 +11,8 @@ import { Tensor } from "../tensor/tensor.js";
 import { LanguageModel } from "../trace/model.js";
 import { executeSession, executeTrace } from "../trace/runner.js";
 import { deserializeGraph } from "../trace/serialize.js";
+import { native } from "../native/binding.js";
+import { totalmem } from "node:os";
 
 export interface WorkerSpec {
   model: string;
@@ -78,6 +80,10 @@ async function main(): Promise<void> {
   let model: LanguageModel;
   try {
     model = await LanguageModel.load(spec.model, { threads: spec.threads, dtype: spec.dtype });
+    // no graph may allocate a single tensor beyond 1/8 of the machine's memory (TOO_LARGE instead of
+    // an out-of-memory kill); NNSIGHT_MAX_TENSOR_MB overrides
+    const capMb = Number(process.env.NNSIGHT_MAX_TENSOR_MB) || Math.floor(totalmem() / 8 / 2 ** 20);
+    native.setMaxAllocation(capMb * 2 ** 20);
   } catch (e) {
     send({ type: "fatal", error: errorToJSON(e) });
     process.exit(3);

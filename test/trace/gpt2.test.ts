@@ -1,0 +1,78 @@
+// The same intervention API on a GPT-2 module tree (random tiny checkpoint): HF names, reads, edits,
+// skip, cache, logit lens, generation, rename to architecture-agnostic names.
+import { mkdtempSync, rmSync } from "node:fs";
+import { tmpdir } from "node:os";
+import { join } from "node:path";
+
+import { afterAll, beforeAll, describe, expect, it } from "vitest";
+
+import { LanguageModel, NNsightError, Tensor } from "../../ts/src/index.js";
+import { writeRandomCheckpoint } from "../../ts/src/models/random-checkpoint.js";
+
+const dir = mkdtempSync(join(tmpdir(), "nx-gpt2-"));
+let model: LanguageModel;
+beforeAll(async () => {
+  await writeRandomCheckpoint(dir, { preset: "tiny-gpt2", seed: 11 });
+  model = await LanguageModel.load(dir, { rename: { "transformer.h": "layers" } });
+});
+afterAll(async () => {
+  await model.dispose();
+  rmSync(dir, { recursive: true, force: true });
+});
+
+const ids = [3, 14, 15, 9, 26, 5];
+const maxAbs = (a: Tensor, b: Tensor) => {
+  const x = a.toFloat32Array(), y = b.toFloat32Array();
+  let m = 0;
+  for (let i = 0; i < x.length; i++) m = Math.max(m, Math.abs(x[i]! - y[i]!));
+  return m;
+};
+
+describe("GPT-2 module tree", () => {
+  it("has the HF names and the renamed alias", () => {
+    expect(model.transformer.h.length).toBe(model.spec.numLayers);
+    expect(model.transformer.h[0]!.attn.c_attn.path).toBe("transformer.h.0.attn.c_attn");
+    expect((model as any).layers[-1].path).toBe(`transformer.h.${model.spec.numLayers - 1}`);
+    expect(() => model.get("transformer.h.0.self_attn")).toThrow(NNsightError);
+  });
+
+  it("reads and edits module values; the edit changes only later modules", async () => {
+    const base = await model.trace(ids, () => ({ h0: model.transformer.h[0].output, l: model.lm_head.output, wpe: model.transformer.wpe.output }));
+    expect(base.h0.shape).toEqual([1, ids.length, model.spec.hiddenSize]);
+    expect(base.wpe.shape).toEqual([1, ids.length, model.spec.hiddenSize]);
+    const edited = await model.trace(ids, () => {
+      model.transformer.h[1].mlp.output.set([":", -1], 0);
+      return { h0: model.transformer.h[0].output, l: model.lm_head.output };
+    });
+    expect(maxAbs(edited.h0, base.h0)).toBe(0);
+    expect(maxAbs(edited.l, base.l)).toBeGreaterThan(0);
+  });
+
+  it("skip, cache and the logit lens through ln_f and lm_head", async () => {
+    const r = await model.trace(ids, (tr) => {
+      const last = model.transformer.h.at(-1).output;
+      return {
+        lens: model.lm_head.call(model.transformer.ln_f.call(last)),
+        logits: model.lm_head.output,
+        c: tr.cache({ modules: ["transformer.h.0.attn.c_attn"] }),
+      };
+    });
+    expect(maxAbs(r.lens, r.logits)).toBeLessThan(1e-5);
+    expect(r.c["transformer.h.0.attn.c_attn"].output.shape).toEqual([1, ids.length, 3 * model.spec.hiddenSize]);
+    const s = await model.trace(ids, () => {
+      model.transformer.h[1].skip(model.transformer.h[0].output);
+      return { h0: model.transformer.h[0].output, h1: model.transformer.h[1].output };
+    });
+    expect(maxAbs(s.h1, s.h0)).toBe(0);
+  });
+
+  it("generation with an intervention at every step, via the renamed alias", async () => {
+    const plain = await model.generateText(ids, { maxNewTokens: 6 });
+    const r = await model.generate(ids, { maxNewTokens: 6 }, (tr) => {
+      tr.all(() => (model as any).layers[0].output.set([":", -1], 0));
+      return { tokens: model.generator.output };
+    });
+    expect(r.tokens.toArray()[0].slice(0, ids.length)).toEqual(ids);
+    expect(r.tokens.toArray()[0]).not.toEqual(plain.sequences[0]);
+  });
+});

@@ -79,3 +79,35 @@ describe("stories260K", () => {
     await expect(model.forward("")).rejects.toMatchObject({ code: "BAD_INPUT" });
   });
 });
+
+describe("load options", () => {
+  it("dtype: bfloat16 converts weights on load (half the bytes) and still runs close to f32", async () => {
+    const { memory } = await import("../../ts/src/index.js");
+    const before = memory().hostBytes;
+    const bf = await LanguageModel.load("stories260K", { dtype: "bfloat16" });
+    const grown = memory().hostBytes - before;
+    expect(bf._lm.weights.get("model.layers.0.mlp.up_proj.weight")!.dtype).toBe("bfloat16");
+    // about half of the f32 checkpoint's 1.18 MB (64-byte rounding per tensor)
+    expect(grown).toBeGreaterThan(0.4e6);
+    expect(grown).toBeLessThan(0.7e6);
+    const a = await model.forward(golden.prompt);
+    const b = await bf.forward(golden.prompt);
+    const x = a.toFloat32Array(), y = b.toFloat32Array();
+    let worst = 0, scale = 1;
+    for (let i = 0; i < x.length; i++) {
+      worst = Math.max(worst, Math.abs(x[i]! - y[i]!));
+      scale = Math.max(scale, Math.abs(x[i]!));
+    }
+    expect(worst / scale).toBeLessThan(0.05); // bf16 keeps 8 bits of mantissa
+    await bf.dispose();
+  });
+
+  it("device cuda is a clear UNSUPPORTED on this build; bad threads is BAD_INPUT", async () => {
+    await expect(LanguageModel.load("stories260K", { device: "cuda" })).rejects.toMatchObject({ code: "UNSUPPORTED" });
+    await expect(LanguageModel.load("stories260K", { threads: 0 })).rejects.toMatchObject({ code: "BAD_INPUT" });
+  });
+
+  it("an unknown model id offline is MODEL_NOT_FOUND", async () => {
+    await expect(LanguageModel.load("no-such-org/no-such-model-xyz")).rejects.toMatchObject({ code: "MODEL_NOT_FOUND" });
+  }, 30_000);
+});

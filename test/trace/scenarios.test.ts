@@ -601,3 +601,11 @@ describe("source lines", () => {
     }
   });
 });
+
+describe("cache during generation (T51)", () => {
+  it("a cache created in generate records one entry per step", async () => {
+    const r = await model.generate(P1, { maxNewTokens: 3 }, (tr) => ({ c: tr.cache({ modules: ["model.layers.0"] }) }));
+    const outs = r.c["model.layers.0"].output as Tensor[];
+    expect(outs.map((t) => t.shape)).toEqual([[1, 5, 64], [1, 1, 64], [1, 1, 64]]);
+  });
+});

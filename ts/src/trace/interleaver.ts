@@ -123,7 +123,10 @@ export class Interleaver implements ModuleHooks {
 
   /** Does this step have any work (else the forward runs without hooks)? */
   hasWork(step: number): boolean {
-    return this.g.nodes.some((n) => (n.block === null && n.step === step && !isPost(n, this))) || this.g.blocks.some((b) => b.parent === null && stepIn(b, step, this.ctx.kind));
+    return (
+      this.g.nodes.some((n) => n.block === null && (n.step === step || (n.op === "cache" && n.step < step)) && !isPost(n, this)) ||
+      this.g.blocks.some((b) => b.parent === null && stepIn(b, step, this.ctx.kind))
+    );
   }
 
   /** Prepare the instances of one forward pass; throws OUT_OF_ORDER before anything runs. */
@@ -141,7 +144,9 @@ export class Interleaver implements ModuleHooks {
     const list: Array<{ node: GraphNode; frame: Frame | null }> = [];
     for (const n of this.g.nodes) {
       if (n.block === null) {
-        if (n.step === step && !isPost(n, this)) list.push({ node: n, frame: null });
+        // a cache records every step from the one it was created at (one entry per step)
+        const due = n.step === step || (n.op === "cache" && n.step < step);
+        if (due && !isPost(n, this)) list.push({ node: n, frame: null });
       }
     }
     const addBlock = (b: BlockSpec) => {

@@ -111,3 +111,23 @@ describe("limits", () => {
     await model.dispose();
   });
 });
+
+describe("checkpoints with extra buffers", () => {
+  it("a tensor in a dtype the runtime lacks (an old GPT-2 U8 mask) is skipped, not fatal", async () => {
+    const { readFileSync: rf, writeFileSync } = await import("node:fs");
+    const { parseSafetensorsHeader, encodeSafetensors } = await import("../../ts/src/tensor/safetensors-format.js");
+    const dir = join(tmp, "tiny-gpt2-u8");
+    await writeRandomCheckpoint(dir, { preset: "tiny-gpt2", seed: 2 });
+    const file = join(dir, "model.safetensors");
+    const buf = new Uint8Array(rf(file));
+    const h = parseSafetensorsHeader(buf, buf.length, file);
+    const tensors = [...h.tensors].map(([name, t]) => ({ name, dtype: t.dtype, shape: t.shape, bytes: buf.slice(t.begin, t.end) }));
+    tensors.push({ name: "transformer.h.0.attn.bias", dtype: "U8", shape: [2, 2], bytes: new Uint8Array([1, 0, 1, 1]) });
+    const chunks = encodeSafetensors(tensors);
+    writeFileSync(file, Buffer.concat(chunks.map((c) => Buffer.from(c))));
+    const model = await LanguageModel.load(dir);
+    expect(model._lm.weights.has("transformer.h.0.attn.bias")).toBe(false);
+    expect((await model.forward([1, 2, 3])).shape).toEqual([1, 3, model.spec.vocabSize]);
+    await model.dispose();
+  });
+});

@@ -90,6 +90,7 @@ export class CausalLM {
     const bar = progress("loading weights");
     const weights = await loadSafetensors(hf.weightFiles, {
       dtype: opts.dtype ? parseDType(opts.dtype) : undefined,
+      skipUnsupported: true, // e.g. GPT-2's U8 causal-mask buffers; needed weights are checked below
       onProgress: (d, t, name) => bar.update(d, t, name),
     });
     bar.done();

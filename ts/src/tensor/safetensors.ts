@@ -29,12 +29,17 @@ export interface LoadOptions {
   filter?: (name: string) => boolean;
   /** called after each tensor with (done, total) */
   onProgress?: (done: number, total: number, name: string) => void;
+  /**
+   * skip tensors stored in dtypes the runtime lacks (U8 attention-mask buffers of old GPT-2 files, ...)
+   * instead of failing; a model that needs one then reports it missing by name
+   */
+  skipUnsupported?: boolean;
 }
 
 export async function loadSafetensors(files: string[], opts: LoadOptions = {}): Promise<Map<string, Tensor>> {
   const want = opts.dtype ? parseDType(opts.dtype) : undefined;
   const headers = [];
-  for (const f of files) headers.push({ file: f, header: await readSafetensorsHeader(f, { allowedDtypes: RUNTIME_DTYPES }) });
+  for (const f of files) headers.push({ file: f, header: await readSafetensorsHeader(f, opts.skipUnsupported ? {} : { allowedDtypes: RUNTIME_DTYPES }) });
   const total = headers.reduce((n, h) => n + h.header.tensors.size, 0);
   const out = new Map<string, Tensor>();
   let done = 0;
@@ -49,6 +54,7 @@ export async function loadSafetensors(files: string[], opts: LoadOptions = {}): 
       for (const [name, info] of header.tensors) {
         done++;
         if (opts.filter && !opts.filter(name)) continue;
+        if (!(RUNTIME_DTYPES as readonly string[]).includes(info.dtype)) continue; // only reachable with skipUnsupported
         if (out.has(name)) throw new NNsightError("IO", `${file}: tensor "${name}" appears in more than one file`, { file, tensor: name });
         const dt = parseDType(info.dtype);
         let t: Tensor;

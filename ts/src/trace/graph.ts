@@ -86,18 +86,33 @@ export interface SessionGraph {
 export type AnyGraph = TraceGraph | SessionGraph;
 
 // ------------------------------------------------------------------ schema
-const argSchema: z.ZodType<Arg> = z.lazy(() =>
-  z.union([
-    z.null(),
-    z.boolean(),
-    z.number(),
-    z.string().max(4096),
-    z.object({ $ref: z.number().int().nonnegative() }).strict(),
-    z.object({ $tensor: z.number().int().nonnegative() }).strict(),
-    z.array(argSchema).max(1_000_000),
-    z.record(z.string().max(256), argSchema),
-  ]),
-);
+/**
+ * Arguments are checked by hand: a zod union over recursive values tries every branch and builds an
+ * issue object for each failure, which made validation the server's largest per-job cost.
+ */
+function isArg(v: unknown, depth: number): boolean {
+  if (depth > 64) return false;
+  if (v === null || typeof v === "boolean") return true;
+  if (typeof v === "number") return Number.isFinite(v);
+  if (typeof v === "string") return v.length <= 4096;
+  if (Array.isArray(v)) {
+    if (v.length > 1_000_000) return false;
+    for (const x of v) if (!isArg(x, depth + 1)) return false;
+    return true;
+  }
+  if (typeof v !== "object" || Object.getPrototypeOf(v) !== Object.prototype) return false;
+  const keys = Object.keys(v);
+  if (keys.length === 1 && (keys[0] === "$ref" || keys[0] === "$tensor")) {
+    const n = (v as Record<string, unknown>)[keys[0]!];
+    return typeof n === "number" && Number.isInteger(n) && n >= 0;
+  }
+  for (const k of keys) {
+    if (k.length > 256 || k.startsWith("$")) return false;
+    if (!isArg((v as Record<string, unknown>)[k], depth + 1)) return false;
+  }
+  return true;
+}
+const argSchema = z.custom<Arg>((v) => isArg(v, 0), { message: "not a valid graph argument (JSON values, {$ref}, {$tensor})" });
 
 const nodeSchema = z
   .object({

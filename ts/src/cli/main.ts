@@ -6,11 +6,15 @@
  *   nnsight status URL                        what a server serves
  *   nnsight run script.mjs [--remote URL]     run a script; with --remote, LanguageModel.load() connects
  *   nnsight make-checkpoint PRESET DIR        a random-weight HF checkpoint (gpt2-124m, llama-1b, ...)
+ *   nnsight bench [machine|kernels|models|trace|memory|compare|remote] [args...]   the benchmarks in bench/
  */
-import { resolve } from "node:path";
+import { spawnSync } from "node:child_process";
+import { existsSync } from "node:fs";
+import { join, resolve } from "node:path";
 import { pathToFileURL } from "node:url";
 
 import { LanguageModel, memory } from "../index.js";
+import { PACKAGE_ROOT } from "../native/binding.js";
 import { runMakeCheckpointCli } from "../models/random-checkpoint.js";
 import { SERVE_USAGE, serveCommand, statusCommand } from "../server/cli.js";
 
@@ -32,12 +36,37 @@ async function main(argv: string[]): Promise<number | null> {
       return runCommand(rest);
     case "make-checkpoint":
       return runMakeCheckpointCli(rest);
+    case "bench":
+      return benchCommand(rest);
     default:
       console.error(
-        `usage: nnsight info [model]\n       nnsight status URL\n       nnsight run script.mjs [--remote URL] [--api-key KEY] [args...]\n       nnsight make-checkpoint PRESET DIR [--dtype float32|bfloat16|float16] [--shards N] [--seed S]\n${SERVE_USAGE.replace("usage: ", "       ")}`,
+        `usage: nnsight info [model]\n       nnsight status URL\n       nnsight run script.mjs [--remote URL] [--api-key KEY] [args...]\n       nnsight make-checkpoint PRESET DIR [--dtype float32|bfloat16|float16] [--shards N] [--seed S]\n       nnsight bench [machine|kernels|models|trace|memory|compare|remote] [args...]\n${SERVE_USAGE.replace("usage: ", "       ")}`,
       );
       return cmd ? 2 : 0;
   }
+}
+
+const BENCHES: Record<string, string> = {
+  machine: "machine.mjs",
+  kernels: "kernels.mjs",
+  models: "models.mjs",
+  trace: "trace-overhead.mjs",
+  memory: "trace-memory.mjs",
+  compare: "compare.mjs",
+  remote: "remote-load.mjs",
+};
+
+/** Run one of the repository's benchmarks (they print one JSON line per result). */
+function benchCommand(args: string[]): number {
+  const name = args[0] ?? "kernels";
+  const file = BENCHES[name];
+  const path = file ? join(PACKAGE_ROOT, "bench", file) : "";
+  if (!file || !existsSync(path)) {
+    console.error(`usage: nnsight bench [${Object.keys(BENCHES).join("|")}] [args...]${file ? ` (${path} is not in this installation: benchmarks live in the repository)` : ""}`);
+    return 2;
+  }
+  const r = spawnSync(process.execPath, [path, ...args.slice(1)], { stdio: "inherit" });
+  return r.status ?? 1;
 }
 
 /** Run a user script; `--remote URL` makes every LanguageModel.load() in it connect to that server. */

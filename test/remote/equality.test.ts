@@ -153,3 +153,13 @@ describe("job handles", () => {
     expect((await fetch(`${server.url}/nope`)).status).toBe(404);
   });
 });
+
+describe("remote tokenizer", () => {
+  it("a remote model has the served model's tokenizer (encode, decode, chat-free)", async () => {
+    expect(remote.tokenizer).toBeDefined();
+    expect(remote.tokenizer.encode("Once upon a time")).toEqual(local.tokenizer.encode("Once upon a time"));
+    const r = await remote.generate("Once upon a time", { maxNewTokens: 8 });
+    const l = await local.generate("Once upon a time", { maxNewTokens: 8 });
+    expect(remote.tokenizer.decode(r.tokens.toArray()[0], { skipSpecialTokens: true })).toBe(local.tokenizer.decode(l.tokens.toArray()[0], { skipSpecialTokens: true }));
+  });
+});

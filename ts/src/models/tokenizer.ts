@@ -92,7 +92,11 @@ export class Tokenizer {
    * @param tokenizerConfig parsed tokenizer_config.json (`{}` if none)
    * @throws NNsightError `IO` when the library cannot build the tokenizer
    */
+  /** tokenizer.json as parsed (a server hands it to remote clients) */
+  readonly json: unknown;
+
   constructor(tokenizerJson: unknown, tokenizerConfig: Record<string, unknown> = {}, options: TokenizerOptions = {}) {
+    this.json = tokenizerJson;
     try {
       this.hf = new HFTokenizer(tokenizerJson as object, tokenizerConfig);
     } catch (e) {

@@ -13,6 +13,7 @@ import WebSocket from "ws";
 
 import { NNsightError } from "../errors.js";
 import { parseModelConfig } from "../models/config.js";
+import { Tokenizer } from "../models/tokenizer.js";
 import type { Tensor } from "../tensor/tensor.js";
 import type { AnyGraph } from "../trace/graph.js";
 import { LanguageModel, type TraceBackend, type TraceOptions } from "../trace/model.js";
@@ -24,6 +25,7 @@ import {
   type EventStatus,
   PROTOCOL_VERSION,
   type RunResult,
+  type ServedTokenizer,
   type ServerLimits,
   decodeFrame,
   decodeValues,
@@ -327,9 +329,9 @@ export class RemoteLanguageModel extends LanguageModel {
   /** @internal */ readonly _conn: Connection;
 
   /** @internal use LanguageModel.connect */
-  constructor(url: string, served: ServedModel, conn: Connection, rename?: Record<string, string>) {
+  constructor(url: string, served: ServedModel, conn: Connection, rename?: Record<string, string>, tokenizer?: Tokenizer) {
     const spec = parseModelConfig(served.config, `${url}/models (${served.id})`);
-    super({ dir: `${url}#${served.id}`, spec, tokenizer: undefined as never, lm: undefined as never, generationConfig: served.generationConfig ?? null }, { rename });
+    super({ dir: `${url}#${served.id}`, spec, tokenizer: tokenizer as never, lm: undefined as never, generationConfig: served.generationConfig ?? null }, { rename });
     this.url = url;
     this.modelId = served.id;
     this._conn = conn;
@@ -366,6 +368,18 @@ export async function listModels(url: string, timeoutMs = 30_000): Promise<Serve
   return ((await res.json()) as { models: ServedModel[] }).models;
 }
 
+/** The served model's tokenizer, so `remote.tokenizer` works as it does locally (undefined if not served). */
+async function fetchTokenizer(url: string, modelId: string, timeoutMs = 30_000): Promise<Tokenizer | undefined> {
+  try {
+    const res = await fetch(`${httpUrl(url)}/models/${encodeURIComponent(modelId)}/tokenizer`, { signal: AbortSignal.timeout(timeoutMs) });
+    if (!res.ok) return undefined;
+    const t = (await res.json()) as ServedTokenizer;
+    return new Tokenizer(t.json, t.config, { extraEosTokenIds: t.eosTokenIds });
+  } catch {
+    return undefined;
+  }
+}
+
 /** `LanguageModel.connect`: fetch the served config, open the socket (checking the key), build the model. */
 export async function connect(url: string, modelId: string, opts: ConnectOptions = {}): Promise<RemoteLanguageModel> {
   const models = await listModels(url, opts.timeoutMs);
@@ -375,5 +389,5 @@ export async function connect(url: string, modelId: string, opts: ConnectOptions
   }
   const conn = new Connection(url, opts);
   await conn.open();
-  return new RemoteLanguageModel(httpUrl(url), served, conn, opts.rename);
+  return new RemoteLanguageModel(httpUrl(url), served, conn, opts.rename, await fetchTokenizer(url, modelId, opts.timeoutMs));
 }

@@ -296,3 +296,10 @@ export function httpUrl(url: string): string {
   u.pathname = u.pathname.replace(/\/ws$/, "").replace(/\/$/, "");
   return u.toString().replace(/\/$/, "");
 }
+
+/** A served model's tokenizer (`GET /models/ID/tokenizer`): enough to build the same Tokenizer client-side. */
+export interface ServedTokenizer {
+  json: unknown;
+  config: Record<string, unknown>;
+  eosTokenIds: number[];
+}

@@ -141,8 +141,12 @@ export async function serve(opts: ServeOptions = {}): Promise<RunningServer> {
         res.end(body);
         return;
       }
-      default:
+      default: {
+        const m = /^\/models\/([^/]+)\/tokenizer$/.exec(url.pathname);
+        const w = m ? workers.get(decodeURIComponent(m[1]!)) : undefined;
+        if (w?.tokenizer) return json(res, 200, w.tokenizer);
         return json(res, 404, { error: `no route ${url.pathname}` });
+      }
     }
   }
 

@@ -3,6 +3,7 @@
  * model once and runs one job at a time. A worker that crashes, or is killed to cancel or time out a job,
  * fails only that job and is started again; the front end never runs model code.
  */
+import type { ServedTokenizer } from "../remote/protocol.js";
 import { type ChildProcess, fork } from "node:child_process";
 import { EventEmitter } from "node:events";
 import { existsSync } from "node:fs";
@@ -34,6 +35,8 @@ export class ModelWorker extends EventEmitter {
   state: WorkerState = "starting";
   config: Record<string, unknown> | null = null;
   generationConfig: Record<string, unknown> | null = null;
+  /** what a client needs to build the same tokenizer (GET /models/ID/tokenizer) */
+  tokenizer: ServedTokenizer | null = null;
   numLayers = 1;
   lastError: ErrorJSON | null = null;
   private proc: ChildProcess | null = null;
@@ -72,6 +75,7 @@ export class ModelWorker extends EventEmitter {
         if (m.type === "ready") {
           this.config = m.config;
           this.generationConfig = m.generationConfig;
+          this.tokenizer = m.tokenizer;
           this.numLayers = m.numLayers;
           this.state = "ready";
           this.failures = 0;

@@ -11,6 +11,7 @@ import { Tensor } from "../tensor/tensor.js";
 import { LanguageModel } from "../trace/model.js";
 import { executeSession, executeTrace } from "../trace/runner.js";
 import { deserializeGraph } from "../trace/serialize.js";
+import type { ServedTokenizer } from "../remote/protocol.js";
 import { native } from "../native/binding.js";
 import { totalmem } from "node:os";
 
@@ -30,7 +31,7 @@ export interface RunRequest {
 }
 
 export type WorkerMessage =
-  | { type: "ready"; config: Record<string, unknown>; generationConfig: Record<string, unknown>; numLayers: number }
+  | { type: "ready"; config: Record<string, unknown>; generationConfig: Record<string, unknown>; numLayers: number; tokenizer: ServedTokenizer }
   | { type: "fatal"; error: ErrorJSON }
   | { type: "log"; job: string; json: string; bytes: Uint8Array }
   | { type: "done"; job: string; json: string; bytes: Uint8Array }
@@ -93,7 +94,13 @@ async function main(): Promise<void> {
     if (!m || m.type !== "run") return;
     chain = chain.then(() => run(model, m));
   });
-  send({ type: "ready", config: model.config, generationConfig: model._generationConfig, numLayers: model.spec.numLayers });
+  send({
+    type: "ready",
+    config: model.config,
+    generationConfig: model._generationConfig,
+    numLayers: model.spec.numLayers,
+    tokenizer: { json: model.tokenizer.json, config: model.tokenizer.config, eosTokenIds: model.tokenizer.eosTokenIds },
+  });
 }
 
 void main();

@@ -163,3 +163,15 @@ describe("remote tokenizer", () => {
     expect(remote.tokenizer.decode(r.tokens.toArray()[0], { skipSpecialTokens: true })).toBe(local.tokenizer.decode(l.tokens.toArray()[0], { skipSpecialTokens: true }));
   });
 });
+
+describe("remote streaming", () => {
+  it("generate({ stream, onStep }) streams tokens and step values from the server as they come", async () => {
+    const toks: number[] = [], steps: number[] = [];
+    const r = await remote.generate("Once upon a time", { maxNewTokens: 5, stream: (t) => toks.push(t[0]!), onStep: (s, v) => { steps.push(s); expect(v.top).toBeInstanceOf(Tensor); } },
+      (tr) => ({ ...tr.all(() => ({ top: remote.lm_head.output.at([0, -1]).argmax() })), tokens: remote.generator.output }));
+    const l = await local.generate("Once upon a time", { maxNewTokens: 5 }, () => ({ tokens: local.generator.output }));
+    expect(steps).toEqual([0, 1, 2, 3, 4]);
+    expect(toks).toEqual(l.tokens.toArray()[0].slice(-5));
+    expect(r.tokens.toArray()).toEqual(l.tokens.toArray());
+  });
+});

@@ -15,7 +15,7 @@ import { NNsightError } from "../errors.js";
 import { parseModelConfig } from "../models/config.js";
 import { Tokenizer } from "../models/tokenizer.js";
 import type { Tensor } from "../tensor/tensor.js";
-import type { AnyGraph } from "../trace/graph.js";
+import { type AnyGraph, STREAM_TAG } from "../trace/graph.js";
 import { LanguageModel, type TraceBackend, type TraceOptions } from "../trace/model.js";
 import { mergeResult } from "../trace/runner.js";
 import { tensorsToBuffer } from "../trace/serialize.js";
@@ -292,8 +292,16 @@ export class RemoteBackend implements TraceBackend {
 
   async run(req: { graph: AnyGraph; attachments: Tensor[]; scan: boolean; opts: TraceOptions }, finish: (r: RunResult) => unknown): Promise<unknown> {
     const log = req.opts.log ?? ((...v: unknown[]) => console.log(...v));
+    const onLog = (values: unknown[]) => {
+      if (values[0] === STREAM_TAG) {
+        if (values[1] === "tokens") req.opts.stream?.(values[2] as Array<number | null>, values[3] as number);
+        else if (values[1] === "step") req.opts.onStep?.(values[2] as number, values[3] as Record<string, unknown>);
+        return;
+      }
+      log(...values);
+    };
     const job = await this.conn.submit(this.modelId, req.graph, req.attachments, req.scan, (r) => finish(r), (j) =>
-      j.on("LOG", (e: { values?: unknown[] }) => log(...(e.values ?? []))),
+      j.on("LOG", (e: { values?: unknown[] }) => onLog(e.values ?? [])),
     );
     if (req.opts.blocking === false) return job;
     const stop = showProgress(job);

@@ -58,8 +58,15 @@ export interface InvokeSpec {
   input: InputJSON | null;
 }
 
-/** Generation options as a graph carries them (everything but the local streaming callback). */
-export type GenerateSpec = Omit<GenerateOptions, "stream">;
+/**
+ * Generation options as a graph carries them: everything but the local streaming callback, plus whether
+ * the runner should report tokens (`streamTokens`) and per-step block values (`streamSteps`) as they come
+ * (a server sends them as LOG events tagged with STREAM_TAG).
+ */
+export type GenerateSpec = Omit<GenerateOptions, "stream"> & { streamTokens?: boolean; streamSteps?: boolean };
+
+/** First value of a LOG that carries streamed tokens ([tag, "tokens", tokens, step]) or step values ([tag, "step", step, values]). */
+export const STREAM_TAG = "\u0000nnsight:stream";
 
 export interface TraceGraph {
   version: number;
@@ -159,6 +166,8 @@ const generateSchema = z
     topP: z.number().min(0).max(1).optional(),
     seed: z.number().int().optional(),
     eosTokenId: z.union([z.number().int(), z.array(z.number().int())]).optional(),
+    streamTokens: z.boolean().optional(),
+    streamSteps: z.boolean().optional(),
   })
   .strict();
 

@@ -39,7 +39,7 @@ export interface InterleaveContext {
   scope: OwnedScope;
   /** scan: values are shapes only; ops that read data are refused */
   scan?: boolean;
-  log?: (values: Value[], node: GraphNode) => void;
+  log?: (values: Value[], node: GraphNode | null) => void;
   /** number of generation steps that will run at most (0-based last step), for MISSED_PROVIDER of steps past the end */
   kind: "trace" | "generate";
 }

@@ -45,6 +45,8 @@ export interface TraceOptions {
   blocking?: boolean;
   /** generation: receives, after every step, what tr.all / tr.iter blocks returned at that step */
   onStep?: (step: number, values: Record<string, any>) => void;
+  /** @internal generation's per-token callback, handed to remote backends */
+  stream?: GenerateOptions["stream"];
   /**
    * record the user's source line of every node for error messages (default true). Capturing it is
    * about a third of the recording cost: hot loops of many small traces may turn it off.
@@ -269,10 +271,13 @@ export class LanguageModel extends CausalLM {
     const userFn = fn ?? (() => ({ tokens: this.generator.output }) as unknown as R);
     const { rec, graph, attachments } = this.recordTrace("generate", input, userFn, 0, [], options.sourceLines ?? true);
     graph.generate = gen;
-    if (stream) {
-      // streaming needs a callback on this side: run locally with the stream option
-      return this.runGenerateStreaming(rec, graph, attachments, { roundTrip: rt, log, onStep }, stream);
+    if (this._backend) {
+      // remotely, tokens and step values come back as tagged LOG events while the job runs
+      if (stream) graph.generate.streamTokens = true;
+      if (onStep) graph.generate.streamSteps = true;
+      return this.runRecorded(rec, graph, attachments, { roundTrip: rt, log, blocking, onStep, stream });
     }
+    if (stream) return this.runGenerateStreaming(rec, graph, attachments, { roundTrip: rt, log, onStep }, stream);
     return this.runRecorded(rec, graph, attachments, { roundTrip: rt, log, blocking, onStep });
   }
 

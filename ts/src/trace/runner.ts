@@ -10,13 +10,14 @@ import { eventOrder } from "../models/module-tree.js";
 import { native } from "../native/binding.js";
 import { OwnedScope, collectTensors } from "../tensor/scope.js";
 import { Tensor, fromArray } from "../tensor/tensor.js";
-import type { Arg, GraphNode, SessionGraph, TraceGraph } from "./graph.js";
+import type { GenerateOptions } from "../models/generate.js";
+import { type Arg, type GraphNode, STREAM_TAG, type SessionGraph, type TraceGraph } from "./graph.js";
 import { type InterleaveContext, Interleaver, type RowRange, StopSignal } from "./interleaver.js";
 import type { Value } from "./ops.js";
 
 export interface ExecOptions {
   scan?: boolean;
-  log?: (values: Value[], node: GraphNode) => void;
+  log?: (values: Value[], node: GraphNode | null) => void;
   /** values of earlier traces (sessions) */
   outer?: Map<number, Value>;
   /** the owned scope to create tensors in (sessions share one) */
@@ -90,7 +91,12 @@ export async function executeTrace(model: CausalLM, graph: TraceGraph, attachmen
       }
       il.endStep();
     } else {
-      const g = graph.generate ?? {};
+      const { streamTokens, streamSteps, ...g } = graph.generate ?? {};
+      if (streamTokens && opts.log) {
+        const log = opts.log;
+        (g as GenerateOptions).stream = (tokens, step) => log([STREAM_TAG, "tokens", tokens, step], null);
+      }
+      const onStep = opts.onStep ?? (streamSteps && opts.log ? (step: number, values: Record<string, Value>) => opts.log!([STREAM_TAG, "step", step, values], null) : undefined);
       let res;
       try {
         res = await model._generateRows(rows, g, {
@@ -102,7 +108,7 @@ export async function executeTrace(model: CausalLM, graph: TraceGraph, attachmen
           afterStep: (s) => {
             if (il.lastStep === s) {
               il.endStep();
-              if (opts.onStep) opts.onStep(s, il.stepValues());
+              if (onStep) onStep(s, il.stepValues());
             }
             return il.stopped;
           },

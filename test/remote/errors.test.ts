@@ -190,10 +190,13 @@ describe("cancellation, dropped clients and crashed workers", () => {
     await b.cancel();
     expect(await codeOf(b.result())).toBe("CANCELLED");
     expect(bStates).not.toContain("RUNNING");
+    const pid = server.workerPid();
     await a.cancel();
     expect(await codeOf(a.result())).toBe("CANCELLED");
     expect((await a.status()).state).toBe("CANCELLED");
     await works(alice);
+    // a generation stops at its next step: the worker (and its loaded model) stays up
+    expect(server.workerPid()).toBe(pid);
   });
 
   it("a client that drops mid-job still gets its result; the same key can fetch it by id, another key cannot", async () => {

@@ -27,6 +27,8 @@ interface Current {
   reject: (e: NNsightError) => void;
   /** why we killed the worker (the job is answered by whoever killed it) */
   killed?: boolean;
+  /** the SIGKILL fallback of a cooperative abort */
+  abortTimer?: NodeJS.Timeout;
 }
 
 /** Emits "ready" whenever the worker can take a job, "restart" after a crash or kill. */
@@ -120,6 +122,7 @@ export class ModelWorker extends EventEmitter {
     }
     this.current = null;
     this.state = "ready";
+    if (cur.abortTimer) clearTimeout(cur.abortTimer);
     if (m.type === "done") cur.resolve({ json: m.json, bytes: m.bytes });
     else if (m.type === "failed") cur.reject(errorFromJSON(m.error));
     this.emit("ready");
@@ -135,11 +138,22 @@ export class ModelWorker extends EventEmitter {
     });
   }
 
-  /** Kill the worker (to cancel or time out `job`); it restarts. The caller answers the job. */
-  kill(job: string): void {
-    if (this.current?.job !== job || !this.proc) return;
-    this.current.killed = true;
-    this.proc.kill("SIGKILL");
+  /**
+   * Stop `job` (cancel or time-out; the caller answers it): ask the worker to abort at its next step
+   * boundary, which keeps the model loaded, and kill it (it restarts) if it has not stopped within
+   * `graceMs` (a long single forward pass cannot be interrupted).
+   */
+  kill(job: string, graceMs = 1500): void {
+    const cur = this.current;
+    if (cur?.job !== job || !this.proc) return;
+    const proc = this.proc;
+    proc.send({ type: "abort", job });
+    cur.abortTimer = setTimeout(() => {
+      if (this.current !== cur || this.proc !== proc) return;
+      cur.killed = true;
+      proc.kill("SIGKILL");
+    }, graceMs);
+    cur.abortTimer.unref();
   }
 
   stop(): void {

@@ -30,6 +30,15 @@ export interface RunRequest {
   maxResultBytes: number;
 }
 
+/** Stop a job at its next step boundary (cancel or time-out) without restarting the worker. */
+export interface AbortRequest {
+  type: "abort";
+  job: string;
+}
+
+/** jobs asked to stop */
+const aborted = new Set<string>();
+
 export type WorkerMessage =
   | { type: "ready"; config: Record<string, unknown>; generationConfig: Record<string, unknown>; numLayers: number; tokenizer: ServedTokenizer }
   | { type: "fatal"; error: ErrorJSON }
@@ -53,10 +62,10 @@ async function run(model: LanguageModel, m: RunRequest): Promise<void> {
     };
     let res: RunResult;
     if (graph.kind === "session") {
-      const r = await executeSession(model, graph, attachments, { log });
+      const r = await executeSession(model, graph, attachments, { log, shouldAbort: () => aborted.has(m.job) });
       res = { result: r.result, saved: r.saved, traces: r.traces.map((t) => ({ result: t.result, saved: t.saved })) };
     } else {
-      const r = await executeTrace(model, graph, attachments, { scan: m.scan, log });
+      const r = await executeTrace(model, graph, attachments, { scan: m.scan, log, shouldAbort: () => aborted.has(m.job) });
       res = { result: r.result, saved: r.saved };
     }
     collectTensors(res, owned, isTensor);
@@ -90,9 +99,13 @@ async function main(): Promise<void> {
     process.exit(3);
   }
   let chain = Promise.resolve();
-  process.on("message", (m: RunRequest) => {
+  process.on("message", (m: RunRequest | AbortRequest) => {
+    if (m?.type === "abort") {
+      aborted.add(m.job);
+      return;
+    }
     if (!m || m.type !== "run") return;
-    chain = chain.then(() => run(model, m));
+    chain = chain.then(() => run(model, m)).finally(() => aborted.delete(m.job));
   });
   send({
     type: "ready",

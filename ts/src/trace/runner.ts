@@ -22,6 +22,8 @@ export interface ExecOptions {
   outer?: Map<number, Value>;
   /** the owned scope to create tensors in (sessions share one) */
   scope?: OwnedScope;
+  /** checked between generation steps and between the traces of a session: true ends the job as CANCELLED */
+  shouldAbort?: () => boolean;
   /** generation: called after each step with what the blocks that ran at that step returned (streaming) */
   onStep?: (step: number, values: Record<string, Value>) => void;
 }
@@ -106,6 +108,7 @@ export async function executeTrace(model: CausalLM, graph: TraceGraph, attachmen
             return il;
           },
           afterStep: (s) => {
+            if (opts.shouldAbort?.()) throw new NNsightError("CANCELLED", `the job was stopped after generation step ${s}`);
             if (il.lastStep === s) {
               il.endStep();
               if (onStep) onStep(s, il.stepValues());
@@ -162,6 +165,7 @@ export async function executeSession(model: CausalLM, session: SessionGraph, att
   const saved = new Map<number, Value>();
   try {
     for (const g of session.traces) {
+      if (opts.shouldAbort?.()) throw new NNsightError("CANCELLED", "the session was stopped between traces");
       const r = await executeTrace(model, g, attachments, { ...opts, outer, scope });
       for (const [k, v] of r.values) outer.set(k, v);
       for (const [k, v] of r.saved) saved.set(k, v);

@@ -199,6 +199,24 @@ describe("cancellation, dropped clients and crashed workers", () => {
     expect(server.workerPid()).toBe(pid);
   });
 
+  it("queued jobs hear their new position when the queue moves", async () => {
+    const a = await longJob(alice);
+    await running(a);
+    const b = await longJob(alice);
+    const c = await longJob(alice);
+    const positions: number[] = [];
+    c.on("event", (e: { status: string; position?: number }) => {
+      if (e.status === "QUEUED" && e.position !== undefined) positions.push(e.position);
+    });
+    await a.cancel();
+    await running(b);
+    await new Promise((r) => setTimeout(r, 100));
+    expect(positions.at(-1)).toBe(0);
+    await b.cancel();
+    await c.cancel();
+    await works(alice);
+  });
+
   it("a client that drops mid-job still gets its result; the same key can fetch it by id, another key cannot", async () => {
     const job = await longJob(alice);
     await running(job);

@@ -220,7 +220,9 @@ export class JobManager {
   private dispatch(model: string): void {
     const w = this.workers.get(model)!;
     const q = this.queues.get(model)!;
+    let moved = false;
     while (w.idle && q.length > 0) {
+      moved = true;
       const job = q.pop()!;
       job.state = "RUNNING";
       job.startedAt = Date.now();
@@ -244,6 +246,8 @@ export class JobManager {
         (e) => this.finish(job, "ERROR", errorToJSON(e)),
       );
     }
+    // the queue moved: tell waiting jobs (the first few hundred that someone watches) their new place
+    if (moved) for (const j of q.some(256)) if (j.subscribers.size > 0) this.emit(j, { status: "QUEUED", position: q.position(j) });
   }
 
   private complete(job: Job, res: { json: string; bytes: Uint8Array }): void {

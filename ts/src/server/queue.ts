@@ -63,6 +63,18 @@ export class FairQueue<T extends { owner: string }> {
     return true;
   }
 
+  /** Up to `limit` queued items (lane by lane), e.g. to tell waiting jobs their new position. */
+  some(limit: number): T[] {
+    const out: T[] = [];
+    for (const l of this.lanes.values()) {
+      for (const x of l) {
+        if (out.length >= limit) return out;
+        out.push(x);
+      }
+    }
+    return out;
+  }
+
   /** How many jobs would be served before this one (an estimate under round-robin). */
   position(item: T): number {
     const lane = this.lanes.get(item.owner);

@@ -11,6 +11,7 @@ import { LanguageModel, NNsightError, type RemoteJob, type RemoteLanguageModel, 
 import { PROTOCOL_VERSION } from "../../ts/src/remote/protocol.js";
 import type { AnyGraph, TraceGraph } from "../../ts/src/trace/graph.js";
 import { RawClient, type TestServer, startServer } from "./helpers.js";
+import { codeOf } from "../helpers/errors.js";
 
 const KEYS = { alice: "alice-key-0123456789", bob: "bob-key-0123456789", carol: "carol-key-0123456789", dave: "dave-key-0123456789" };
 let dir: string;
@@ -42,15 +43,6 @@ afterAll(async () => {
   rmSync(dir, { recursive: true, force: true });
 });
 
-async function codeOf(p: Promise<unknown>): Promise<string> {
-  try {
-    await p;
-  } catch (e) {
-    expect(e).toBeInstanceOf(NNsightError);
-    return (e as NNsightError).code;
-  }
-  throw new Error("expected an error");
-}
 
 /** A small trace that must work after whatever went wrong before. */
 async function works(m: RemoteLanguageModel): Promise<void> {

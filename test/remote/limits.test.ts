@@ -7,6 +7,7 @@ import { afterAll, beforeAll, describe, expect, it } from "vitest";
 
 import { LanguageModel, NNsightError, type RemoteLanguageModel, type Tensor } from "../../ts/src/index.js";
 import { ROOT, type TestServer, startServer } from "./helpers.js";
+import { codeOf } from "../helpers/errors.js";
 
 let server: TestServer;
 let remote: RemoteLanguageModel;
@@ -21,15 +22,6 @@ afterAll(async () => {
   await server?.stop();
 });
 
-async function codeOf(p: Promise<unknown>): Promise<string> {
-  try {
-    await p;
-  } catch (e) {
-    expect(e).toBeInstanceOf(NNsightError);
-    return (e as NNsightError).code;
-  }
-  throw new Error("expected an error");
-}
 
 describe("limits", () => {
   it("a job over the run-time limit is TIMEOUT; the next job runs", async () => {

@@ -4,6 +4,7 @@
 import { afterAll, beforeAll, describe, expect, it } from "vitest";
 
 import { LanguageModel, NNsightError, Tensor, memory, sync, tensor, zeros } from "../../ts/src/index.js";
+import { codeOf } from "../helpers/errors.js";
 
 let model: LanguageModel;
 beforeAll(async () => {
@@ -37,15 +38,6 @@ const maxAbs = (a: Tensor, b: Tensor) => {
   for (let i = 0; i < x.length; i++) m = Math.max(m, Math.abs(x[i]! - y[i]!));
   return m;
 };
-async function codeOf(p: Promise<unknown>): Promise<string> {
-  try {
-    await p;
-  } catch (e) {
-    expect(e).toBeInstanceOf(NNsightError);
-    return (e as NNsightError).code;
-  }
-  return "no error";
-}
 
 describe("reading values (T01, T09, T27)", () => {
   it("T01: a saved layer output is a real tensor after the trace", async () => {

@@ -82,12 +82,5 @@ export class OwnedScope {
 
 /** Run fn with no scope collecting what it creates (long-lived tensors made while a scope is open). */
 export function untracked<T>(fn: () => T): T {
-  const detached = new Set<Tensor>();
-  stack.push(detached);
-  try {
-    return fn();
-  } finally {
-    const i = stack.lastIndexOf(detached);
-    if (i >= 0) stack.splice(i, 1);
-  }
+  return new OwnedScope().within(fn); // a scope that is never closed
 }

@@ -254,7 +254,7 @@ export class Interleaver implements ModuleHooks {
     const ein = this.ctx.events.get(key(path, "input"))!;
     this.provided.set(key(path, "input"), inputs);
     this.fire(ein);
-    let ins = this.provided.get(key(path, "input")) as Tensor[];
+    const ins = this.provided.get(key(path, "input")) as Tensor[];
     const skip = this.skips.get(path);
     let out: Tensor;
     if (skip && this.coversAll(skip.map((s) => s.invoke))) {
@@ -263,7 +263,6 @@ export class Interleaver implements ModuleHooks {
       out = body(ins);
       if (skip) out = this.applyRows(out, skip);
     }
-    ins = [];
     const eout = this.ctx.events.get(key(path, "output"))!;
     this.provided.set(key(path, "output"), out);
     this.fire(eout);

@@ -101,10 +101,17 @@ export class TransformerLM {
   }
 
   /**
-   * Run one module on given inputs without hooks (`envoy.call(x)`, e.g. the logit lens). Attention-bearing
-   * modules see a fresh causal sequence: positions 0..T-1, no padding, no cache.
+   * Run one module on given inputs (`envoy.call(x)`, e.g. the logit lens). Without `hooks` no hooks fire;
+   * with them (`envoy.call(x, { hook: true })`) the module and its submodules fire their hooks as in a
+   * forward pass, so interventions addressed to that call apply. Attention-bearing modules see a fresh
+   * causal sequence: positions 0..T-1, no padding, no cache.
    */
-  callModule(path: string, inputs: Tensor[]): Tensor {
+  callModule(path: string, inputs: Tensor[], hooks: ModuleHooks | null = null): Tensor {
+    if (!hooks) return this.callModuleBody(path, inputs, null);
+    return hooks.call(path, inputs, (ins) => this.callModuleBody(path, ins, hooks));
+  }
+
+  private callModuleBody(path: string, inputs: Tensor[], hooks: ModuleHooks | null): Tensor {
     const c = this.config;
     const x = inputs[0];
     if (!x) throw new NNsightError("BAD_INPUT", `${path}.call() needs an input`);
@@ -125,7 +132,8 @@ export class TransformerLM {
     for (let b = 0; b < B; b++) for (let t = 0; t < T; t++) positions[b * T + t] = t;
     const batch: ForwardBatch = { batch: B, seq: T, ids: new Int32Array(B * T), positions, keyMask: null };
     return scope(() => {
-      const ctx: Ctx = { b: batch, pos: fromArray(positions, "int32", [B, T]), mask: null, cache: null, run: (_p, ins, body) => body(ins), lastOnly: false };
+      const run = (p: string, ins: Tensor[], body: (x: Tensor[]) => Tensor): Tensor => (hooks === null ? body(ins) : hooks.call(p, ins, body));
+      const ctx: Ctx = { b: batch, pos: fromArray(positions, "int32", [B, T]), mask: null, cache: null, run, lastOnly: false };
       const m = /^(model\.layers|transformer\.h)\.(\d+)(?:\.(\w+))?$/.exec(path);
       if (m) {
         const l = Number(m[2]);

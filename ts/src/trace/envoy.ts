@@ -21,6 +21,8 @@ export class Envoy {
   /** @internal */ readonly _owner: object;
   /** @internal */ readonly _children: Envoy[];
   /** @internal alias name -> child */ readonly _aliases = new Map<string, Envoy>();
+  /** @internal which call of the module (in a forward pass) reads and writes address; see nth() */
+  readonly _call: number = 0;
 
   /** @internal */
   constructor(spec: ModuleSpec, owner: object, aliases: Record<string, string> = {}) {
@@ -52,30 +54,51 @@ export class Envoy {
 
   /** The module's output (decoder layers: the hidden state [batch, seq, hidden]; the root: `{ logits }`). */
   get output(): TracedValue {
-    return activeRecorder(this.where("output"), this._owner).moduleValue(this.path, "output");
+    return activeRecorder(this.where("output"), this._owner).moduleValue(this.path, "output", this._call);
   }
   /** Replace the module's output for the rest of the pass. */
   set output(v: GraphLike) {
-    activeRecorder(this.where("output"), this._owner).swap(this.path, "output", v);
+    activeRecorder(this.where("output"), this._owner).swap(this.path, "output", v, this._call);
   }
   /** The module's first positional input. */
   get input(): TracedValue {
-    return activeRecorder(this.where("input"), this._owner).moduleValue(this.path, "input");
+    return activeRecorder(this.where("input"), this._owner).moduleValue(this.path, "input", this._call);
   }
   set input(v: GraphLike) {
-    activeRecorder(this.where("input"), this._owner).swap(this.path, "input", v);
+    activeRecorder(this.where("input"), this._owner).swap(this.path, "input", v, this._call);
   }
   /** All positional inputs, as an array value. */
   get inputs(): TracedValue {
-    return activeRecorder(this.where("inputs"), this._owner).moduleValue(this.path, "inputs");
+    return activeRecorder(this.where("inputs"), this._owner).moduleValue(this.path, "inputs", this._call);
   }
   /** Skip the module: its computation does not run and `value` is its output. */
   skip(value: GraphLike): void {
-    activeRecorder(this.where("skip"), this._owner).skip(this.path, value);
+    activeRecorder(this.where("skip"), this._owner).skip(this.path, value, this._call);
   }
-  /** Run this module on any value (its hooks do not fire): `model.lm_head.call(model.model.norm.call(h))`. */
-  call(...inputs: GraphLike[]): TracedValue {
-    return activeRecorder(this.where("call"), this._owner).add("call", [this.path, ...inputs]);
+  /**
+   * Run this module on any value: `model.lm_head.call(model.model.norm.call(h))`. Its hooks do not fire,
+   * unless the last argument is `{ hook: true }`: then the call fires the hooks of the module and its
+   * submodules like a forward pass does, and counts as one more call of them (see `nth`).
+   */
+  call(...inputs: Array<GraphLike | { hook: boolean }>): TracedValue {
+    const last = inputs[inputs.length - 1];
+    let hook = false;
+    if (last !== null && typeof last === "object" && Object.getPrototypeOf(last) === Object.prototype && "hook" in last) {
+      hook = !!(last as { hook: boolean }).hook;
+      inputs = inputs.slice(0, -1);
+    }
+    return activeRecorder(this.where("call"), this._owner).add(hook ? "hookedCall" : "call", [this.path, ...inputs]);
+  }
+  /**
+   * The `i`-th call (0-based) of this module within one forward pass, for modules that run several times
+   * in a pass (`call(x, { hook: true })` adds calls): `model.lm_head.nth(1).output`. Calls are numbered in
+   * the order they run, the model's own call included; a call that never happens is MISSED_PROVIDER.
+   */
+  nth(i: number): Envoy {
+    if (!Number.isInteger(i) || i < 0) throw new NNsightError("BAD_INPUT", `${this.path}.nth(${i}): the call index must be a non-negative integer`);
+    const e = Object.create(this) as Envoy;
+    Object.defineProperty(e, "_call", { value: i, enumerable: false });
+    return e;
   }
   /** Move this invoke's step cursor to the next generation step (same as `tr.next()`). */
   next(n = 1): this {

@@ -53,6 +53,8 @@ export class StopSignal extends Error {
 
 interface Instance {
   node: GraphNode;
+  /** call index of a module read/write that runs when that call of the module happens (see countedCall) */
+  call?: number;
   /** block instance values (null for non-block nodes) */
   frame: Frame | null;
   event: number;
@@ -68,6 +70,16 @@ interface Frame {
 }
 
 const key = (path: string, kind: string) => `${path}\0${kind}`;
+const key3 = (path: string, kind: string, call: number) => `${path}\0${kind}\0${call}`;
+
+/** The call index a module read/write addresses (a trailing argument; 0 when absent). */
+function callIndexOf(n: GraphNode): number {
+  const i = n.op === "module" ? 2 : n.op === "swap" ? 3 : n.op === "skip" ? 2 : -1;
+  const c = i >= 0 ? n.args[i] : undefined;
+  if (c === undefined || c === null) return 0;
+  if (typeof c !== "number" || !Number.isInteger(c) || c < 0) throw new NNsightError("INVALID_GRAPH", `node ${n.id}: the call index must be a non-negative integer`);
+  return c;
+}
 
 export class Interleaver implements ModuleHooks {
   private readonly g: TraceGraph;
@@ -92,6 +104,23 @@ export class Interleaver implements ModuleHooks {
   readonly caches = new Map<number, Record<string, { output?: Value; inputs?: Value }>>();
   stopped = false;
   lastStep = -1;
+
+  // ---- calls counted within a pass (modules that run several times: `call(x, { hook: true })`, `nth(i)`)
+  /** module paths whose calls are counted this step (hooked-call targets; their submodules too), or null */
+  private counted: string[] | null = null;
+  private callCount = new Map<string, number>();
+  /** reads/writes of call i of a module, keyed by key3(path, kind, i); they run when that call happens */
+  private dynKeyed = new Map<string, Instance[]>();
+  /** nodes that depend on such values: they run as soon as all their inputs exist */
+  private dynPending: Instance[] = [];
+  /** values of counted calls; `natural` = the forward pass's own call (rows belong to invokes) */
+  private dynProvided = new Map<string, { value: Tensor | Tensor[]; natural: boolean }>();
+  private dynSkips = new Map<string, Array<{ invoke: number | null; value: Value }>>();
+  /** the counted-call event being fired (in-place edits must happen while it is open) */
+  private currentDyn: string | null = null;
+  private readonly hookedHooks: ModuleHooks = {
+    call: (p, ins, body) => (this.active.has(p) && this.isCounted(p) ? this.countedCall(p, ins, body, false) : body(ins)),
+  };
 
   constructor(ctx: InterleaveContext) {
     this.ctx = ctx;
@@ -138,6 +167,12 @@ export class Interleaver implements ModuleHooks {
     this.schedule = new Map();
     this.instances = [];
     this.active = new Set();
+    this.callCount.clear();
+    this.dynKeyed.clear();
+    this.dynPending = [];
+    this.dynProvided.clear();
+    this.dynSkips.clear();
+    this.counted = null;
     const events = new Map<number, number>(); // node id -> event (this step)
     const frames = new Map<number, Frame>();
     // the nodes of this step, in id order
@@ -157,9 +192,16 @@ export class Interleaver implements ModuleHooks {
     };
     for (const b of this.children.get(-1) ?? []) if (stepIn(b, step, this.ctx.kind)) addBlock(b);
     list.sort((a, b) => a.node.id - b.node.id);
+    for (const { node } of list) {
+      if (node.op === "hookedCall" || ((node.op === "module" || node.op === "swap" || node.op === "skip") && callIndexOf(node) > 0)) {
+        (this.counted ??= []).push(String(node.args[0]));
+      }
+    }
 
     let maxSoFar = 0;
+    const dyn = new Set<number>();
     for (const { node, frame } of list) {
+      if (this.scheduleCounted(node, frame, dyn)) continue;
       const depEvent = (r: number): number => {
         const e = events.get(r);
         return e === undefined ? 0 : e; // from an earlier step, an outer trace, or a constant: available
@@ -231,6 +273,160 @@ export class Interleaver implements ModuleHooks {
   }
   private frames = new Map<number, Frame>();
 
+  /**
+   * Nodes tied to counted calls: reads/writes of call i of a module (i > 0, or any call of a module that a
+   * hooked call also runs), which run when that call happens, and every node that depends on one, which
+   * runs as soon as its inputs exist. Returns false for ordinary nodes (scheduled at a static event).
+   */
+  private scheduleCounted(node: GraphNode, frame: Frame | null, dyn: Set<number>): boolean {
+    const op = node.op;
+    const addressed = op === "module" || op === "swap" || op === "skip";
+    const call = addressed ? callIndexOf(node) : 0;
+    const path = addressed ? String(node.args[0]) : "";
+    const keyed = addressed && (call > 0 || this.isCounted(path));
+    let dependent = false;
+    if (!keyed && dyn.size > 0) {
+      if (op === "stop") dependent = true;
+      else {
+        const refs = refsOf(node.args as Arg);
+        if (frame && frame.block.cond !== null) refs.push(...refsOf(frame.block.cond));
+        dependent = refs.some((r) => dyn.has(r));
+      }
+    }
+    if (!keyed && !dependent) return false;
+    dyn.add(node.id);
+    const inst: Instance = { node, frame, event: -1, done: false };
+    if (keyed) {
+      inst.call = call;
+      const kind = op === "skip" ? "input" : op === "swap" ? String(node.args[1]) : node.args[1] === "output" ? "output" : "input";
+      const k = key3(path, kind, call);
+      let l = this.dynKeyed.get(k);
+      if (!l) this.dynKeyed.set(k, (l = []));
+      l.push(inst);
+      this.active.add(path);
+    } else {
+      this.dynPending.push(inst);
+    }
+    this.instances.push(inst);
+    return true;
+  }
+
+  private isCounted(path: string): boolean {
+    const c = this.counted;
+    if (c === null) return false;
+    for (const p of c) if (p === "" || path === p || (path.length > p.length && path.startsWith(p) && path[p.length] === ".")) return true;
+    return false;
+  }
+
+  /** One call of a counted module: numbered in the order calls happen; fires that call's reads and writes. */
+  private countedCall(path: string, inputs: Tensor[], body: (inputs: Tensor[]) => Tensor, natural: boolean): Tensor {
+    const c = this.callCount.get(path) ?? 0;
+    this.callCount.set(path, c + 1);
+    const kin = key3(path, "input", c);
+    const kout = key3(path, "output", c);
+    this.dynProvided.set(kin, { value: inputs, natural });
+    this.fireDyn(kin);
+    let ins = this.dynProvided.get(kin)!.value as Tensor[];
+    if (natural) {
+      this.provided.set(key(path, "input"), ins);
+      this.fire(this.ctx.events.get(key(path, "input"))!);
+      ins = this.provided.get(key(path, "input")) as Tensor[];
+    }
+    const skip = this.dynSkips.get(kin);
+    let out: Tensor;
+    if (skip && (!natural || this.coversAll(skip.map((s) => s.invoke)))) {
+      out = this.assembleSkip(natural ? skip : skip.map((s) => ({ invoke: null, value: s.value })));
+    } else {
+      out = body(ins);
+      if (skip) out = this.applyRows(out, skip);
+    }
+    this.dynProvided.set(kout, { value: out, natural });
+    this.fireDyn(kout);
+    out = this.dynProvided.get(kout)!.value as Tensor;
+    if (natural) {
+      this.provided.set(key(path, "output"), out);
+      this.fire(this.ctx.events.get(key(path, "output"))!);
+      out = this.provided.get(key(path, "output")) as Tensor;
+    }
+    return out;
+  }
+
+  private fireDyn(k: string): void {
+    const list = this.dynKeyed.get(k);
+    if (!list && this.dynPending.length === 0) return;
+    const prev = this.currentDyn;
+    this.currentDyn = k;
+    try {
+      if (list) {
+        for (const inst of list) {
+          if (inst.done) continue;
+          if (!this.ready(inst)) {
+            const path = this.pathOf(inst.node);
+            throw this.err("OUT_OF_ORDER", `${inst.node.op} of ${path} (call ${inst.call}) needs a value that is computed later than that call`, inst.node, path);
+          }
+          this.execute(inst);
+        }
+      }
+      this.runReady();
+    } finally {
+      this.currentDyn = prev;
+    }
+  }
+
+  /** Run every pending dependent of counted-call values whose inputs now exist. */
+  private runReady(): void {
+    let progress = true;
+    while (progress) {
+      progress = false;
+      for (const inst of this.dynPending) {
+        if (inst.done || !this.ready(inst)) continue;
+        if (inst.node.op === "set") this.checkEditOpen(inst.node);
+        this.execute(inst);
+        progress = true;
+      }
+    }
+  }
+
+  private ready(inst: Instance): boolean {
+    const n = inst.node;
+    if (n.op === "stop") return this.instances.every((o) => o.done || o.node.id > n.id || o.capture !== undefined);
+    const refs = refsOf(n.args as Arg);
+    if (inst.frame && inst.frame.block.cond !== null) refs.push(...refsOf(inst.frame.block.cond));
+    for (const r of refs) if (!this.hasValue(r, inst.frame)) return false;
+    return true;
+  }
+
+  private hasValue(id: number, frame: Frame | null): boolean {
+    for (let f: Frame | null = frame; f; f = f.block.parent !== null ? (this.frames.get(f.block.parent) ?? null) : null) {
+      if (f.values.has(id)) return true;
+    }
+    if (this.values.has(id) || this.ctx.outer.has(id)) return true;
+    const n = this.byId.get(id);
+    if (n && n.block !== null) return this.lastFrame.get(n.block)?.values.has(id) ?? false;
+    return n === undefined; // unknown ids fail later with INVALID_GRAPH
+  }
+
+  /** An in-place edit of a counted call's value must run while that call's hook is open. */
+  private checkEditOpen(n: GraphNode): void {
+    let a = n.args[0] as Arg;
+    for (let depth = 0; depth < 1000 && isRef(a); depth++) {
+      const d = this.byId.get(a.$ref);
+      if (!d) return;
+      if (d.op === "module") {
+        const c = callIndexOf(d);
+        const path = String(d.args[0]);
+        if (c === 0 && !this.isCounted(path)) return;
+        const k = key3(path, d.args[1] === "output" ? "output" : "input", c);
+        if (this.currentDyn !== k) {
+          throw this.err("OUT_OF_ORDER", `an in-place edit of ${path} (call ${c}) needs a value that is computed later than that call`, n, path);
+        }
+        return;
+      }
+      if (d.op !== "set" && !OPS[d.op]?.view) return;
+      a = d.args[0] as Arg;
+    }
+  }
+
   private push(inst: Instance): void {
     let l = this.schedule.get(inst.event);
     if (!l) this.schedule.set(inst.event, (l = []));
@@ -251,6 +447,7 @@ export class Interleaver implements ModuleHooks {
   // ------------------------------------------------------------------ hooks
   call(path: string, inputs: Tensor[], body: (inputs: Tensor[]) => Tensor): Tensor {
     if (!this.active.has(path) && path !== "") return body(inputs);
+    if (this.counted !== null && this.isCounted(path)) return this.countedCall(path, inputs, body, true);
     const ein = this.ctx.events.get(key(path, "input"))!;
     this.provided.set(key(path, "input"), inputs);
     this.fire(ein);
@@ -276,6 +473,7 @@ export class Interleaver implements ModuleHooks {
       if (inst.done) continue;
       this.execute(inst);
     }
+    if (this.dynPending.length > 0) this.runReady();
   }
 
   private execute(inst: Instance): void {
@@ -322,6 +520,16 @@ export class Interleaver implements ModuleHooks {
     switch (node.op) {
       case "module": {
         const [path, kind] = a as [string, "output" | "input" | "inputs"];
+        if (inst.call !== undefined) {
+          const e = this.dynGet(path, kind === "output" ? "output" : "input", inst);
+          const rows = e.natural ? node.invoke : null;
+          if (kind === "output") {
+            const t = this.rowsView(e.value as Tensor, rows);
+            return path === "" ? { logits: t } : t;
+          }
+          const ins = e.value as Tensor[];
+          return kind === "input" ? this.rowsView(ins[0]!, rows) : ins.map((t) => this.rowsView(t, rows));
+        }
         if (path === "" && kind === "output") return { logits: this.rowsView(this.get(path, "output", node) as Tensor, node.invoke) };
         if (kind === "output") return this.rowsView(this.get(path, "output", node) as Tensor, node.invoke);
         const ins = this.get(path, "input", node) as Tensor[];
@@ -331,6 +539,19 @@ export class Interleaver implements ModuleHooks {
       case "swap": {
         const [path, kind, value] = a as [string, "input" | "output", Arg];
         const v = this.resolve(value, frame);
+        if (inst.call !== undefined) {
+          const e = this.dynGet(path, kind, inst);
+          const rows = e.natural ? node.invoke : null;
+          if (kind === "output") {
+            const nv = path === "" && v !== null && typeof v === "object" && !(v instanceof Tensor) && "logits" in v ? (v as { logits: Value }).logits : v;
+            e.value = this.replaceRows(e.value as Tensor, nv, rows);
+          } else {
+            const ins = [...(e.value as Tensor[])];
+            ins[0] = this.replaceRows(ins[0]!, v, rows);
+            e.value = ins;
+          }
+          return undefined;
+        }
         if (kind === "output") {
           const cur = this.get(path, "output", node) as Tensor;
           const nv = path === "" && v !== null && typeof v === "object" && !(v instanceof Tensor) && "logits" in v ? (v as { logits: Value }).logits : v;
@@ -344,8 +565,10 @@ export class Interleaver implements ModuleHooks {
       }
       case "skip": {
         const [path, value] = a as [string, Arg];
-        let l = this.skips.get(path);
-        if (!l) this.skips.set(path, (l = []));
+        const skips = inst.call !== undefined ? this.dynSkips : this.skips;
+        const sk = inst.call !== undefined ? key3(path, "input", inst.call) : path;
+        let l = skips.get(sk);
+        if (!l) skips.set(sk, (l = []));
         l.push({ invoke: node.invoke, value: this.resolve(value, frame) });
         return undefined;
       }
@@ -359,11 +582,12 @@ export class Interleaver implements ModuleHooks {
         if (this.ctx.log) this.ctx.log(vals, node);
         return undefined;
       }
-      case "call": {
+      case "call":
+      case "hookedCall": {
         const [path, ...rest] = a as [string, ...Arg[]];
         const ins = rest.map((x) => this.resolve(x, frame));
         for (const t of ins) if (!(t instanceof Tensor)) throw new NNsightError("BAD_INPUT", `${path}.call() takes tensors`);
-        return this.ctx.lm.callModule(path, ins as Tensor[]);
+        return this.ctx.lm.callModule(path, ins as Tensor[], node.op === "hookedCall" ? this.hookedHooks : null);
       }
       case "cache":
         return this.cacheValue(node);
@@ -376,6 +600,12 @@ export class Interleaver implements ModuleHooks {
         return def.run(a.map((x) => this.resolve(x, frame)));
       }
     }
+  }
+
+  private dynGet(path: string, kind: "input" | "output", inst: Instance): { value: Tensor | Tensor[]; natural: boolean } {
+    const e = this.dynProvided.get(key3(path, kind, inst.call!));
+    if (e === undefined) throw this.err("MISSED_PROVIDER", `call ${inst.call} of ${path || "model"} did not happen in this pass`, inst.node, path);
+    return e;
   }
 
   private get(path: string, kind: "input" | "output", node: GraphNode): Tensor | Tensor[] {
@@ -501,6 +731,14 @@ export class Interleaver implements ModuleHooks {
       const n = inst.node;
       if (inst.frame && !this.safeCond(inst.frame)) continue;
       const path = this.pathOf(n);
+      if (inst.call !== undefined) {
+        throw this.err(
+          "MISSED_PROVIDER",
+          `${path || "model"} ran ${this.callCount.get(path) ?? 0} time(s) in ${this.ctx.kind === "generate" ? `step ${this.step}` : "this pass"}, so its call ${inst.call} never happened and node ${n.id} (${n.op}) could not run`,
+          n,
+          path,
+        );
+      }
       throw this.err(
         "MISSED_PROVIDER",
         `${path ? `${path} ` : ""}never ran in ${this.ctx.kind === "generate" ? `step ${this.step}` : "this pass"} (skipped, or after the module's own output was replaced), so node ${n.id} (${n.op}) could not run`,
@@ -583,7 +821,7 @@ export class Interleaver implements ModuleHooks {
   postCache = new Map<number, boolean>();
 
   pathOf(n: GraphNode): string {
-    if (n.op === "module" || n.op === "swap" || n.op === "skip" || n.op === "call") return String(n.args[0]);
+    if (n.op === "module" || n.op === "swap" || n.op === "skip" || n.op === "call" || n.op === "hookedCall") return String(n.args[0]);
     for (const r of refsOf(n.args as Arg)) {
       const d = this.byId.get(r);
       if (d) {

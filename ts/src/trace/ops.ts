@@ -105,6 +105,6 @@ Object.assign(OPS, {
 } satisfies Record<string, OpDef>);
 
 /** Control ops handled by the interleaver itself (not in OPS). */
-export const CONTROL_OPS = ["module", "swap", "skip", "call", "step", "log", "stop", "cache", "blockResult"] as const;
+export const CONTROL_OPS = ["module", "swap", "skip", "call", "hookedCall", "step", "log", "stop", "cache", "blockResult"] as const;
 
 export const ALLOWED_OPS: ReadonlySet<string> = new Set([...Object.keys(OPS), ...CONTROL_OPS]);

@@ -218,19 +218,19 @@ export class Recorder {
   }
 
   /** A module value read (`envoy.output` / `.input` / `.inputs`). */
-  moduleValue(path: string, kind: "output" | "input" | "inputs"): TracedValue {
+  moduleValue(path: string, kind: "output" | "input" | "inputs", call = 0): TracedValue {
     this.requireInvoke(`${path || "model"}.${kind}`);
-    return this.add("module", [path, kind], { step: this.block === null ? this.step() : 0 });
+    return this.add("module", call === 0 ? [path, kind] : [path, kind, call], { step: this.block === null ? this.step() : 0 });
   }
   /** `envoy.output = v`: replace the module's value for the rest of the pass. */
-  swap(path: string, kind: "output" | "input", value: unknown): void {
+  swap(path: string, kind: "output" | "input", value: unknown, call = 0): void {
     this.requireInvoke(`${path || "model"}.${kind}`);
-    this.add("swap", [path, kind, value], { step: this.block === null ? Math.max(this.step(), this.maxStepOf([value])) : 0 });
+    this.add("swap", call === 0 ? [path, kind, value] : [path, kind, value, call], { step: this.block === null ? Math.max(this.step(), this.maxStepOf([value])) : 0 });
   }
   /** `envoy.skip(v)`. */
-  skip(path: string, value: unknown): void {
+  skip(path: string, value: unknown, call = 0): void {
     this.requireInvoke(`${path || "model"}.skip`);
-    this.add("skip", [path, value], { step: this.block === null ? Math.max(this.step(), this.maxStepOf([value])) : 0 });
+    this.add("skip", call === 0 ? [path, value] : [path, value, call], { step: this.block === null ? Math.max(this.step(), this.maxStepOf([value])) : 0 });
   }
   private maxStepOf(values: unknown[]): number {
     let m = 0;

@@ -75,4 +75,20 @@ describe("GPT-2 module tree", () => {
     expect(r.tokens.toArray()[0].slice(0, ids.length)).toEqual(ids);
     expect(r.tokens.toArray()[0]).not.toEqual(plain.sequences[0]);
   });
+
+  it("source operations: attention_interface_0 feeds c_proj, act_0 is the GELU of c_fc", async () => {
+    const a = model.transformer.h[1].attn;
+    const r = await model.trace(ids, () => ({
+      attn: a.source.attention_interface_0.output,
+      pin: a.c_proj.input,
+      act: model.transformer.h[1].mlp.source.act_0.output,
+      fc: model.transformer.h[1].mlp.c_fc.output,
+    }));
+    const attn = r.attn as Tensor, pin = r.pin as Tensor;
+    expect(attn.shape.slice(0, 2)).toEqual([1, ids.length]);
+    expect(Array.from(attn.reshape([...pin.shape]).toFloat32Array())).toEqual(Array.from(pin.toFloat32Array()));
+    const act = r.act as Tensor, fc = r.fc as Tensor;
+    const gelu = fc.gelu({ approximate: model.spec.hiddenAct === "gelu" ? "none" : "tanh" });
+    expect(Array.from(act.toFloat32Array())).toEqual(Array.from(gelu.toFloat32Array()));
+  });
 });

@@ -15,8 +15,16 @@ export interface ModuleSpec {
   children: ModuleSpec[];
   /** true for list containers (`layers`, `h`): children are indexed 0..n-1 */
   isList?: boolean;
-  /** child names in the order the forward pass calls them, when it differs from `children` */
+  /**
+   * child names in the order the forward pass calls them, when it differs from `children`; operations of
+   * the module's own forward appear as `"source.<name>"`
+   */
   forwardOrder?: string[];
+  /**
+   * Operations inside the module's forward that are hook points too (`envoy.source.attention_interface_0`),
+   * named as NNsight names them (function name + call index). Paths are `<module path>.source.<name>`.
+   */
+  source?: ModuleSpec[];
 }
 
 const leaf = (name: string, type: string, children: ModuleSpec[] = [], isList = false): ModuleSpec => ({
@@ -27,10 +35,14 @@ const leaf = (name: string, type: string, children: ModuleSpec[] = [], isList = 
   isList,
 });
 
+const op = (name: string): ModuleSpec => ({ name, path: "", type: "Operation", children: [] });
+
 /** Fill in every node's full path from the names (the root's path is ""). */
 function assignPaths(m: ModuleSpec, parent: string): ModuleSpec {
   const path = parent === "" ? m.name : `${parent}.${m.name}`;
-  return { ...m, path, children: m.children.map((c) => assignPaths(c, path)) };
+  const out: ModuleSpec = { ...m, path, children: m.children.map((c) => assignPaths(c, path)) };
+  if (m.source) out.source = m.source.map((o) => ({ ...o, path: `${path}.source.${o.name}` }));
+  return out;
 }
 
 export function buildModuleTree(cfg: ModelConfig): ModuleSpec {
@@ -38,9 +50,13 @@ export function buildModuleTree(cfg: ModelConfig): ModuleSpec {
     const block = (i: number) =>
       leaf(String(i), "GPT2Block", [
         leaf("ln_1", "LayerNorm"),
-        leaf("attn", "GPT2Attention", [leaf("c_attn", "Conv1D"), leaf("c_proj", "Conv1D")]),
+        {
+          ...leaf("attn", "GPT2Attention", [leaf("c_attn", "Conv1D"), leaf("c_proj", "Conv1D")]),
+          source: [op("attention_interface_0")],
+          forwardOrder: ["c_attn", "source.attention_interface_0", "c_proj"],
+        },
         leaf("ln_2", "LayerNorm"),
-        leaf("mlp", "GPT2MLP", [leaf("c_fc", "Conv1D"), leaf("c_proj", "Conv1D")]),
+        { ...leaf("mlp", "GPT2MLP", [leaf("c_fc", "Conv1D"), leaf("c_proj", "Conv1D")]), source: [op("act_0")], forwardOrder: ["c_fc", "source.act_0", "c_proj"] },
       ]);
     const transformer = leaf("transformer", "GPT2Model", [
       leaf("wte", "Embedding"),
@@ -52,8 +68,16 @@ export function buildModuleTree(cfg: ModelConfig): ModuleSpec {
   }
   const layer = (i: number) => ({
     ...leaf(String(i), "LlamaDecoderLayer", [
-      leaf("self_attn", "LlamaAttention", [leaf("q_proj", "Linear"), leaf("k_proj", "Linear"), leaf("v_proj", "Linear"), leaf("o_proj", "Linear")]),
-      leaf("mlp", "LlamaMLP", [leaf("gate_proj", "Linear"), leaf("up_proj", "Linear"), leaf("down_proj", "Linear")]),
+      {
+        ...leaf("self_attn", "LlamaAttention", [leaf("q_proj", "Linear"), leaf("k_proj", "Linear"), leaf("v_proj", "Linear"), leaf("o_proj", "Linear")]),
+        source: [op("apply_rotary_pos_emb_0"), op("attention_interface_0")],
+        forwardOrder: ["q_proj", "k_proj", "v_proj", "source.apply_rotary_pos_emb_0", "source.attention_interface_0", "o_proj"],
+      },
+      {
+        ...leaf("mlp", "LlamaMLP", [leaf("gate_proj", "Linear"), leaf("up_proj", "Linear"), leaf("down_proj", "Linear")]),
+        source: [op("act_fn_0")],
+        forwardOrder: ["gate_proj", "source.act_fn_0", "up_proj", "down_proj"],
+      },
       leaf("input_layernorm", "LlamaRMSNorm"),
       leaf("post_attention_layernorm", "LlamaRMSNorm"),
     ]),
@@ -87,7 +111,9 @@ export function eventOrder(root: ModuleSpec): Map<string, number> {
   let n = 0;
   const visit = (m: ModuleSpec) => {
     order.set(`${m.path}\0input`, n++);
-    const kids = m.forwardOrder ? m.forwardOrder.map((name) => m.children.find((c) => c.name === name)!) : m.children;
+    const kids = m.forwardOrder
+      ? m.forwardOrder.map((name) => (name.startsWith("source.") ? m.source!.find((o) => `source.${o.name}` === name)! : m.children.find((c) => c.name === name)!))
+      : m.children;
     for (const c of kids) visit(c);
     order.set(`${m.path}\0output`, n++);
   };

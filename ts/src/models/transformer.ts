@@ -17,8 +17,11 @@ import { KVCache } from "./kv-cache.js";
 
 /** What the tracing layer plugs into a forward pass. */
 export interface ModuleHooks {
-  /** Run module `path` on `inputs` through `body`; may observe or replace inputs and output, or skip body. */
-  call(path: string, inputs: Tensor[], body: (inputs: Tensor[]) => Tensor): Tensor;
+  /**
+   * Run module `path` on `inputs` through `body`; may observe or replace inputs and output, or skip body.
+   * Operations inside a module (`<module>.source.<op>`) go through it too; their output may be a tuple.
+   */
+  call<T extends Tensor | Tensor[]>(path: string, inputs: Tensor[], body: (inputs: Tensor[]) => T): T;
 }
 
 /** A prepared batch: ids [B, T] (left padded), positions [B, T], and the key mask over cache + new tokens. */
@@ -91,9 +94,8 @@ export class TransformerLM {
       const ids = fromArray(b.ids, "int32", [b.batch, b.seq]);
       const pos = fromArray(b.positions, "int32", [b.batch, b.seq]);
       const mask = b.keyMask ? fromArray(b.keyMask, "int32", [b.batch, b.keyMask.length / b.batch]) : null;
-      const run = (path: string, inputs: Tensor[], body: (x: Tensor[]) => Tensor): Tensor =>
-        hooks === null ? body(inputs) : hooks.call(path, inputs, body);
-      const ctx: Ctx = { b, pos, mask, cache, run, lastOnly: !!opts.lastOnly };
+      const run: Run = (path, inputs, body) => (hooks === null ? body(inputs) : hooks.call(path, inputs, body));
+      const ctx: Ctx = { b, pos, mask, cache, run, hooked: hooks !== null, lastOnly: !!opts.lastOnly };
       const logits = run("", [ids], ([x]) => (this.config.modelType === "gpt2" ? this.gpt2(x!, ctx) : this.llama(x!, ctx)));
       if (cache) cache.advance(b.seq);
       return logits;
@@ -132,8 +134,8 @@ export class TransformerLM {
     for (let b = 0; b < B; b++) for (let t = 0; t < T; t++) positions[b * T + t] = t;
     const batch: ForwardBatch = { batch: B, seq: T, ids: new Int32Array(B * T), positions, keyMask: null };
     return scope(() => {
-      const run = (p: string, ins: Tensor[], body: (x: Tensor[]) => Tensor): Tensor => (hooks === null ? body(ins) : hooks.call(p, ins, body));
-      const ctx: Ctx = { b: batch, pos: fromArray(positions, "int32", [B, T]), mask: null, cache: null, run, lastOnly: false };
+      const run: Run = (p, ins, body) => (hooks === null ? body(ins) : hooks.call(p, ins, body));
+      const ctx: Ctx = { b: batch, pos: fromArray(positions, "int32", [B, T]), mask: null, cache: null, run, hooked: hooks !== null, lastOnly: false };
       const m = /^(model\.layers|transformer\.h)\.(\d+)(?:\.(\w+))?$/.exec(path);
       if (m) {
         const l = Number(m[2]);
@@ -179,10 +181,11 @@ export class TransformerLM {
   private llamaMlp(p: string, v: Tensor, ctx: Ctx): Tensor {
     const run = ctx.run;
     const lin = (n: string) => (u: Tensor[]) => linear(u[0]!, this.w(`${p}.mlp.${n}.weight`), this.wOpt(`${p}.mlp.${n}.bias`), "out_in");
+    // HF order: down_proj(act_fn(gate_proj(x)) * up_proj(x))
     const g = run(`${p}.mlp.gate_proj`, [v], lin("gate_proj"));
+    const a = run(`${p}.mlp.source.act_fn_0`, [g], ([u]) => u!.silu());
     const up = run(`${p}.mlp.up_proj`, [v], lin("up_proj"));
-    const act = g.silu().mul(up);
-    return run(`${p}.mlp.down_proj`, [act], lin("down_proj"));
+    return run(`${p}.mlp.down_proj`, [a.mul(up)], lin("down_proj"));
   }
 
   /** The attention module (projections, RoPE, attention, output projection) of layer l. */
@@ -192,14 +195,14 @@ export class TransformerLM {
       const D = this.config.hiddenSize;
       const conv = (n: string) => (u: Tensor[]) => linear(u[0]!, this.w(`${p}.attn.${n}.weight`), this.w(`${p}.attn.${n}.bias`), "in_out");
       const qkv = run(`${p}.attn.c_attn`, [v], conv("c_attn"));
-      const o = this.attention(l, qkv.slice(-1, 0, D), qkv.slice(-1, D, 2 * D), qkv.slice(-1, 2 * D, 3 * D), ctx);
+      const o = this.attention(l, `${p}.attn`, qkv.slice(-1, 0, D), qkv.slice(-1, D, 2 * D), qkv.slice(-1, 2 * D, 3 * D), ctx);
       return run(`${p}.attn.c_proj`, [o], conv("c_proj"));
     }
     const lin = (n: string) => (u: Tensor[]) => linear(u[0]!, this.w(`${p}.self_attn.${n}.weight`), this.wOpt(`${p}.self_attn.${n}.bias`), "out_in");
     const q = run(`${p}.self_attn.q_proj`, [v], lin("q_proj"));
     const k = run(`${p}.self_attn.k_proj`, [v], lin("k_proj"));
     const vv = run(`${p}.self_attn.v_proj`, [v], lin("v_proj"));
-    const o = this.attention(l, q, k, vv, ctx);
+    const o = this.attention(l, `${p}.self_attn`, q, k, vv, ctx);
     return run(`${p}.self_attn.o_proj`, [o], lin("o_proj"));
   }
 
@@ -235,34 +238,48 @@ export class TransformerLM {
   }
 
   private gpt2Mlp(p: string, v: Tensor, ctx?: Ctx): Tensor {
-    const run = ctx ? ctx.run : (_p: string, ins: Tensor[], body: (x: Tensor[]) => Tensor) => body(ins);
+    const run = ctx ? ctx.run : noHooks;
     const conv = (n: string) => (u: Tensor[]) => linear(u[0]!, this.w(`${p}.mlp.${n}.weight`), this.w(`${p}.mlp.${n}.bias`), "in_out");
     const f = run(`${p}.mlp.c_fc`, [v], conv("c_fc"));
-    const a = f.gelu({ approximate: this.config.hiddenAct === "gelu" ? "none" : "tanh" });
+    const a = run(`${p}.mlp.source.act_0`, [f], ([u]) => u!.gelu({ approximate: this.config.hiddenAct === "gelu" ? "none" : "tanh" }));
     return run(`${p}.mlp.c_proj`, [a], conv("c_proj"));
   }
 
   // ------------------------------------------------------------------ shared attention
   /** q/k/v: [B, T, H*hd] (views allowed). Returns the merged heads [B, T, Hq*hd] before the output projection. */
-  private attention(layer: number, q: Tensor, k: Tensor, v: Tensor, ctx: Ctx): Tensor {
+  private attention(layer: number, m: string, q: Tensor, k: Tensor, v: Tensor, ctx: Ctx): Tensor {
     const c = this.config;
     const B = ctx.b.batch, T = ctx.b.seq, hd = c.headDim;
+    const scale = 1 / Math.sqrt(hd);
+    const invFreq = this.invFreq;
     let q4 = q.reshape([B, T, c.numHeads, hd]);
     let k4 = k.reshape([B, T, c.numKvHeads, hd]);
     const v4 = v.reshape([B, T, c.numKvHeads, hd]);
-    if (this.invFreq) {
-      q4 = q4.rope(ctx.pos, this.invFreq, false);
-      k4 = k4.rope(ctx.pos, this.invFreq, false);
+    if (!ctx.hooked) {
+      // the same computation as below without the hook points (every view is a native call)
+      if (invFreq) {
+        q4 = q4.rope(ctx.pos, invFreq, false);
+        k4 = k4.rope(ctx.pos, invFreq, false);
+      }
+      const [kk, vv] = ctx.cache ? ctx.cache.append(layer, k4.permute(0, 2, 1, 3), v4.permute(0, 2, 1, 3)) : [k4.permute(0, 2, 1, 3), v4.permute(0, 2, 1, 3)];
+      const o = q4.permute(0, 2, 1, 3).attention(kk, vv, ctx.mask, scale); // [B, Hq, T, hd] view of [B, T, Hq, hd]
+      return o.permute(0, 2, 1, 3).reshape([B, T, c.numHeads * hd]);
     }
-    let kk: Tensor, vv: Tensor;
-    if (ctx.cache) {
-      [kk, vv] = ctx.cache.append(layer, k4.permute(0, 2, 1, 3), v4.permute(0, 2, 1, 3));
-    } else {
-      kk = k4.permute(0, 2, 1, 3);
-      vv = v4.permute(0, 2, 1, 3);
+    // HF layout for the source operations: q/k/v [B, H, T, hd] (views), attention output [B, T, H, hd]
+    const run = ctx.run;
+    let qh = q4.permute(0, 2, 1, 3);
+    let kh = k4.permute(0, 2, 1, 3);
+    const vh = v4.permute(0, 2, 1, 3);
+    if (invFreq) {
+      // rope runs on [B, T, H, hd]: the permuted views go back to that layout for free
+      [qh, kh] = run(`${m}.source.apply_rotary_pos_emb_0`, [qh, kh], ([a, b]) => [
+        a!.permute(0, 2, 1, 3).rope(ctx.pos, invFreq, false).permute(0, 2, 1, 3),
+        b!.permute(0, 2, 1, 3).rope(ctx.pos, invFreq, false).permute(0, 2, 1, 3),
+      ]);
     }
-    const o = q4.permute(0, 2, 1, 3).attention(kk, vv, ctx.mask, 1 / Math.sqrt(hd)); // [B, Hq, T, hd] view of [B, T, Hq, hd]
-    return o.permute(0, 2, 1, 3).reshape([B, T, c.numHeads * hd]);
+    const [kk, vv] = ctx.cache ? ctx.cache.append(layer, kh, vh) : [kh, vh];
+    const o = run(`${m}.source.attention_interface_0`, [qh!, kk, vv], ([a, b, d]) => a!.attention(b!, d!, ctx.mask, scale).permute(0, 2, 1, 3));
+    return o.reshape([B, T, c.numHeads * hd]);
   }
 }
 
@@ -271,9 +288,14 @@ interface Ctx {
   pos: Tensor;
   mask: Tensor | null;
   cache: KVCache | null;
-  run: (path: string, inputs: Tensor[], body: (x: Tensor[]) => Tensor) => Tensor;
+  run: Run;
+  /** hooks are attached: the source operations are hook points (else they run as plain code) */
+  hooked: boolean;
   lastOnly: boolean;
 }
+
+type Run = <T extends Tensor | Tensor[]>(path: string, inputs: Tensor[], body: (x: Tensor[]) => T) => T;
+const noHooks: Run = (_p, ins, body) => body(ins);
 
 function embed(weight: Tensor, ids: Tensor): Tensor {
   if (!(ids.dtype === "int32" || ids.dtype === "int64")) {

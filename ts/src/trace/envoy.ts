@@ -21,6 +21,8 @@ export class Envoy {
   /** @internal */ readonly _owner: object;
   /** @internal */ readonly _children: Envoy[];
   /** @internal alias name -> child */ readonly _aliases = new Map<string, Envoy>();
+  /** @internal the operations inside this module's forward (`.source`), if it has any */
+  readonly _source: Envoy | null;
   /** @internal which call of the module (in a forward pass) reads and writes address; see nth() */
   readonly _call: number = 0;
 
@@ -31,6 +33,7 @@ export class Envoy {
     this._spec = spec;
     this._owner = owner;
     this._children = spec.children.map((c) => makeEnvoy(c, owner, aliases));
+    this._source = spec.source ? new Envoy({ name: "source", path: `${spec.path}.source`, type: "Source", children: spec.source }, owner) : null;
     for (const c of this._children) {
       const name = c._spec.name;
       Object.defineProperty(this, name, { value: c, enumerable: true, configurable: true });
@@ -106,6 +109,22 @@ export class Envoy {
     return this;
   }
 
+  /**
+   * The operations inside this module's forward, each readable and writable like a module
+   * (`model.model.layers[0].self_attn.source.attention_interface_0.output`). Names follow NNsight
+   * (function name + call index); `String(envoy.source)` lists them. Llama attention:
+   * `apply_rotary_pos_emb_0` (output: the tuple [q, k], each [batch, heads, seq, head_dim]) and
+   * `attention_interface_0` (inputs q, k, v as [batch, heads, seq, head_dim] with k/v including the KV cache;
+   * output [batch, seq, heads, head_dim], before o_proj); GPT-2 attention: `attention_interface_0`; MLPs:
+   * `act_fn_0` (Llama) / `act_0` (GPT-2), the activation function's output.
+   */
+  get source(): Envoy {
+    if (!this._source) {
+      throw new NNsightError("BAD_PATH", `${this.path || "the model"} (${this.type}) has no source operations; attention and MLP modules have them`, { path: this.path });
+    }
+    return this._source;
+  }
+
   /** Every module below this one (pre-order), this one excluded. */
   modules(): Envoy[] {
     const out: Envoy[] = [];
@@ -147,9 +166,11 @@ export class Envoy {
       const i = Number(name);
       return this._children[i < 0 ? i + this._children.length : i];
     }
+    if (name === "source" && this._source) return this._source;
     return this._children.find((c) => c._spec.name === name) ?? this._aliases.get(name);
   }
   toString(): string {
+    if (this.type === "Source") return `Source(${this.path}: ${this._children.map((c) => c._spec.name).join(", ")})`;
     return `Envoy(${this.path || "<root>"}: ${this.type})`;
   }
 }

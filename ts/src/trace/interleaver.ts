@@ -70,6 +70,8 @@ interface Frame {
 }
 
 const key = (path: string, kind: string) => `${path}\0${kind}`;
+/** A module's output: a tensor, or a tuple of them for some source operations (`apply_rotary_pos_emb_0`). */
+type MV = Tensor | Tensor[];
 const key3 = (path: string, kind: string, call: number) => `${path}\0${kind}\0${call}`;
 
 /** The call index a module read/write addresses (a trailing argument; 0 when absent). */
@@ -119,7 +121,7 @@ export class Interleaver implements ModuleHooks {
   /** the counted-call event being fired (in-place edits must happen while it is open) */
   private currentDyn: string | null = null;
   private readonly hookedHooks: ModuleHooks = {
-    call: (p, ins, body) => (this.active.has(p) && this.isCounted(p) ? this.countedCall(p, ins, body, false) : body(ins)),
+    call: <T extends MV>(p: string, ins: Tensor[], body: (x: Tensor[]) => T): T => (this.active.has(p) && this.isCounted(p) ? (this.countedCall(p, ins, body, false) as T) : body(ins)),
   };
 
   constructor(ctx: InterleaveContext) {
@@ -254,7 +256,7 @@ export class Interleaver implements ModuleHooks {
           break;
         case "cache": {
           const opts = (a[0] ?? {}) as { modules?: string[] | null; inputs?: boolean };
-          const mods = opts.modules ?? [...this.ctx.events.keys()].filter((k) => k.endsWith("\0output")).map((k) => k.slice(0, -7)).filter((p) => p !== "");
+          const mods = opts.modules ?? [...this.ctx.events.keys()].filter((k) => k.endsWith("\0output")).map((k) => k.slice(0, -7)).filter((p) => p !== "" && !p.includes(".source."));
           for (const path of mods) {
             const inst: Instance = { node, frame, event: this.ev(path, "output", node), done: false, capture: { path, kind: "output" } };
             this.push(inst);
@@ -319,7 +321,7 @@ export class Interleaver implements ModuleHooks {
   }
 
   /** One call of a counted module: numbered in the order calls happen; fires that call's reads and writes. */
-  private countedCall(path: string, inputs: Tensor[], body: (inputs: Tensor[]) => Tensor, natural: boolean): Tensor {
+  private countedCall(path: string, inputs: Tensor[], body: (inputs: Tensor[]) => MV, natural: boolean): MV {
     const c = this.callCount.get(path) ?? 0;
     this.callCount.set(path, c + 1);
     const kin = key3(path, "input", c);
@@ -333,7 +335,7 @@ export class Interleaver implements ModuleHooks {
       ins = this.provided.get(key(path, "input")) as Tensor[];
     }
     const skip = this.dynSkips.get(kin);
-    let out: Tensor;
+    let out: MV;
     if (skip && (!natural || this.coversAll(skip.map((s) => s.invoke)))) {
       out = this.assembleSkip(natural ? skip : skip.map((s) => ({ invoke: null, value: s.value })));
     } else {
@@ -342,11 +344,11 @@ export class Interleaver implements ModuleHooks {
     }
     this.dynProvided.set(kout, { value: out, natural });
     this.fireDyn(kout);
-    out = this.dynProvided.get(kout)!.value as Tensor;
+    out = this.dynProvided.get(kout)!.value;
     if (natural) {
       this.provided.set(key(path, "output"), out);
       this.fire(this.ctx.events.get(key(path, "output"))!);
-      out = this.provided.get(key(path, "output")) as Tensor;
+      out = this.provided.get(key(path, "output"))!;
     }
     return out;
   }
@@ -445,15 +447,15 @@ export class Interleaver implements ModuleHooks {
   }
 
   // ------------------------------------------------------------------ hooks
-  call(path: string, inputs: Tensor[], body: (inputs: Tensor[]) => Tensor): Tensor {
+  call<T extends MV>(path: string, inputs: Tensor[], body: (inputs: Tensor[]) => T): T {
     if (!this.active.has(path) && path !== "") return body(inputs);
-    if (this.counted !== null && this.isCounted(path)) return this.countedCall(path, inputs, body, true);
+    if (this.counted !== null && this.isCounted(path)) return this.countedCall(path, inputs, body, true) as T;
     const ein = this.ctx.events.get(key(path, "input"))!;
     this.provided.set(key(path, "input"), inputs);
     this.fire(ein);
     const ins = this.provided.get(key(path, "input")) as Tensor[];
     const skip = this.skips.get(path);
-    let out: Tensor;
+    let out: MV;
     if (skip && this.coversAll(skip.map((s) => s.invoke))) {
       out = this.assembleSkip(skip);
     } else {
@@ -463,7 +465,7 @@ export class Interleaver implements ModuleHooks {
     const eout = this.ctx.events.get(key(path, "output"))!;
     this.provided.set(key(path, "output"), out);
     this.fire(eout);
-    return this.provided.get(key(path, "output")) as Tensor;
+    return this.provided.get(key(path, "output")) as T;
   }
 
   private fire(event: number): void {
@@ -524,14 +526,14 @@ export class Interleaver implements ModuleHooks {
           const e = this.dynGet(path, kind === "output" ? "output" : "input", inst);
           const rows = e.natural ? node.invoke : null;
           if (kind === "output") {
-            const t = this.rowsView(e.value as Tensor, rows);
+            const t = this.rowsOf(e.value, rows);
             return path === "" ? { logits: t } : t;
           }
           const ins = e.value as Tensor[];
           return kind === "input" ? this.rowsView(ins[0]!, rows) : ins.map((t) => this.rowsView(t, rows));
         }
         if (path === "" && kind === "output") return { logits: this.rowsView(this.get(path, "output", node) as Tensor, node.invoke) };
-        if (kind === "output") return this.rowsView(this.get(path, "output", node) as Tensor, node.invoke);
+        if (kind === "output") return this.rowsOf(this.get(path, "output", node), node.invoke);
         const ins = this.get(path, "input", node) as Tensor[];
         if (kind === "input") return this.rowsView(ins[0]!, node.invoke);
         return ins.map((t) => this.rowsView(t, node.invoke));
@@ -544,7 +546,7 @@ export class Interleaver implements ModuleHooks {
           const rows = e.natural ? node.invoke : null;
           if (kind === "output") {
             const nv = path === "" && v !== null && typeof v === "object" && !(v instanceof Tensor) && "logits" in v ? (v as { logits: Value }).logits : v;
-            e.value = this.replaceRows(e.value as Tensor, nv, rows);
+            e.value = this.replaceValue(e.value, nv, rows);
           } else {
             const ins = [...(e.value as Tensor[])];
             ins[0] = this.replaceRows(ins[0]!, v, rows);
@@ -553,9 +555,9 @@ export class Interleaver implements ModuleHooks {
           return undefined;
         }
         if (kind === "output") {
-          const cur = this.get(path, "output", node) as Tensor;
+          const cur = this.get(path, "output", node);
           const nv = path === "" && v !== null && typeof v === "object" && !(v instanceof Tensor) && "logits" in v ? (v as { logits: Value }).logits : v;
-          this.provided.set(key(path, "output"), this.replaceRows(cur, nv, node.invoke));
+          this.provided.set(key(path, "output"), this.replaceValue(cur, nv, node.invoke));
         } else {
           const ins = [...(this.get(path, "input", node) as Tensor[])];
           ins[0] = this.replaceRows(ins[0]!, v, node.invoke);
@@ -642,20 +644,36 @@ export class Interleaver implements ModuleHooks {
     return next;
   }
 
-  private assembleSkip(skips: Array<{ invoke: number | null; value: Value }>): Tensor {
-    const whole = skips.find((s) => s.invoke === null || this.ctx.rows[s.invoke]?.count === this.ctx.batchSize);
-    if (whole) {
-      const v = whole.value;
-      if (!(v instanceof Tensor)) throw new NNsightError("BAD_INPUT", "skip() needs a tensor value");
-      return v._view([...v.shape], [...v.strides], v.offset);
-    }
-    const ordered = [...skips].sort((x, y) => this.ctx.rows[x.invoke!]!.start - this.ctx.rows[y.invoke!]!.start);
-    return cat(ordered.map((s) => s.value as Tensor), 0);
+  /** rowsView over a module value (each element of a tuple). */
+  private rowsOf(v: MV, invoke: number | null): Value {
+    return Array.isArray(v) ? v.map((t) => this.rowsView(t, invoke)) : this.rowsView(v, invoke);
   }
 
-  private applyRows(out: Tensor, skips: Array<{ invoke: number | null; value: Value }>): Tensor {
+  /** replaceRows over a module value: a tuple is replaced element by element by an array of the same length. */
+  private replaceValue(cur: MV, v: Value, invoke: number | null): MV {
+    if (!Array.isArray(cur)) return this.replaceRows(cur, v, invoke);
+    if (!Array.isArray(v) || v.length !== cur.length) {
+      throw new NNsightError("BAD_INPUT", `this value is a tuple of ${cur.length} tensors: replace it with an array of ${cur.length}`);
+    }
+    return cur.map((t, i) => this.replaceRows(t, v[i], invoke));
+  }
+
+  private assembleSkip(skips: Array<{ invoke: number | null; value: Value }>): MV {
+    const whole = skips.find((s) => s.invoke === null || this.ctx.rows[s.invoke]?.count === this.ctx.batchSize);
+    const viewOf = (v: Value): Tensor => {
+      if (!(v instanceof Tensor)) throw new NNsightError("BAD_INPUT", "skip() needs a tensor value (or an array of tensors for a tuple)");
+      return v._view([...v.shape], [...v.strides], v.offset);
+    };
+    if (whole) return Array.isArray(whole.value) ? whole.value.map(viewOf) : viewOf(whole.value);
+    const ordered = [...skips].sort((x, y) => this.ctx.rows[x.invoke!]!.start - this.ctx.rows[y.invoke!]!.start);
+    const first = ordered[0]!.value;
+    if (Array.isArray(first)) return first.map((_, i) => cat(ordered.map((s) => viewOf((s.value as Value[])[i])), 0));
+    return cat(ordered.map((s) => viewOf(s.value)), 0);
+  }
+
+  private applyRows(out: MV, skips: Array<{ invoke: number | null; value: Value }>): MV {
     let cur = out;
-    for (const s of skips) cur = this.replaceRows(cur, s.value, s.invoke);
+    for (const s of skips) cur = this.replaceValue(cur, s.value, s.invoke);
     return cur;
   }
 

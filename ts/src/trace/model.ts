@@ -70,17 +70,20 @@ export interface TraceBackend {
   run(req: { graph: AnyGraph; attachments: Tensor[]; scan: boolean; opts: TraceOptions }, finish: (r: BackendResult) => unknown): Promise<unknown>;
 }
 
+/** `envoy.source` of a module whose forward has operations `K`. */
+type WithSource<K extends string> = { readonly source: Envoy & { readonly [k in K]: Envoy } };
+
 export interface LlamaLayerEnvoy extends Envoy {
-  readonly self_attn: Envoy & { readonly q_proj: Envoy; readonly k_proj: Envoy; readonly v_proj: Envoy; readonly o_proj: Envoy };
-  readonly mlp: Envoy & { readonly gate_proj: Envoy; readonly up_proj: Envoy; readonly down_proj: Envoy };
+  readonly self_attn: Envoy & { readonly q_proj: Envoy; readonly k_proj: Envoy; readonly v_proj: Envoy; readonly o_proj: Envoy } & WithSource<"apply_rotary_pos_emb_0" | "attention_interface_0">;
+  readonly mlp: Envoy & { readonly gate_proj: Envoy; readonly up_proj: Envoy; readonly down_proj: Envoy } & WithSource<"act_fn_0">;
   readonly input_layernorm: Envoy;
   readonly post_attention_layernorm: Envoy;
 }
 export interface GPT2BlockEnvoy extends Envoy {
   readonly ln_1: Envoy;
-  readonly attn: Envoy & { readonly c_attn: Envoy; readonly c_proj: Envoy };
+  readonly attn: Envoy & { readonly c_attn: Envoy; readonly c_proj: Envoy } & WithSource<"attention_interface_0">;
   readonly ln_2: Envoy;
-  readonly mlp: Envoy & { readonly c_fc: Envoy; readonly c_proj: Envoy };
+  readonly mlp: Envoy & { readonly c_fc: Envoy; readonly c_proj: Envoy } & WithSource<"act_0">;
 }
 
 interface EditRecord {

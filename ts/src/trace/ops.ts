@@ -44,6 +44,20 @@ export const OPS: Record<string, OpDef> = {};
 for (const n of METHODS) OPS[n] = m(n);
 for (const n of VIEW_METHODS) OPS[n] = m(n, true);
 // contiguous/reshape may copy; they are still "views" when the layout allows, which is what matters for writes.
+// `at` also indexes tuples (a source operation's output such as [q, k]): `value.at(0)`, negative too.
+const tensorAt = OPS.at!.run;
+OPS.at = {
+  view: true,
+  run: (a) => {
+    if (!Array.isArray(a[0])) return tensorAt(a);
+    const tuple = a[0] as Value[];
+    const idx = Array.isArray(a[1]) && a[1].length === 1 ? a[1][0] : a[1];
+    if (typeof idx !== "number" || !Number.isInteger(idx)) throw new NNsightError("BAD_INPUT", "a tuple is indexed with one integer");
+    const i = idx < 0 ? idx + tuple.length : idx;
+    if (i < 0 || i >= tuple.length) throw new NNsightError("BAD_INPUT", `index ${idx} is out of range for a tuple of ${tuple.length}`);
+    return tuple[i];
+  },
+};
 
 Object.assign(OPS, {
   /** in-place write: target.set(index?, value); returns the target */

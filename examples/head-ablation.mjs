@@ -1,6 +1,7 @@
-// Ablating attention heads: zero one head's slice of the attention output projection's input
-// (`self_attn.o_proj.input[..., h*headDim:(h+1)*headDim]`, GPT-2: `attn.c_proj.input`) and compare
-// the next-token distribution with the clean run. Every head is its own invoke of one trace.
+// Ablating attention heads: zero one head of the attention operation inside the attention module
+// (`self_attn.source.attention_interface_0.output[:, :, h]`, [batch, seq, heads, head_dim], before the
+// output projection; GPT-2: `attn.source...`) and compare the next-token distribution with the clean run.
+// Every head is its own invoke of one trace.
 //
 //   node examples/head-ablation.mjs [model] [--layer L] [--prompt "..."]
 import { parseArgs } from "node:util";
@@ -36,7 +37,7 @@ try {
     for (let l = 0; l < numLayers; l++) {
       for (let h = 0; h < numHeads; h++) {
         tr.invoke(prompt, () => {
-          P.attnOut(l).input.set([":", ":", `${h * headDim}:${(h + 1) * headDim}`], 0);
+          P.attnHeads(l).output.set([":", ":", h], 0);
           return { [`a_${l}_${h}`]: nextProbs() };
         });
       }

@@ -44,6 +44,8 @@ export function parts(model) {
     lmHead: model.lm_head,
     /** the projection that mixes the heads; its input is the heads' outputs side by side */
     attnOut: (l) => (gpt2 ? layers[l].attn.c_proj : layers[l].self_attn.o_proj),
+    /** the attention operation inside the attention module: output [batch, seq, heads, head_dim], before the output projection */
+    attnHeads: (l) => (gpt2 ? layers[l].attn : layers[l].self_attn).source.attention_interface_0,
     /** logit lens: decode a residual-stream value through the final norm and the unembedding */
     lens: (h) => model.lm_head.call((gpt2 ? model.transformer.ln_f : model.model.norm).call(h)),
   };

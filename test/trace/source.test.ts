@@ -111,4 +111,17 @@ describe("module source operations", () => {
     const k = r.k as unknown as Tensor[];
     expect(k.map((t) => t.shape)).toEqual([[1, 4, 5, 8], [1, 4, 6, 8], [1, 4, 7, 8]]);
   });
+
+  it("scan gives source operation shapes (tuples too) and hooked-call shapes without computing", async () => {
+    const r = await model.scan(P, () => ({
+      rot: model.model.layers[0].self_attn.source.apply_rotary_pos_emb_0.output,
+      attn: model.model.layers[0].self_attn.source.attention_interface_0.output,
+      lens: model.lm_head.call(model.model.norm.call(model.model.layers[0].output), { hook: true }),
+      second: model.lm_head.nth(1).output,
+    }));
+    expect(r.rot).toEqual([{ shape: [1, 8, 5, 8], dtype: "float32" }, { shape: [1, 4, 5, 8], dtype: "float32" }]);
+    expect(r.attn).toEqual({ shape: [1, 5, 8, 8], dtype: "float32" });
+    expect(r.lens).toEqual({ shape: [1, 5, 512], dtype: "float32" });
+    expect(r.second).toEqual({ shape: [1, 5, 512], dtype: "float32" });
+  });
 });

@@ -73,6 +73,19 @@ describe("remote equals local", () => {
     await expectSame(l.saved, r.saved, "saved");
   });
 
+  it("source operations (a tuple swap) and hooked calls addressed with nth()", async () => {
+    const run = (m: LanguageModel) =>
+      m.trace("Once upon a time", () => {
+        const rope = m.model.layers[1]!.self_attn.source.apply_rotary_pos_emb_0;
+        rope.output = [rope.output.at(0).mul(0.5), rope.output.at(1)];
+        m.model.layers[2]!.self_attn.source.attention_interface_0.output.set([":", ":", 3], 0);
+        const lens = m.lm_head.call(m.model.norm.call(m.model.layers[2]!.output), { hook: true });
+        m.lm_head.nth(1).output.set([":", -1], 0);
+        return { lens, first: m.lm_head.nth(0).output, own: m.lm_head.nth(1).output, attn: m.model.layers[1]!.self_attn.source.attention_interface_0.output };
+      });
+    await expectSame(await run(local), await run(remote));
+  });
+
   it("a trace with a tensor attachment", async () => {
     const noise = tensor(Array.from({ length: 64 }, (_, i) => Math.sin(i) / 10), { dtype: "float32", shape: [64] });
     const run = (m: LanguageModel) => m.trace("Once upon a time", () => {

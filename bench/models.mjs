@@ -167,5 +167,5 @@ async function runOne(name) {
   }
   progressDone();
   await model.dispose();
-  emit({ bench: "models.rss", ...base, shape: null, ms: null, note: "peak RSS of this model's process (mapped weights count once touched)" });
+  emit({ bench: "models.rss", ...base, shape: null, ms: null, note: "peak RSS of this model's process (mapped weights count once touched), prefill runs and their full logits included; the generation footprint against the target is bench/memory-model.mjs" });
 }

@@ -192,6 +192,28 @@ describe("lifetime", () => {
     const growthMB = (process.memoryUsage().rss - rssBase) / 1e6;
     expect(growthMB).toBeLessThan(16); // measured: flat (±3 MB of allocator/JS-heap noise)
   });
+  it("recording a long chain of large ops holds a bounded amount of memory (NX_INFLIGHT_MB)", async () => {
+    // Outputs are allocated when an op is recorded, and recording outruns the kernels; once queued work
+    // holds more than NX_INFLIGHT_MB (default 16) recording waits, so a long pass never holds all its
+    // intermediates at once (unbounded, this chain would hold up to 64 x 4 MB).
+    const x = randn([1024, 1024], { seed: 2 }); // 4 MB
+    const x0 = x.toFloat32Array()[0]!;
+    const base = memory().hostBytes;
+    let peak = 0;
+    let h = x;
+    for (let i = 0; i < 64; i++) {
+      const next = h.tanh();
+      if (h !== x) h.dispose();
+      h = next;
+      peak = Math.max(peak, memory().hostBytes - base);
+    }
+    let want = x0;
+    for (let i = 0; i < 64; i++) want = Math.tanh(want);
+    expect(Math.abs(Number((await h.data())[0]) - want)).toBeLessThan(1e-5);
+    expect(peak).toBeLessThan(40 << 20);
+    h.dispose();
+    x.dispose();
+  });
 });
 
 describe("allocation limit (servers)", () => {

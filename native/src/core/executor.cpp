@@ -8,6 +8,8 @@ namespace nx {
 Executor::Executor() {
   const char* s = std::getenv("NX_SYNC");
   inline_ = s != nullptr && s[0] == '1';
+  const char* m = std::getenv("NX_INFLIGHT_MB");
+  inflight_limit_ = static_cast<size_t>(m ? std::atoll(m) : 16) << 20;
   if (!inline_) thread_ = std::thread([this] { loop(); });
 }
 
@@ -38,8 +40,16 @@ void Executor::run_task(Task& t) {
       if (s) s->set_error(err);
 }
 
+namespace {
+thread_local size_t t_allocated = 0;  // host bytes allocated on this thread since its last submit()
+}  // namespace
+
+void note_host_allocation(size_t bytes) { t_allocated += bytes; }
+
 void Executor::submit(std::function<void()> fn, std::vector<std::shared_ptr<Storage>> inputs,
                       std::vector<std::shared_ptr<Storage>> outputs) {
+  const size_t bytes = t_allocated;
+  t_allocated = 0;
   for (auto& s : outputs)
     if (s && s->meta) return;  // shape-only tensors: nothing to compute
   for (auto& s : inputs)
@@ -49,15 +59,24 @@ void Executor::submit(std::function<void()> fn, std::vector<std::shared_ptr<Stor
     run_task(t);
     return;
   }
-  bool wake;
+  t.bytes = bytes;
+  bool wake, over;
   {
     std::lock_guard<std::mutex> lk(mu_);
+    inflight_ += t.bytes;
     queue_.push_back(std::move(t));
     submitted_++;
     queued_.store(submitted_, std::memory_order_release);
     wake = sleeping_;
+    over = inflight_limit_ != 0 && inflight_ > inflight_limit_;
   }
   if (wake) cv_.notify_one();  // no futex call while the executor is awake (bursts of ops)
+  if (over && std::this_thread::get_id() != thread_.get_id()) {
+    std::unique_lock<std::mutex> lk(mu_);
+    throttled_++;
+    throttle_cv_.wait(lk, [&] { return inflight_ <= inflight_limit_ / 2 || completed_ == submitted_; });
+    throttled_--;
+  }
 }
 
 void Executor::after(std::function<void()> fn) { submit(std::move(fn), {}, {}); }
@@ -94,12 +113,17 @@ void Executor::loop() {
       taken_++;
     }
     run_task(t);
+    const size_t bytes = t.bytes;
     t = Task{};  // drop storage references before reporting completion
+    bool resume;
     {
       std::lock_guard<std::mutex> lk(mu_);
       completed_++;
+      inflight_ -= bytes;
+      resume = throttled_ > 0 && (inflight_ <= inflight_limit_ / 2 || completed_ == submitted_);
     }
     done_cv_.notify_all();
+    if (resume) throttle_cv_.notify_all();
   }
 }
 

@@ -11,6 +11,16 @@
 //
 // A task that throws marks its outputs' storages with the error; a task whose inputs carry an error
 // passes it on instead of running. Readers see the error when they read. Nothing else stops.
+//
+// Recording is bounded in bytes: outputs are allocated when an op is recorded, and a long pass (a
+// 128-token prefill) records in a few milliseconds what takes the kernels a second, so without a bound
+// every intermediate of the whole pass would be allocated at once (hundreds of MB for a 1B model). Each
+// task counts the host bytes Storage::allocate handed out on the submitting thread since its previous
+// submit (its fresh outputs; an in-place write into an existing tensor, such as a KV-cache append,
+// counts nothing). Once the tasks queued and not yet run hold more than NX_INFLIGHT_MB (default 16;
+// 0 = no bound), submit() waits until the executor has run them down to half of that. Waiting costs no
+// throughput: the queue still holds half the bound of work, far more than recording needs to refill it.
+// The executor thread itself is never made to wait.
 #pragma once
 #include <atomic>
 #include <condition_variable>
@@ -44,6 +54,7 @@ class Executor {
   struct Task {
     std::function<void()> fn;
     std::vector<std::shared_ptr<Storage>> inputs, outputs;
+    size_t bytes = 0;  // host bytes allocated for this task (in inflight_ until it completed)
   };
   void loop();
   static void run_task(Task& t);
@@ -54,6 +65,10 @@ class Executor {
   uint64_t submitted_ = 0, completed_ = 0;
   std::atomic<uint64_t> queued_{0};  // == submitted_, readable without the lock
   uint64_t taken_ = 0;               // tasks the executor has dequeued (executor thread only)
+  size_t inflight_ = 0;              // sum of Task::bytes of tasks not yet completed
+  size_t inflight_limit_ = 0;        // 0 = unbounded
+  int throttled_ = 0;                // submitters waiting on throttle_cv_ for inflight_ <= limit / 2
+  std::condition_variable throttle_cv_;
   bool sleeping_ = false;
   bool stop_ = false;
   bool inline_ = false;
@@ -61,5 +76,8 @@ class Executor {
 };
 
 Executor& executor();
+
+// Called by Storage::allocate: host bytes handed out on this thread, counted by its next submit().
+void note_host_allocation(size_t bytes);
 
 }  // namespace nx

@@ -6,7 +6,7 @@
  *   nnsight status URL                        what a server serves
  *   nnsight run script.mjs [--remote URL]     run a script; with --remote, LanguageModel.load() connects
  *   nnsight make-checkpoint PRESET DIR        a random-weight HF checkpoint (gpt2-124m, llama-1b, ...)
- *   nnsight bench [machine|kernels|models|trace|memory|compare|remote] [args...]   the benchmarks in bench/
+ *   nnsight bench [machine|kernels|models|trace|memory|rss|compare|remote] [args...]   the benchmarks in bench/
  */
 import { spawnSync } from "node:child_process";
 import { existsSync } from "node:fs";
@@ -40,7 +40,7 @@ async function main(argv: string[]): Promise<number | null> {
       return benchCommand(rest);
     default:
       console.error(
-        `usage: nnsight info [model]\n       nnsight status URL\n       nnsight run script.mjs [--remote URL] [--api-key KEY] [args...]\n       nnsight make-checkpoint PRESET DIR [--dtype float32|bfloat16|float16] [--shards N] [--seed S]\n       nnsight bench [machine|kernels|models|trace|memory|compare|remote] [args...]\n${SERVE_USAGE.replace("usage: ", "       ")}`,
+        `usage: nnsight info [model]\n       nnsight status URL\n       nnsight run script.mjs [--remote URL] [--api-key KEY] [args...]\n       nnsight make-checkpoint PRESET DIR [--dtype float32|bfloat16|float16] [--shards N] [--seed S]\n       nnsight bench [machine|kernels|models|trace|memory|rss|compare|remote] [args...]\n${SERVE_USAGE.replace("usage: ", "       ")}`,
       );
       return cmd ? 2 : 0;
   }
@@ -52,6 +52,7 @@ const BENCHES: Record<string, string> = {
   models: "models.mjs",
   trace: "trace-overhead.mjs",
   memory: "trace-memory.mjs",
+  rss: "memory-model.mjs",
   compare: "compare.mjs",
   remote: "remote-load.mjs",
 };

@@ -44,12 +44,7 @@ export async function loadSafetensors(files: string[], opts: LoadOptions = {}): 
   const out = new Map<string, Tensor>();
   let done = 0;
   for (const { file, header } of headers) {
-    let mapping;
-    try {
-      mapping = native.mapFile(file);
-    } catch (e) {
-      throw toNNsightError(e);
-    }
+    const mapping = mapOrThrow(file);
     try {
       for (const [name, info] of header.tensors) {
         done++;
@@ -57,14 +52,21 @@ export async function loadSafetensors(files: string[], opts: LoadOptions = {}): 
         if (!(RUNTIME_DTYPES as readonly string[]).includes(info.dtype)) continue; // only reachable with skipUnsupported
         if (out.has(name)) throw new NNsightError("IO", `${file}: tensor "${name}" appears in more than one file`, { file, tensor: name });
         const dt = parseDType(info.dtype);
+        const convert = want !== undefined && isFloat(dt) && dt !== want;
+        // A tensor converted while loading is read once from a mapping of its own, unmapped as soon as
+        // the conversion ran: through the shared mapping, every converted tensor's source pages would
+        // stay resident until the whole file is done (peak = converted copies + the file).
+        const src = convert ? mapOrThrow(file) : mapping;
         let t: Tensor;
         try {
-          t = new Tensor(native.viewBytes(mapping, info.begin, dtypeId(dt), info.shape));
+          t = new Tensor(native.viewBytes(src, info.begin, dtypeId(dt), info.shape));
         } catch (e) {
           const err = toNNsightError(e);
           throw new NNsightError(err.code, `${file}: tensor "${name}": ${err.message}`, { file, tensor: name });
+        } finally {
+          if (src !== mapping) native.dispose(src);
         }
-        if (want && isFloat(dt) && dt !== want) {
+        if (convert) {
           const c = t.to(want);
           t.dispose();
           t = c;
@@ -77,6 +79,14 @@ export async function loadSafetensors(files: string[], opts: LoadOptions = {}): 
     }
   }
   return out;
+}
+
+function mapOrThrow(file: string) {
+  try {
+    return native.mapFile(file);
+  } catch (e) {
+    throw toNNsightError(e);
+  }
 }
 
 /** Write tensors (any layout; stored row-major in their dtype) to a safetensors file. */

@@ -21,6 +21,7 @@ import { readFileSync } from "node:fs";
 import { join } from "node:path";
 
 import { randn, setNumThreads, tensor } from "../dist/index.js";
+import { runCudaKernels } from "./cuda-kernels.mjs";
 import { ROOT, addon, emit, findPython, flags, loadAvg, measureLimits, minorFaults, progress, round, runJsonLines, timeit } from "./lib.mjs";
 
 const opt = flags({ threads: 2, filter: "", peers: true, noPeers: false, minMs: 1000 });
@@ -202,4 +203,7 @@ if (runPeers) {
     }
   }
 }
+
+// ---------------------------------------------------------------- CUDA (build/nx_cuda_bench; one kernels.cuda.skip line without a GPU)
+runCudaKernels(opt.filter);
 one.dispose();

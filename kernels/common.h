@@ -152,7 +152,7 @@ inline void store_i64(void* data, DType t, int64_t i, int64_t v) {
 
 // ---- errors ----
 // Stable codes shared with TS (`NNsightError.code`): BAD_INPUT, SHAPE, DTYPE, INDEX, DISPOSED, IO,
-// UNSUPPORTED, INTERNAL.
+// UNSUPPORTED, DEVICE (no usable CUDA / tensors on different devices / a failed CUDA call), OOM, INTERNAL.
 struct Error : std::runtime_error {
   std::string code;
   Error(std::string c, const std::string& msg) : std::runtime_error(msg), code(std::move(c)) {}

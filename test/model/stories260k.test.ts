@@ -3,7 +3,7 @@ import { readFileSync } from "node:fs";
 
 import { afterAll, beforeAll, describe, expect, it } from "vitest";
 
-import { LanguageModel } from "../../ts/src/index.js";
+import { LanguageModel, cudaInfo } from "../../ts/src/index.js";
 
 const golden = JSON.parse(readFileSync(new URL("../fixtures/stories260K-golden.json", import.meta.url), "utf8")) as {
   prompt: string;
@@ -102,8 +102,13 @@ describe("load options", () => {
     await bf.dispose();
   });
 
-  it("device cuda is a clear UNSUPPORTED on this build; bad threads is BAD_INPUT", async () => {
-    await expect(LanguageModel.load("stories260K", { device: "cuda" })).rejects.toMatchObject({ code: "UNSUPPORTED" });
+  it("a malformed device is DEVICE, cuda without a usable GPU is DEVICE with the reason; bad threads is BAD_INPUT", async () => {
+    await expect(LanguageModel.load("stories260K", { device: "gpu" })).rejects.toMatchObject({ code: "DEVICE" });
+    const cuda = cudaInfo();
+    // where a GPU exists, test/native/cuda.test.ts runs this model on it instead
+    if (!cuda.available) {
+      await expect(LanguageModel.load("stories260K", { device: "cuda" })).rejects.toMatchObject({ code: "DEVICE", message: expect.stringContaining(cuda.reason!) });
+    }
     await expect(LanguageModel.load("stories260K", { threads: 0 })).rejects.toMatchObject({ code: "BAD_INPUT" });
   });
 

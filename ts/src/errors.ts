@@ -16,7 +16,8 @@ export const ERROR_CODES = [
   "DISPOSED", // use of a disposed tensor or model
   "IO", // file missing, truncated or malformed
   "OOM", // allocation failed
-  "UNSUPPORTED", // a valid request this build cannot serve (model type, device)
+  "UNSUPPORTED", // a valid request this build cannot serve (model type, option)
+  "DEVICE", // a device that is unavailable (no CUDA build, driver or GPU: the message says which), or tensors on different devices
   "INTERNAL", // a bug: please report
   // models and tracing
   "BAD_PATH", // unknown module path

@@ -15,6 +15,10 @@ export {
   getNumThreads,
   DTYPES,
   type DType,
+  type Device,
+  type CudaInfo,
+  cudaAvailable,
+  cudaInfo,
   type Index,
   type TensorLike,
 } from "./tensor/index.js";

@@ -18,6 +18,7 @@
 #include "../../../kernels/cpu/norm.h"
 #include "../../../kernels/cpu/reduce.h"
 #include "executor.h"
+#include "ops_cuda.h"
 
 namespace nx {
 
@@ -96,6 +97,8 @@ std::vector<Tensor> run_op(Op op, const std::vector<const Tensor*>& in, const st
   NX_CHECK(n >= info.min_inputs && n <= info.max_inputs, "BAD_INPUT",
            name << ": expects " << info.min_inputs << (info.max_inputs != info.min_inputs ? "+" : "") << " inputs, got " << n);
   for (int i = 0; i < info.min_inputs; i++) NX_CHECK(in[i] != nullptr, "BAD_INPUT", name << ": input " << i << " is missing");
+  // Inputs on a CUDA device run there (ops_cuda.cpp); a mix of devices is a DEVICE error.
+  if (const int dev = op_device(op, in); dev >= 0) return run_op_cuda(op, in, at, dev);
   const bool ref = g_use_ref;
   Storages ins = storages_of(in);
   auto queue = [&](std::function<void()> fn, const std::vector<Tensor>& outs) {

@@ -1,12 +1,16 @@
 // tensor.cpp: Storage allocation and Tensor views (see tensor.h).
 #include "tensor.h"
 
+#include "executor.h"
+
 #include <cstdlib>
 #include <iterator>
 #include <mutex>
 #include <unordered_map>
 #include <vector>
 #include <sstream>
+
+#include "../../../kernels/cuda/cuda.h"
 
 namespace nx {
 
@@ -116,11 +120,36 @@ std::shared_ptr<Storage> Storage::allocate(size_t nbytes) {
   s->nbytes = nbytes;
   memory_stats().storages++;
   memory_stats().host_bytes += static_cast<int64_t>(n);
+  note_host_allocation(n);  // the executor bounds what queued tasks hold (executor.h)
   s->release = [p, n, big] {
     memory_stats().host_bytes -= static_cast<int64_t>(n);
     if (!big || !block_cache().give(p, n)) std::free(p);
   };
   return s;
+}
+
+std::shared_ptr<Storage> Storage::allocate_device(size_t nbytes, int device) {
+#if NX_WITH_CUDA
+  NX_CHECK(device >= 0, "DEVICE", "allocate_device: bad device " << device);
+  size_t cap = g_max_alloc.load();
+  NX_CHECK(cap == 0 || nbytes <= cap, "TOO_LARGE",
+           "a tensor of " << nbytes << " bytes exceeds this process's limit of " << cap << " bytes per tensor");
+  void* p = cuda::device_alloc(device, nbytes);  // throws DEVICE / OOM
+  auto s = std::make_shared<Storage>();
+  s->data = p;
+  s->nbytes = nbytes;
+  s->device = device;
+  memory_stats().storages++;
+  memory_stats().device_bytes += static_cast<int64_t>(nbytes);
+  s->release = [p, nbytes, device] {
+    memory_stats().device_bytes -= static_cast<int64_t>(nbytes);
+    cuda::device_free(device, p, nbytes);
+  };
+  return s;
+#else
+  (void)nbytes;
+  NX_FAIL("DEVICE", "cuda:" << device << " requested, but this build has no CUDA (built without a CUDA toolkit)");
+#endif
 }
 
 int64_t Tensor::numel() const {
@@ -163,11 +192,15 @@ Shape Tensor::contiguous_strides(const Shape& shape) {
 
 namespace {
 std::atomic<bool> g_meta{false};
+thread_local bool t_shape_only = false;
 }
 void set_meta_mode(bool on) { g_meta = on; }
 bool meta_mode() { return g_meta; }
+ShapeOnlyScope::ShapeOnlyScope() : prev_(t_shape_only) { t_shape_only = true; }
+ShapeOnlyScope::~ShapeOnlyScope() { t_shape_only = prev_; }
 
-Tensor Tensor::empty(const Shape& shape, DType dtype, bool real) {
+namespace {
+int64_t checked_numel(const Shape& shape) {
   NX_CHECK(static_cast<int>(shape.size()) <= kMaxDims, "SHAPE", "tensors have at most " << kMaxDims << " dims");
   int64_t n = 1;
   for (auto d : shape) {
@@ -175,16 +208,38 @@ Tensor Tensor::empty(const Shape& shape, DType dtype, bool real) {
     n *= d;
   }
   NX_CHECK(n < (int64_t(1) << 40), "OOM", "tensor of shape " << shape_str(shape) << " is too large");
+  return n;
+}
+std::shared_ptr<Storage> shape_only_storage(size_t nbytes, int device) {
+  auto st = std::make_shared<Storage>();
+  st->nbytes = nbytes;
+  st->meta = true;
+  st->device = device;
+  memory_stats().storages++;
+  return st;
+}
+}  // namespace
+
+Tensor Tensor::empty(const Shape& shape, DType dtype, bool real) {
+  const int64_t n = checked_numel(shape);
   Tensor t;
-  if (g_meta && !real) {
-    auto st = std::make_shared<Storage>();
-    st->nbytes = static_cast<size_t>(n) * dtype_size(dtype);
-    st->meta = true;
-    memory_stats().storages++;
-    t.storage = std::move(st);
+  if ((g_meta || t_shape_only) && !real) {
+    t.storage = shape_only_storage(static_cast<size_t>(n) * dtype_size(dtype), -1);
   } else {
     t.storage = Storage::allocate(static_cast<size_t>(n) * dtype_size(dtype));
   }
+  t.dtype = dtype;
+  t.shape = shape;
+  t.strides = contiguous_strides(shape);
+  return t;
+}
+
+Tensor Tensor::empty_on(const Shape& shape, DType dtype, int device) {
+  if (device < 0) return empty(shape, dtype);
+  const int64_t n = checked_numel(shape);
+  const size_t nbytes = static_cast<size_t>(n) * dtype_size(dtype);
+  Tensor t;
+  t.storage = (g_meta || t_shape_only) ? shape_only_storage(nbytes, device) : Storage::allocate_device(nbytes, device);
   t.dtype = dtype;
   t.shape = shape;
   t.strides = contiguous_strides(shape);

@@ -3,7 +3,9 @@
 //
 // Strides and offset are counted in ELEMENTS of the tensor's dtype (PyTorch/candle convention), so a
 // transposed view of a [4, 3] tensor has shape [3, 4] and strides [1, 3]. Storage is plain host memory
-// (malloc'd and 64-byte aligned, or a read-only memory-mapped safetensors file kept alive by refcount).
+// (malloc'd and 64-byte aligned, or a read-only memory-mapped safetensors file kept alive by refcount),
+// or CUDA device memory (Storage::device >= 0, from the caching allocator in kernels/cuda; only in
+// builds with NX_WITH_CUDA). A tensor's device is its storage's; ops dispatch on it (ops_cuda.h).
 //
 // Results are computed asynchronously by the Executor (executor.h): a Tensor may exist before its values
 // do. Storage::error records a failure of the kernel that was to fill it; readers see it after sync.
@@ -27,6 +29,7 @@ struct MemoryStats {
   std::atomic<int64_t> storages{0};
   std::atomic<int64_t> host_bytes{0};   // bytes we allocated (mmaps not counted)
   std::atomic<int64_t> mapped_bytes{0}; // bytes mapped from files
+  std::atomic<int64_t> device_bytes{0}; // CUDA bytes held by storages (all devices)
 };
 MemoryStats& memory_stats();
 // Bytes of freed large blocks kept for reuse (not counted in host_bytes), and a way to drop them.
@@ -40,6 +43,7 @@ struct Storage {
   size_t nbytes = 0;
   bool mapped = false;        // read-only file mapping: writes are refused
   bool meta = false;          // shape-only (scan): no memory, kernels never run
+  int device = -1;            // -1: host memory; >= 0: memory of CUDA device `device`
   std::function<void()> release;
   // Set by the executor thread when the kernel that fills this storage failed; read after a sync.
   std::shared_ptr<const Error> error;
@@ -51,6 +55,8 @@ struct Storage {
   ~Storage();
 
   static std::shared_ptr<Storage> allocate(size_t nbytes);
+  // nbytes of CUDA memory on `device` (>= 0); throws DEVICE where this build or machine has no CUDA.
+  static std::shared_ptr<Storage> allocate_device(size_t nbytes, int device);
   void set_error(const std::shared_ptr<const Error>& e) {
     std::lock_guard<std::mutex> lk(error_mu);
     if (!error) error = e;
@@ -71,6 +77,7 @@ struct Tensor {
   int64_t offset = 0;
 
   int ndim() const { return static_cast<int>(shape.size()); }
+  int device() const { return storage ? storage->device : -1; }
   int64_t numel() const;
   bool is_contiguous() const;
   void* data() const { return static_cast<char*>(storage->data) + offset * static_cast<int64_t>(dtype_size(dtype)); }
@@ -79,6 +86,8 @@ struct Tensor {
   static Shape contiguous_strides(const Shape& shape);
   // In meta mode (see set_meta_mode) the storage is shape-only unless `real` is set.
   static Tensor empty(const Shape& shape, DType dtype, bool real = false);
+  // empty() on a device: -1 is the host (the same as empty()), >= 0 a CUDA device. Meta mode applies.
+  static Tensor empty_on(const Shape& shape, DType dtype, int device);
   // A view over the same storage; checks that every reachable element lies inside the storage.
   Tensor view(const Shape& shape, const Shape& strides, int64_t offset) const;
 };
@@ -88,6 +97,17 @@ std::string shape_str(const Shape& s);
 // Meta mode: tensors allocated while it is on carry shapes and dtypes only (model.scan()).
 void set_meta_mode(bool on);
 bool meta_mode();
+// While alive, Tensor::empty on THIS thread makes shape-only storages (as meta mode does process-wide).
+// The CUDA dispatcher runs the CPU dispatcher's checks under it to learn output shapes without memory.
+struct ShapeOnlyScope {
+  ShapeOnlyScope();
+  ~ShapeOnlyScope();
+  ShapeOnlyScope(const ShapeOnlyScope&) = delete;
+  ShapeOnlyScope& operator=(const ShapeOnlyScope&) = delete;
+
+ private:
+  bool prev_;
+};
 int normalize_dim(int64_t dim, int ndim, const char* what);
 
 }  // namespace nx

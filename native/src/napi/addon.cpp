@@ -5,8 +5,9 @@
 // Promise from an AsyncWorker), map files, and report memory. nx::Error becomes a JS Error whose
 // `code` is the stable error code; TS wraps it into NNsightError.
 //
-// Handles carry their metadata as plain properties (dtype, shape, strides, offset) so TS reads them
-// without further calls into native code.
+// Handles carry their metadata (dtype, shape, strides, offset, device) in a shared Float64Array so TS
+// reads them without further calls into native code. Tensors on a CUDA device are read back by a copy
+// to the host (read / readSync); toDevice moves them (see core/ops_cuda.h).
 #include <napi.h>
 
 #include <atomic>
@@ -17,6 +18,7 @@
 #include "../core/executor.h"
 #include "../core/mmap_file.h"
 #include "../core/ops.h"
+#include "../core/ops_cuda.h"
 
 namespace {
 
@@ -37,7 +39,8 @@ struct AddonData {
 // Tell V8 about native memory so GC pressure reflects it (called on every allocating entry point).
 void report_memory(Napi::Env env) {
   AddonData* d = env.GetInstanceData<AddonData>();
-  int64_t now = nx::memory_stats().host_bytes.load();
+  // host bytes, plus CUDA bytes held by tensors (0 without CUDA), so GC pressure reflects GPU memory too
+  int64_t now = nx::memory_stats().host_bytes.load() + nx::memory_stats().device_bytes.load();
   int64_t delta = now - d->reported_bytes;
   if (delta > (1 << 16) || delta < -(1 << 16)) {
     Napi::MemoryManagement::AdjustExternalMemory(env, delta);
@@ -52,7 +55,8 @@ struct TensorHandle {
   std::unique_ptr<nx::Tensor> tensor;
 };
 
-constexpr int kMetaStride = 3 + 2 * nx::kMaxDims;  // dtype, ndim, offset, shape[8], strides[8]
+constexpr int kMetaStride = 4 + 2 * nx::kMaxDims;  // dtype, ndim, offset, shape[8], strides[8], device
+constexpr int kMetaDevice = 3 + 2 * nx::kMaxDims;  // -1 = host, >= 0 = CUDA ordinal
 constexpr int kMetaMax = 4;                          // outputs per call
 
 class AddonTensor {
@@ -68,6 +72,7 @@ class AddonTensor {
       m[3 + i] = static_cast<double>(t.shape[i]);
       m[3 + nx::kMaxDims + i] = static_cast<double>(t.strides[i]);
     }
+    m[kMetaDevice] = static_cast<double>(t.device());
   }
   static Napi::Value Wrap(Napi::Env env, nx::Tensor t, int slot = 0) {
     write_meta(env, t, slot);
@@ -155,16 +160,29 @@ Napi::Value guarded(Napi::Env env, Fn&& fn) {
   }
 }
 
+// An optional device argument: -1 / undefined = host, >= 0 = CUDA ordinal.
+int to_device_index(Napi::Env env, const Napi::Value& v) {
+  if (v.IsUndefined() || v.IsNull()) return -1;
+  if (!v.IsNumber()) throw coded_error(env, "BAD_INPUT", "device must be a device index (-1 = cpu)");
+  double d = v.As<Napi::Number>().DoubleValue();
+  if (d != static_cast<double>(static_cast<int>(d)) || d < -1) throw coded_error(env, "DEVICE", "bad device index " + std::to_string(d));
+  return static_cast<int>(d);
+}
+
+// empty(shape, dtype, device?)
 Napi::Value Empty(const Napi::CallbackInfo& info) {
   Napi::Env env = info.Env();
   return guarded(env, [&] {
-    auto t = nx::Tensor::empty(to_shape(env, info[0], "shape"), to_dtype(env, info[1]));
+    const int dev = to_device_index(env, info[2]);
+    auto t = dev < 0 ? nx::Tensor::empty(to_shape(env, info[0], "shape"), to_dtype(env, info[1]))
+                     : nx::Tensor::empty_on(to_shape(env, info[0], "shape"), to_dtype(env, info[1]), dev);
     report_memory(env);
     return (AddonTensor::Wrap(env, std::move(t)));
   });
 }
 
-// fromBuffer(typedArrayOrBuffer, dtype, shape): copies the bytes into a new tensor.
+// fromBuffer(typedArrayOrBuffer, dtype, shape, device?): copies the bytes into a new tensor (on a CUDA
+// device: into host memory, then a queued copy to the device).
 Napi::Value FromBuffer(const Napi::CallbackInfo& info) {
   Napi::Env env = info.Env();
   return guarded(env, [&] {
@@ -178,6 +196,8 @@ Napi::Value FromBuffer(const Napi::CallbackInfo& info) {
       throw coded_error(env, "SHAPE", "buffer holds " + std::to_string(ta.ByteLength()) + " bytes, shape " + nx::shape_str(shape) +
                                           " of " + nx::dtype_name(dt) + " needs " + std::to_string(need));
     std::memcpy(t.storage->data, static_cast<char*>(ta.ArrayBuffer().Data()) + ta.ByteOffset(), need);
+    const int dev = to_device_index(env, info[3]);
+    if (dev >= 0) t = nx::to_device(t, dev);
     report_memory(env);
     return (AddonTensor::Wrap(env, std::move(t)));
   });
@@ -200,6 +220,7 @@ Napi::Value ViewBytes(const Napi::CallbackInfo& info) {
   Napi::Env env = info.Env();
   return guarded(env, [&] {
     const nx::Tensor& t = AddonTensor::Get(env, info[0], "tensor");
+    NX_CHECK(t.device() < 0, "DEVICE", "viewBytes needs a tensor in host memory, not on " << nx::device_str(t.device()));
     int64_t off = static_cast<int64_t>(info[1].As<Napi::Number>().DoubleValue());
     nx::DType dt = to_dtype(env, info[2]);
     nx::Shape shape = to_shape(env, info[3], "shape");
@@ -293,7 +314,7 @@ Napi::Value ReadSync(const Napi::CallbackInfo& info) {
     throw_if_poisoned(env, d);
     size_t n = static_cast<size_t>(d.numel()) * nx::dtype_size(d.dtype);
     Napi::ArrayBuffer buf = Napi::ArrayBuffer::New(env, n);
-    if (n) std::memcpy(buf.Data(), d.data(), n);
+    if (n) nx::read_bytes(d, buf.Data(), n);  // memcpy, or a copy from the device
     return Napi::Value(buf);
   });
 }
@@ -312,7 +333,12 @@ class ReadWorker : public Napi::AsyncWorker {
     }
     size_t n = static_cast<size_t>(t_.numel()) * nx::dtype_size(t_.dtype);
     bytes_.resize(n);
-    if (n) std::memcpy(bytes_.data(), t_.data(), n);
+    try {
+      if (n) nx::read_bytes(t_, bytes_.data(), n);  // memcpy, or a copy from the device
+    } catch (const nx::Error& e) {
+      code_ = e.code;
+      SetError(e.what());
+    }
   }
   void OnOK() override {
     Napi::ArrayBuffer buf = Napi::ArrayBuffer::New(Env(), bytes_.size());
@@ -350,9 +376,20 @@ class SyncWorker : public Napi::AsyncWorker {
  public:
   explicit SyncWorker(Napi::Env env) : Napi::AsyncWorker(env), deferred_(Napi::Promise::Deferred::New(env)) {}
   Napi::Promise Promise() { return deferred_.Promise(); }
-  void Execute() override { nx::executor().sync(); }
+  std::string code_;
+  void Execute() override {
+    nx::executor().sync();
+    try {
+      nx::device_sync();  // CUDA kernels were only launched: wait for them too
+    } catch (const nx::Error& e) {
+      code_ = e.code;
+      SetError(e.what());
+    }
+  }
   void OnOK() override { deferred_.Resolve(Env().Undefined()); }
-  void OnError(const Napi::Error& e) override { deferred_.Reject(e.Value()); }
+  void OnError(const Napi::Error& e) override {
+    deferred_.Reject(code_.empty() ? e.Value() : coded_error(Env(), code_, e.Message()).Value());
+  }
 
  private:
   Napi::Promise::Deferred deferred_;
@@ -365,8 +402,39 @@ Napi::Value Sync(const Napi::CallbackInfo& info) {
   return p;
 }
 Napi::Value SyncBlocking(const Napi::CallbackInfo& info) {
-  nx::executor().sync();
-  return info.Env().Undefined();
+  return guarded(info.Env(), [&] {
+    nx::executor().sync();
+    nx::device_sync();
+    return info.Env().Undefined();
+  });
+}
+
+// toDevice(t, device): a contiguous copy on device (-1 = cpu, >= 0 = CUDA ordinal), or t's own storage
+// when it is already there (a new handle). DEVICE errors carry the reason CUDA is unavailable.
+Napi::Value ToDevice(const Napi::CallbackInfo& info) {
+  Napi::Env env = info.Env();
+  return guarded(env, [&] {
+    const nx::Tensor& t = AddonTensor::Get(env, info[0], "tensor");
+    const int dev = to_device_index(env, info[1]);
+    nx::Tensor r = nx::to_device(t, dev);
+    report_memory(env);
+    return AddonTensor::Wrap(env, std::move(r));
+  });
+}
+
+// cudaInfo(): { compiled, available, devices, reason, runtime, driver, names[] }
+Napi::Value CudaInfo(const Napi::CallbackInfo& info) {
+  Napi::Env env = info.Env();
+  return guarded(env, [&] {
+    Napi::Object o = Napi::Object::New(env);
+    std::string why;
+    const bool ok = nx::cuda_available(&why);
+    o.Set("compiled", Napi::Boolean::New(env, nx::cuda_compiled()));
+    o.Set("available", Napi::Boolean::New(env, ok));
+    o.Set("devices", Napi::Number::New(env, ok ? nx::cuda_device_count() : 0));
+    o.Set("reason", ok ? env.Null() : Napi::String::New(env, why));
+    return Napi::Value(o);
+  });
 }
 
 // errorOf(t): after a sync, the error of the kernel that produced t, or null.
@@ -390,6 +458,8 @@ Napi::Value Memory(const Napi::CallbackInfo& info) {
   o.Set("mappedBytes", Napi::Number::New(env, static_cast<double>(m.mapped_bytes.load())));
   o.Set("cachedBytes", Napi::Number::New(env, static_cast<double>(nx::cached_host_bytes())));
   o.Set("pendingKernels", Napi::Number::New(env, static_cast<double>(nx::executor().pending())));
+  o.Set("deviceBytes", Napi::Number::New(env, static_cast<double>(m.device_bytes.load())));
+  o.Set("cachedDeviceBytes", Napi::Number::New(env, static_cast<double>(nx::cuda_bytes_cached())));
   return o;
 }
 
@@ -411,9 +481,12 @@ Napi::Value SetMaxAllocation(const Napi::CallbackInfo& info) {
 }
 
 Napi::Value ReleaseCachedMemory(const Napi::CallbackInfo& info) {
-  nx::executor().sync();
-  nx::release_cached_host_memory();
-  return info.Env().Undefined();
+  return guarded(info.Env(), [&] {
+    nx::executor().sync();
+    nx::release_cached_host_memory();
+    nx::release_cached_device_memory();
+    return info.Env().Undefined();
+  });
 }
 
 Napi::Value SetMetaMode(const Napi::CallbackInfo& info) {
@@ -441,6 +514,7 @@ Napi::Object Init(Napi::Env env, Napi::Object exports) {
   exports.Set("setMetaBuffer", Napi::Function::New(env, SetMetaBuffer));
   exports.Set("metaStride", Napi::Number::New(env, kMetaStride));
   exports.Set("maxDims", Napi::Number::New(env, nx::kMaxDims));
+  exports.Set("metaDeviceSlot", Napi::Number::New(env, kMetaDevice));
   Napi::Array names = Napi::Array::New(env, static_cast<size_t>(nx::Op::COUNT));
   for (int i = 0; i < static_cast<int>(nx::Op::COUNT); i++)
     names.Set(static_cast<uint32_t>(i), Napi::String::New(env, nx::op_info(static_cast<nx::Op>(i)).name));
@@ -458,6 +532,8 @@ Napi::Object Init(Napi::Env env, Napi::Object exports) {
   exports.Set("view", Napi::Function::New(env, View));
   exports.Set("viewBytes", Napi::Function::New(env, ViewBytes));
   exports.Set("mapFile", Napi::Function::New(env, MapFile));
+  exports.Set("toDevice", Napi::Function::New(env, ToDevice));
+  exports.Set("cudaInfo", Napi::Function::New(env, CudaInfo));
   exports.Set("op", Napi::Function::New(env, Op));
   exports.Set("readSync", Napi::Function::New(env, ReadSync));
   exports.Set("read", Napi::Function::New(env, Read));

@@ -12,8 +12,10 @@ import { join } from "node:path";
 
 import { NNsightError } from "../errors.js";
 import { PACKAGE_ROOT, native } from "../native/binding.js";
+import { deviceName, parseDevice, requireDevice, withDefaultDevice } from "../tensor/device.js";
 import { type DType, parseDType } from "../tensor/dtype.js";
 import { loadSafetensors } from "../tensor/safetensors.js";
+import { keep } from "../tensor/scope.js";
 import type { Tensor } from "../tensor/tensor.js";
 import { progress } from "../util/progress.js";
 import { type PromptInput, type Row, makeBatch, toRows } from "./batch.js";
@@ -21,13 +23,17 @@ import { type ModelConfig, computeRopeInvFreq, loadHFDirectory } from "./config.
 import { type GenerateHooks, type GenerateOptions, type GenerateResult, generateTokens } from "./generate.js";
 import { resolveModelDir } from "./hub.js";
 import { type ModuleSpec, buildModuleTree } from "./module-tree.js";
+import type { KVCache } from "./kv-cache.js";
 import { Tokenizer } from "./tokenizer.js";
 import { type ModuleHooks, TransformerLM } from "./transformer.js";
 
 export interface LoadModelOptions {
   /** weight storage dtype; default: as stored in the checkpoint (CPU computes in f32) */
   dtype?: DType | "float32" | "bfloat16" | "float16";
-  /** "cpu" (default) or "cuda[:n]" where the addon has CUDA */
+  /**
+   * "cpu" (default) or "cuda[:n]": the weights are copied to that GPU and every forward pass runs there
+   * (NNsightError DEVICE, with the reason, where CUDA is unavailable)
+   */
   device?: string;
   /** CPU threads for kernels (default: all cores) */
   threads?: number;
@@ -76,10 +82,8 @@ export class CausalLM {
 
   /** @internal Shared by subclasses: read the directory, tokenizer and weights. */
   protected static async loadParts(idOrDir: string, opts: LoadModelOptions): Promise<CausalLMParts> {
-    const device = opts.device ?? "cpu";
-    if (device !== "cpu") {
-      throw new NNsightError("UNSUPPORTED", `device "${device}" is not available: this build runs on the CPU${native.cudaCompiled ? " (CUDA kernels are compiled but no device path exists yet)" : ""}`);
-    }
+    const device = parseDevice(opts.device ?? "cpu");
+    requireDevice(device, "loading a model"); // before reading anything: DEVICE with the reason
     if (opts.threads !== undefined) {
       if (!Number.isInteger(opts.threads) || opts.threads < 1) throw new NNsightError("BAD_INPUT", `threads must be a positive integer, got ${opts.threads}`);
       native.setThreads(opts.threads);
@@ -96,7 +100,16 @@ export class CausalLM {
     bar.done();
     checkWeights(hf.config, weights, dir);
     const invFreq = hf.config.positionEmbedding === "rope" ? computeRopeInvFreq(hf.config) : null;
-    const lm = new TransformerLM(hf.config, weights, invFreq);
+    let lm: TransformerLM;
+    if (device < 0) {
+      lm = new TransformerLM(hf.config, weights, invFreq);
+    } else {
+      for (const [name, t] of weights) {
+        weights.set(name, keep(t.to(deviceName(device)))); // kept like loadSafetensors keeps the originals
+        t.dispose(); // the host copy (a view of the mapped file) is released once the copy ran
+      }
+      lm = withDefaultDevice(device, () => new DeviceTransformerLM(hf.config, weights, invFreq, device));
+    }
     return { dir: hf.dir, spec: hf.config, tokenizer, lm, generationConfig: hf.generationConfig };
   }
 
@@ -170,6 +183,27 @@ export class CausalLM {
   }
   async [Symbol.asyncDispose](): Promise<void> {
     await this.dispose();
+  }
+}
+
+/**
+ * A TransformerLM on a CUDA device: its weights live there, and every forward pass, module call and
+ * cache it makes creates its tensors (ids, positions, masks, KV buffers) there too.
+ */
+class DeviceTransformerLM extends TransformerLM {
+  readonly deviceIndex: number;
+  constructor(config: ModelConfig, weights: Map<string, Tensor>, invFreq: Float32Array | null, deviceIndex: number) {
+    super(config, weights, invFreq);
+    this.deviceIndex = deviceIndex;
+  }
+  override forward(...args: Parameters<TransformerLM["forward"]>): Tensor {
+    return withDefaultDevice(this.deviceIndex, () => super.forward(...args));
+  }
+  override callModule(...args: Parameters<TransformerLM["callModule"]>): Tensor {
+    return withDefaultDevice(this.deviceIndex, () => super.callModule(...args));
+  }
+  override newCache(...args: Parameters<TransformerLM["newCache"]>): KVCache {
+    return withDefaultDevice(this.deviceIndex, () => super.newCache(...args));
   }
 }
 

@@ -12,7 +12,8 @@ import { NNsightError } from "../errors.js";
 /**
  * A native tensor handle (an opaque external). Its metadata is written by every call that returns
  * handles into the Float64Array registered with setMetaBuffer: slot i (for the i-th returned handle)
- * holds [dtype, ndim, offset, shape[maxDims], strides[maxDims]].
+ * holds [dtype, ndim, offset, shape[maxDims], strides[maxDims], device] (device: -1 = cpu, n = cuda:n;
+ * at index metaDeviceSlot).
  */
 export interface NativeTensor {
   readonly __nativeTensor: unique symbol;
@@ -27,20 +28,41 @@ export interface NativeMemory {
   /** freed large blocks kept for reuse (not in hostBytes) */
   cachedBytes: number;
   pendingKernels: number;
+  /** CUDA memory held by tensors (all devices; 0 without CUDA) */
+  deviceBytes: number;
+  /** freed CUDA blocks the caching allocator keeps for reuse */
+  cachedDeviceBytes: number;
+}
+
+/** What the addon knows about CUDA on this machine. */
+export interface NativeCudaInfo {
+  /** the addon was built with CUDA kernels (a CUDA toolkit was found at build time) */
+  compiled: boolean;
+  /** a CUDA device is usable now (driver present, at least one device) */
+  available: boolean;
+  devices: number;
+  /** why CUDA is unavailable (null when available) */
+  reason: string | null;
 }
 
 export interface NativeAddon {
   readonly opNames: string[];
   readonly metaStride: number;
   readonly maxDims: number;
+  /** index of the device entry inside a metadata slot */
+  readonly metaDeviceSlot: number;
   setMetaBuffer(buf: Float64Array): void;
   dispose(t: NativeTensor): void;
   isDisposed(t: NativeTensor): boolean;
   sameStorage(a: NativeTensor, b: NativeTensor): boolean;
   readonly dtypes: Record<string, number>;
   readonly cudaCompiled: boolean;
-  empty(shape: number[], dtype: number): NativeTensor;
-  fromBuffer(data: ArrayBufferView, dtype: number, shape: number[]): NativeTensor;
+  /** device: -1 / omitted = cpu, n = cuda:n */
+  empty(shape: number[], dtype: number, device?: number): NativeTensor;
+  fromBuffer(data: ArrayBufferView, dtype: number, shape: number[], device?: number): NativeTensor;
+  /** a contiguous copy on `device` (-1 = cpu), or a new handle over t's storage when it is already there */
+  toDevice(t: NativeTensor, device: number): NativeTensor;
+  cudaInfo(): NativeCudaInfo;
   view(t: NativeTensor, shape: number[], strides: number[], offset: number): NativeTensor;
   viewBytes(t: NativeTensor, byteOffset: number, dtype: number, shape: number[]): NativeTensor;
   mapFile(path: string): NativeTensor;

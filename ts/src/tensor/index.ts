@@ -6,6 +6,7 @@ import { Tensor } from "./tensor.js";
 export { Tensor, makeTensor as tensor, empty, zeros, ones, full, arange, randn, cat, stack, where, broadcastShapes } from "./tensor.js";
 export type { Index, IndexItem, TensorLike, ReduceOpts } from "./tensor.js";
 export { DTYPES, type DType, parseDType, isFloat, dtypeSize } from "./dtype.js";
+export { type Device, type CudaInfo, cudaAvailable, cudaInfo } from "./device.js";
 export { keep };
 
 const isTensor = (x: unknown): x is Tensor => x instanceof Tensor;

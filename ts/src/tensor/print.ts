@@ -39,5 +39,5 @@ export function formatTensor(t: Tensor): string {
     return "[" + idx.map((i) => (i < 0 ? "..." : rec(dim + 1, off + i * strides[dim]!, indent + " "))).join(sep) + "]";
   };
   const body = rec(0, 0, "       ");
-  return `tensor(${body}, dtype=${t.dtype})`;
+  return `tensor(${body}, dtype=${t.dtype}${t.device === "cpu" ? "" : `, device=${t.device}`})`;
 }

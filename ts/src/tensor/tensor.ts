@@ -12,9 +12,14 @@
  * console.log(y.toArray());        // [[6, 12], [12, 26]]
  * y.dispose();                     // or: using y = ...; or scope(() => ...)
  * ```
+ *
+ * Devices: `tensor.device` is "cpu" or "cuda:N"; `to("cuda")` / `cpu()` copy between them (see
+ * device.ts). Ops run on their inputs' device; JS numbers and arrays used as operands are created on
+ * the tensor's device; `copy_` copies across devices; any other mix is a DEVICE error.
  */
 import { NNsightError, toNNsightError } from "../errors.js";
 import { native, nativeMeta, type NativeTensor } from "../native/binding.js";
+import { type Device, defaultDeviceIndex, deviceIndexOf, deviceName, parseDevice } from "./device.js";
 import { type DType, dtypeFromId, dtypeId, dtypeSize, isFloat, parseDType, promote } from "./dtype.js";
 import { OP_IDS, type NativeOpName } from "./op-names.gen.js";
 import { formatTensor } from "./print.js";
@@ -38,6 +43,7 @@ function call(op: NativeOpName, inputs: Array<Tensor | null>, attrs: number[] = 
 
 const META_STRIDE = native.metaStride;
 const MAX_DIMS = native.maxDims;
+const META_DEVICE = native.metaDeviceSlot;
 
 export function shapeStr(s: readonly number[]): string {
   return `[${s.join(", ")}]`;
@@ -96,7 +102,10 @@ export class Tensor {
   readonly strides: readonly number[];
   readonly offset: number;
   readonly dtype: DType;
-  readonly device = "cpu" as const;
+  /** "cpu" or "cuda:N" */
+  readonly device: Device;
+  /** @internal device index (-1 = cpu) */
+  readonly _dev: number;
 
   /**
    * @internal Wrap a handle the last native call returned; `slot` is its position among that call's
@@ -116,6 +125,9 @@ export class Tensor {
     this.strides = strides;
     this.offset = m[base + 2]!;
     this.dtype = dtypeFromId(m[base]!);
+    const dev = m[base + META_DEVICE]!;
+    this._dev = dev;
+    this.device = dev < 0 ? "cpu" : deviceName(dev);
     trackTensor(this);
   }
 
@@ -406,7 +418,7 @@ export class Tensor {
     const before = items.slice(0, arrayAt), after = items.slice(arrayAt + 1);
     const dimPos = before.filter((b) => typeof b !== "number").length; // where the list's dim sits in the region
     const gathered = this.at(items as IndexItem[]);
-    const value = asTensor(maybeValue, this.dtype);
+    const value = asTensor(maybeValue, this.dtype, this._dev);
     const full = value.broadcastTo(gathered.shape);
     gathered.dispose();
     try {
@@ -426,7 +438,13 @@ export class Tensor {
   /** Copy values from src (broadcast) into this tensor, in place. */
   copy_(src: TensorLike): this {
     if (typeof src === "number") return this.fill_(src);
-    const s = asTensor(src, this.dtype);
+    let s = asTensor(src, this.dtype, this._dev);
+    if (s._dev !== this._dev) {
+      // across devices: move the source first (the one op that accepts another device's tensor)
+      const moved = s.to(this.device);
+      if (s !== src) s.dispose();
+      s = moved;
+    }
     const b = s.broadcastTo(this.shape);
     call("copy_", [this, b]);
     if (b !== s) b.dispose();
@@ -513,16 +531,35 @@ export class Tensor {
   /** A contiguous copy (the same tensor's values in fresh storage). */
   clone(): Tensor { return this.to(this.dtype, { copy: true }); }
   contiguous(): Tensor { return this.isContiguous ? this._view([...this.shape], [...this.strides], this.offset) : this.clone(); }
-  /** Convert dtype (a copy unless the dtype already matches and copy is false). */
-  to(dtype: DType | string, opts: { copy?: boolean } = {}): Tensor {
-    const d = parseDType(dtype);
+  /**
+   * Convert dtype, or move to a device: `to("bfloat16")`, `to("cuda")`, `to("cuda:1")`, `to("cpu")`. A copy
+   * unless the tensor already has that dtype / is on that device and copy is false. Moving to CUDA where it
+   * is unavailable throws NNsightError DEVICE with the reason.
+   */
+  to(dtypeOrDevice: DType | Device | "cuda" | string, opts: { copy?: boolean } = {}): Tensor {
+    const dev = deviceIndexOf(dtypeOrDevice);
+    if (dev !== null) return this._toDevice(dev, opts.copy ?? false);
+    if (/^(cpu|cuda)/.test(dtypeOrDevice)) parseDevice(dtypeOrDevice); // a malformed device: DEVICE error
+    const d = parseDType(dtypeOrDevice);
     if (d === this.dtype && !opts.copy) return this._view([...this.shape], [...this.strides], this.offset);
     return call1("cast", [this], [dtypeId(d)]);
   }
   float(): Tensor { return this.to("float32"); }
+  /** A copy in host memory (a view when already there). */
+  cpu(): Tensor { return this._toDevice(-1, false); }
+  /** A copy on CUDA device `index` (a view when already there). */
+  cuda(index = 0): Tensor { return this._toDevice(index, false); }
+  private _toDevice(dev: number, copy: boolean): Tensor {
+    if (dev === this._dev) return copy ? this.clone() : this._view([...this.shape], [...this.strides], this.offset);
+    try {
+      return new Tensor(native.toDevice(this._handle(), dev));
+    } catch (e) {
+      throw toNNsightError(e);
+    }
+  }
   indexSelect(dim: number, index: number[] | Tensor): Tensor {
     const d = normDim(dim, this.ndim, "indexSelect");
-    const idx = Array.isArray(index) ? fromArray(Int32Array.from(index), "int32", [index.length]) : index;
+    const idx = Array.isArray(index) ? fromArray(Int32Array.from(index), "int32", [index.length], this._dev) : index;
     try {
       return call1("index_select", [this, idx], [d]);
     } finally {
@@ -647,36 +684,42 @@ function call1(op: NativeOpName, inputs: Array<Tensor | null>, attrs: number[] =
   return new Tensor(call(op, inputs, attrs) as NativeTensor);
 }
 
-/** @internal Build a tensor from a typed array (copies). */
-export function fromArray(data: ArrayBufferView, dtype: DType, shape: number[]): Tensor {
+/**
+ * @internal Build a tensor from a typed array (copies). `device`: index (-1 = cpu); default: the
+ * current default device (cpu unless a CUDA model's forward pass is running).
+ */
+export function fromArray(data: ArrayBufferView, dtype: DType, shape: number[], device: number = defaultDeviceIndex()): Tensor {
   try {
-    return new Tensor(native.fromBuffer(data, dtypeId(dtype), shape));
+    return new Tensor(device < 0 ? native.fromBuffer(data, dtypeId(dtype), shape) : native.fromBuffer(data, dtypeId(dtype), shape, device));
   } catch (e) {
     throw toNNsightError(e);
   }
 }
 
-/** @internal A scalar or array operand as a tensor (dtype chosen to match `like` for scalars). */
-export function asTensor(v: TensorLike, like: DType): Tensor {
+/**
+ * @internal A scalar or array operand as a tensor (dtype chosen to match `like` for scalars), created on
+ * `device` (the other operand's; default: the current default device).
+ */
+export function asTensor(v: TensorLike, like: DType, device: number = defaultDeviceIndex()): Tensor {
   if (v instanceof Tensor) return v;
   if (typeof v === "number" || typeof v === "boolean") {
     const num = Number(v);
     let dt: DType = like;
     if (!isFloat(like) && !Number.isInteger(num)) dt = "float32";
     if (like === "bool" && typeof v !== "boolean") dt = Number.isInteger(num) ? "int64" : "float32";
-    return scalarTensor(num, dt);
+    return scalarTensor(num, dt, device);
   }
-  return makeTensor(v, { dtype: isFloat(like) ? like : undefined });
+  return makeTensor(v, { dtype: isFloat(like) ? like : undefined, device: deviceName(device) });
 }
 
-function scalarTensor(v: number, dt: DType): Tensor {
+function scalarTensor(v: number, dt: DType, dev: number = defaultDeviceIndex()): Tensor {
   switch (dt) {
-    case "int32": return fromArray(Int32Array.of(v), dt, []);
-    case "int64": return fromArray(BigInt64Array.of(BigInt(Math.trunc(v))), dt, []);
-    case "bool": return fromArray(Uint8Array.of(v ? 1 : 0), dt, []);
-    case "float32": return fromArray(Float32Array.of(v), dt, []);
+    case "int32": return fromArray(Int32Array.of(v), dt, [], dev);
+    case "int64": return fromArray(BigInt64Array.of(BigInt(Math.trunc(v))), dt, [], dev);
+    case "bool": return fromArray(Uint8Array.of(v ? 1 : 0), dt, [], dev);
+    case "float32": return fromArray(Float32Array.of(v), dt, [], dev);
     default: {
-      const t = fromArray(Float32Array.of(v), "float32", []);
+      const t = fromArray(Float32Array.of(v), "float32", [], dev);
       const r = t.to(dt);
       t.dispose();
       return r;
@@ -685,7 +728,7 @@ function scalarTensor(v: number, dt: DType): Tensor {
 }
 
 function binary(op: NativeOpName, a: Tensor, o: TensorLike): Tensor {
-  const b = asTensor(o, a.dtype);
+  const b = asTensor(o, a.dtype, a._dev);
   try {
     const shape = broadcastShapes(a.shape, b.shape, op);
     const ea = a.broadcastTo(shape), eb = b.broadcastTo(shape);
@@ -705,7 +748,7 @@ function unary(op: NativeOpName, a: Tensor): Tensor {
 
 /** Elementwise select: cond ? a : b (broadcast). */
 export function where(cond: Tensor, a: TensorLike, b: TensorLike): Tensor {
-  const ta = asTensor(a, "float32"), tb = asTensor(b, ta.dtype);
+  const ta = asTensor(a, "float32", cond._dev), tb = asTensor(b, ta.dtype, cond._dev);
   const shape = broadcastShapes(broadcastShapes(cond.shape, ta.shape, "where"), tb.shape, "where");
   const ec = cond.broadcastTo(shape), ea = ta.broadcastTo(shape), eb = tb.broadcastTo(shape);
   try {
@@ -754,9 +797,21 @@ function reduce(op: NativeOpName, x: Tensor, opts: ReduceOpts): Tensor {
 
 // ---------------------------------------------------------------- creation
 
+/** Where to create a tensor: "cpu" or "cuda[:N]" (default: cpu). */
+export interface DeviceOpts {
+  device?: Device | "cuda" | string;
+}
+function deviceOpt(opts: DeviceOpts): number {
+  return opts.device === undefined ? defaultDeviceIndex() : parseDevice(opts.device);
+}
+
 /** Build a tensor from nested arrays, a typed array, or a number. Default dtype: float32 (int64 for BigInt64Array, ...). */
-export function makeTensor(data: NestedArray | ArrayBufferView | number | boolean, opts: { dtype?: DType | string; shape?: number[] } = {}): Tensor {
+export function makeTensor(
+  data: NestedArray | ArrayBufferView | number | boolean,
+  opts: { dtype?: DType | string; shape?: number[] } & DeviceOpts = {},
+): Tensor {
   const want = opts.dtype ? parseDType(opts.dtype) : undefined;
+  const dev = deviceOpt(opts);
   if (ArrayBuffer.isView(data)) {
     const native_dt: DType =
       data instanceof Int32Array ? "int32" : data instanceof BigInt64Array ? "int64" : data instanceof Uint8Array ? "bool" : "float32";
@@ -766,7 +821,7 @@ export function makeTensor(data: NestedArray | ArrayBufferView | number | boolea
     }
     const n = (src as unknown as { length: number }).length;
     const shape = opts.shape ?? [n];
-    const t = fromArray(src, native_dt, shape);
+    const t = fromArray(src, native_dt, shape, dev);
     if (!want || want === native_dt) return t;
     const r = t.to(want);
     t.dispose();
@@ -774,7 +829,7 @@ export function makeTensor(data: NestedArray | ArrayBufferView | number | boolea
   }
   if (typeof data === "number" || typeof data === "boolean") {
     const dt = want ?? (typeof data === "boolean" ? "bool" : "float32");
-    return scalarTensor(Number(data), dt).reshape(opts.shape ?? []);
+    return scalarTensor(Number(data), dt, dev).reshape(opts.shape ?? []);
   }
   // nested arrays
   const shape: number[] = [];
@@ -800,12 +855,12 @@ export function makeTensor(data: NestedArray | ArrayBufferView | number | boolea
   const dt = want ?? (allBool && flat.length > 0 ? "bool" : "float32");
   const finalShape = opts.shape ?? shape;
   switch (dt) {
-    case "int32": return fromArray(Int32Array.from(flat), dt, finalShape);
-    case "int64": return fromArray(BigInt64Array.from(flat.map((x) => BigInt(Math.trunc(x)))), dt, finalShape);
-    case "bool": return fromArray(Uint8Array.from(flat.map((x) => (x ? 1 : 0))), dt, finalShape);
-    case "float32": return fromArray(Float32Array.from(flat), dt, finalShape);
+    case "int32": return fromArray(Int32Array.from(flat), dt, finalShape, dev);
+    case "int64": return fromArray(BigInt64Array.from(flat.map((x) => BigInt(Math.trunc(x)))), dt, finalShape, dev);
+    case "bool": return fromArray(Uint8Array.from(flat.map((x) => (x ? 1 : 0))), dt, finalShape, dev);
+    case "float32": return fromArray(Float32Array.from(flat), dt, finalShape, dev);
     default: {
-      const t = fromArray(Float32Array.from(flat), "float32", finalShape);
+      const t = fromArray(Float32Array.from(flat), "float32", finalShape, dev);
       const r = t.to(dt);
       t.dispose();
       return r;
@@ -813,35 +868,37 @@ export function makeTensor(data: NestedArray | ArrayBufferView | number | boolea
   }
 }
 
-export function empty(shape: number[], dtype: DType | string = "float32"): Tensor {
+export function empty(shape: number[], dtype: DType | string = "float32", opts: DeviceOpts = {}): Tensor {
+  const id = dtypeId(parseDType(dtype));
+  const dev = deviceOpt(opts);
   try {
-    return new Tensor(native.empty(shape, dtypeId(parseDType(dtype))));
+    return new Tensor(dev < 0 ? native.empty(shape, id) : native.empty(shape, id, dev));
   } catch (e) {
     throw toNNsightError(e);
   }
 }
-export function full(shape: number[], value: number, opts: { dtype?: DType | string } = {}): Tensor {
-  return empty(shape, opts.dtype ?? "float32").fill_(value);
+export function full(shape: number[], value: number, opts: { dtype?: DType | string } & DeviceOpts = {}): Tensor {
+  return empty(shape, opts.dtype ?? "float32", opts).fill_(value);
 }
-export function zeros(shape: number[], opts: { dtype?: DType | string } = {}): Tensor {
+export function zeros(shape: number[], opts: { dtype?: DType | string } & DeviceOpts = {}): Tensor {
   return full(shape, 0, opts);
 }
-export function ones(shape: number[], opts: { dtype?: DType | string } = {}): Tensor {
+export function ones(shape: number[], opts: { dtype?: DType | string } & DeviceOpts = {}): Tensor {
   return full(shape, 1, opts);
 }
 /** Values start, start+step, ... < stop. Integer arguments give int64 (like PyTorch), else float32. */
-export function arange(startOrStop: number, stop?: number, step = 1, opts: { dtype?: DType | string } = {}): Tensor {
+export function arange(startOrStop: number, stop?: number, step = 1, opts: { dtype?: DType | string } & DeviceOpts = {}): Tensor {
   const [a, b] = stop === undefined ? [0, startOrStop] : [startOrStop, stop];
   if (step === 0) throw new NNsightError("BAD_INPUT", "arange: step must not be 0");
   const n = Math.max(0, Math.ceil((b - a) / step));
   const ints = [a, b, step].every(Number.isInteger);
   const dt = opts.dtype ? parseDType(opts.dtype) : ints ? "int64" : "float32";
   const vals = Array.from({ length: n }, (_, i) => a + i * step);
-  return makeTensor(vals, { dtype: dt, shape: [n] });
+  return makeTensor(vals, { dtype: dt, shape: [n], device: opts.device });
 }
 /** Standard normal samples; the same seed gives the same values on every machine. */
-export function randn(shape: number[], opts: { seed?: number; dtype?: DType | string; mean?: number; std?: number } = {}): Tensor {
-  const t = empty(shape, opts.dtype ?? "float32");
+export function randn(shape: number[], opts: { seed?: number; dtype?: DType | string; mean?: number; std?: number } & DeviceOpts = {}): Tensor {
+  const t = empty(shape, opts.dtype ?? "float32", opts);
   const seed = opts.seed ?? Math.floor(Math.random() * 2 ** 31);
   call("randn_", [t], [seed, opts.mean ?? 0, opts.std ?? 1]);
   return t;
@@ -856,10 +913,11 @@ export function cat(tensors: Tensor[], dim = 0): Tensor {
       throw new NNsightError("SHAPE", `cat: shapes ${tensors.map((x) => shapeStr(x.shape)).join(", ")} differ outside dim ${d}`);
     }
     dtype = promote(dtype, t.dtype);
+    if (t._dev !== first._dev) throw new NNsightError("DEVICE", `cat: tensors are on different devices (${first.device} and ${t.device})`);
   }
   const shape = [...first.shape];
   shape[d] = tensors.reduce((a, t) => a + t.shape[d]!, 0);
-  const out = empty(shape, dtype);
+  const out = empty(shape, dtype, { device: first.device });
   let pos = 0;
   for (const t of tensors) {
     const n = t.shape[d]!;

@@ -1,0 +1,227 @@
+// kernels/cuda/common.cuh: what the .cu files share (internal to kernels/cuda).
+//
+// Host side: CUDA error checks that throw nx::Error{"DEVICE"}, the current device's stream, launch
+// geometry, and the per-device "first bad element" slot that kernels use to report data-dependent
+// errors. Device side: the dtype conversions of kernels/common.h written for the GPU with the very same
+// bit operations (so a cast on the GPU rounds exactly as on the CPU), typed loads/stores of any dtype,
+// and row-major index arithmetic over KViews (strides in elements, up to kMaxDims dims).
+#pragma once
+#include <cuda_runtime.h>
+
+#include <cstdint>
+#include <string>
+
+#include "../common.h"
+#include "cuda.h"
+
+namespace nx {
+namespace cuda {
+
+// ------------------------------------------------------------------------------------------------
+// host helpers (runtime.cu)
+// ------------------------------------------------------------------------------------------------
+// Throws Error{"DEVICE"} "<what>: <CUDA error name>: <message>" when e is not cudaSuccess.
+void check(cudaError_t e, const char* what);
+// After a kernel launch: throws when the launch failed (bad configuration, no kernel image for this GPU).
+void check_launch(const char* what);
+// The current device's stream (created on first use; one per device, in-order).
+cudaStream_t stream();
+int current_device();
+
+constexpr int kBlock = 256;
+// Blocks for a grid-stride loop over n items (at least 1, at most 65535 * 32).
+inline unsigned grid_for(int64_t n, int block = kBlock) {
+  int64_t g = (n + block - 1) / block;
+  if (g < 1) g = 1;
+  if (g > 65535LL * 32) g = 65535LL * 32;
+  return static_cast<unsigned>(g);
+}
+// Blocks when one block handles one item (row / line) in a grid-stride loop.
+inline unsigned grid_rows(int64_t rows) {
+  if (rows < 1) return 1;
+  return static_cast<unsigned>(rows < 65535LL * 32 ? rows : 65535LL * 32);
+}
+
+// The bad-element slot: one int64 per device holding the smallest linear index a kernel flagged, or
+// kNoBad. bad_reset() queues its reset; bad_first() waits for the stream and returns it.
+constexpr long long kNoBad = 0x7fffffffffffffffLL;
+long long* bad_slot();
+void bad_reset();
+long long bad_first();
+// Reads element lin (row-major over v's shape) of a device view as int64 (waits for the stream).
+int64_t read_index_at(const KView& v, int64_t lin);
+// A dense device scratch buffer returned to the cache when it goes out of scope (stream order makes
+// the reuse safe).
+struct Scratch {
+  void* p = nullptr;
+  size_t n = 0;
+  int dev = 0;
+  explicit Scratch(size_t bytes);
+  ~Scratch();
+  Scratch(const Scratch&) = delete;
+  Scratch& operator=(const Scratch&) = delete;
+};
+// A contiguous KView over device memory p.
+KView dense_view(void* p, DType t, int ndim, const int64_t* shape);
+
+// ------------------------------------------------------------------------------------------------
+// device helpers
+// ------------------------------------------------------------------------------------------------
+__device__ inline void report_bad(long long* slot, int64_t lin) { atomicMin(slot, static_cast<long long>(lin)); }
+
+__device__ inline float d_bf16_to_f32(uint16_t h) { return __uint_as_float(static_cast<uint32_t>(h) << 16); }
+__device__ inline uint16_t d_f32_to_bf16(float f) {
+  uint32_t u = __float_as_uint(f);
+  if ((u & 0x7fffffffu) > 0x7f800000u) return static_cast<uint16_t>((u >> 16) | 0x40);  // quiet NaN
+  u += 0x7fffu + ((u >> 16) & 1u);
+  return static_cast<uint16_t>(u >> 16);
+}
+__device__ inline float d_f16_to_f32(uint16_t h) {
+  uint32_t sign = static_cast<uint32_t>(h & 0x8000u) << 16;
+  uint32_t exp = (h >> 10) & 0x1fu;
+  uint32_t man = h & 0x3ffu;
+  uint32_t u;
+  if (exp == 0) {
+    if (man == 0) {
+      u = sign;
+    } else {
+      int e = -1;
+      do {
+        e++;
+        man <<= 1;
+      } while ((man & 0x400u) == 0);
+      u = sign | (static_cast<uint32_t>(127 - 15 - e) << 23) | ((man & 0x3ffu) << 13);
+    }
+  } else if (exp == 31) {
+    u = sign | 0x7f800000u | (man << 13);
+  } else {
+    u = sign | ((exp + 127 - 15) << 23) | (man << 13);
+  }
+  return __uint_as_float(u);
+}
+__device__ inline uint16_t d_f32_to_f16(float f) {
+  uint32_t u = __float_as_uint(f);
+  uint32_t sign = (u >> 16) & 0x8000u;
+  uint32_t a = u & 0x7fffffffu;
+  if (a > 0x7f800000u) return static_cast<uint16_t>(sign | 0x7e00u);
+  if (a >= 0x477ff000u) return static_cast<uint16_t>(sign | 0x7c00u);
+  if (a < 0x38800000u) {
+    float af = __uint_as_float(a);
+    af = __fadd_rn(af, 0.5f);  // explicit round-to-nearest add (never contracted or flushed)
+    uint32_t r = __float_as_uint(af);
+    return static_cast<uint16_t>(sign | (r - 0x3f000000u));
+  }
+  uint32_t mant_odd = (a >> 13) & 1u;
+  a += 0xc8000fffu + mant_odd;
+  return static_cast<uint16_t>(sign | (a >> 13));
+}
+
+__device__ inline float ld_f(const void* p, DType t, int64_t i) {
+  switch (t) {
+    case DType::F32: return static_cast<const float*>(p)[i];
+    case DType::F16: return d_f16_to_f32(static_cast<const uint16_t*>(p)[i]);
+    case DType::BF16: return d_bf16_to_f32(static_cast<const uint16_t*>(p)[i]);
+    case DType::I32: return static_cast<float>(static_cast<const int32_t*>(p)[i]);
+    case DType::I64: return static_cast<float>(static_cast<const int64_t*>(p)[i]);
+    case DType::BOOL: return static_cast<const uint8_t*>(p)[i] ? 1.0f : 0.0f;
+  }
+  return 0.0f;
+}
+__device__ inline int64_t ld_i(const void* p, DType t, int64_t i) {
+  switch (t) {
+    case DType::F32: return static_cast<int64_t>(static_cast<const float*>(p)[i]);
+    case DType::F16: return static_cast<int64_t>(d_f16_to_f32(static_cast<const uint16_t*>(p)[i]));
+    case DType::BF16: return static_cast<int64_t>(d_bf16_to_f32(static_cast<const uint16_t*>(p)[i]));
+    case DType::I32: return static_cast<const int32_t*>(p)[i];
+    case DType::I64: return static_cast<const int64_t*>(p)[i];
+    case DType::BOOL: return static_cast<const uint8_t*>(p)[i] ? 1 : 0;
+  }
+  return 0;
+}
+__device__ inline void st_f(void* p, DType t, int64_t i, float v) {
+  switch (t) {
+    case DType::F32: static_cast<float*>(p)[i] = v; break;
+    case DType::F16: static_cast<uint16_t*>(p)[i] = d_f32_to_f16(v); break;
+    case DType::BF16: static_cast<uint16_t*>(p)[i] = d_f32_to_bf16(v); break;
+    case DType::I32: static_cast<int32_t*>(p)[i] = static_cast<int32_t>(v); break;
+    case DType::I64: static_cast<int64_t*>(p)[i] = static_cast<int64_t>(v); break;
+    case DType::BOOL: static_cast<uint8_t*>(p)[i] = v != 0.0f ? 1 : 0; break;
+  }
+}
+__device__ inline void st_i(void* p, DType t, int64_t i, int64_t v) {
+  switch (t) {
+    case DType::F32: static_cast<float*>(p)[i] = static_cast<float>(v); break;
+    case DType::F16: static_cast<uint16_t*>(p)[i] = d_f32_to_f16(static_cast<float>(v)); break;
+    case DType::BF16: static_cast<uint16_t*>(p)[i] = d_f32_to_bf16(static_cast<float>(v)); break;
+    case DType::I32: static_cast<int32_t*>(p)[i] = static_cast<int32_t>(v); break;
+    case DType::I64: static_cast<int64_t*>(p)[i] = v; break;
+    case DType::BOOL: static_cast<uint8_t*>(p)[i] = v != 0 ? 1 : 0; break;
+  }
+}
+__device__ inline bool is_float(DType t) { return t == DType::F32 || t == DType::F16 || t == DType::BF16; }
+__device__ inline int dsize(DType t) {
+  return t == DType::I64 ? 8 : (t == DType::F32 || t == DType::I32) ? 4 : t == DType::BOOL ? 1 : 2;
+}
+// Copy one element between views (bit-exact when the dtypes agree; else through f32 or int64 as the
+// CPU kernels' copy_elem).
+__device__ inline void copy_elem(const void* src, DType st, int64_t so, void* dst, DType dt, int64_t dof) {
+  if (st == dt) {
+    switch (dsize(st)) {
+      case 1: static_cast<uint8_t*>(dst)[dof] = static_cast<const uint8_t*>(src)[so]; break;
+      case 2: static_cast<uint16_t*>(dst)[dof] = static_cast<const uint16_t*>(src)[so]; break;
+      case 4: static_cast<uint32_t*>(dst)[dof] = static_cast<const uint32_t*>(src)[so]; break;
+      default: static_cast<uint64_t*>(dst)[dof] = static_cast<const uint64_t*>(src)[so]; break;
+    }
+  } else if (is_float(dt) || is_float(st)) {
+    st_f(dst, dt, dof, ld_f(src, st, so));
+  } else {
+    st_i(dst, dt, dof, ld_i(src, st, so));
+  }
+}
+
+// Offsets in up to three views (sharing `shape`, rank nd) of row-major linear index lin.
+__device__ inline void offsets_of(int64_t lin, int nd, const int64_t* shape, const int64_t* s0, int64_t* o0,
+                                  const int64_t* s1 = nullptr, int64_t* o1 = nullptr, const int64_t* s2 = nullptr,
+                                  int64_t* o2 = nullptr, const int64_t* s3 = nullptr, int64_t* o3 = nullptr) {
+  int64_t a = 0, b = 0, c = 0, e = 0;
+#pragma unroll
+  for (int d = kMaxDims - 1; d >= 0; d--) {
+    if (d < nd) {
+      const int64_t n = shape[d];
+      const int64_t i = lin % n;
+      lin /= n;
+      a += i * s0[d];
+      if (s1) b += i * s1[d];
+      if (s2) c += i * s2[d];
+      if (s3) e += i * s3[d];
+    }
+  }
+  *o0 = a;
+  if (o1) *o1 = b;
+  if (o2) *o2 = c;
+  if (o3) *o3 = e;
+}
+// Multi-index of lin over shape (rank nd).
+__device__ inline void unravel(int64_t lin, int nd, const int64_t* shape, int64_t* idx) {
+#pragma unroll
+  for (int d = kMaxDims - 1; d >= 0; d--) {
+    if (d < nd) {
+      idx[d] = lin % shape[d];
+      lin /= shape[d];
+    }
+  }
+}
+__device__ inline int64_t dot_idx(int nd, const int64_t* idx, const int64_t* strides) {
+  int64_t o = 0;
+#pragma unroll
+  for (int d = 0; d < kMaxDims; d++)
+    if (d < nd) o += idx[d] * strides[d];
+  return o;
+}
+
+// Grid-stride loop over [0, n).
+#define NX_CUDA_LOOP(i, n) \
+  for (int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; i < (n); i += static_cast<int64_t>(blockDim.x) * gridDim.x)
+
+}  // namespace cuda
+}  // namespace nx

@@ -319,10 +319,17 @@ Napi::Value ReadSync(const Napi::CallbackInfo& info) {
   });
 }
 
+// The ArrayBuffer is allocated here on the JS thread and filled by Execute on a worker thread (JS cannot
+// see it before the promise resolves), so a read holds the tensor and one copy, not an extra staging copy.
 class ReadWorker : public Napi::AsyncWorker {
  public:
   ReadWorker(Napi::Env env, nx::Tensor t)
-      : Napi::AsyncWorker(env), deferred_(Napi::Promise::Deferred::New(env)), t_(std::move(t)) {}
+      : Napi::AsyncWorker(env), deferred_(Napi::Promise::Deferred::New(env)), t_(std::move(t)) {
+    n_ = static_cast<size_t>(t_.numel()) * nx::dtype_size(t_.dtype);
+    Napi::ArrayBuffer buf = Napi::ArrayBuffer::New(env, n_);
+    dst_ = buf.Data();
+    buf_ = Napi::Persistent(buf);
+  }
   Napi::Promise Promise() { return deferred_.Promise(); }
   void Execute() override {
     nx::executor().sync();
@@ -331,24 +338,22 @@ class ReadWorker : public Napi::AsyncWorker {
       SetError(e->what());
       return;
     }
-    size_t n = static_cast<size_t>(t_.numel()) * nx::dtype_size(t_.dtype);
-    bytes_.resize(n);
     try {
-      if (n) nx::read_bytes(t_, bytes_.data(), n);  // memcpy, or a copy from the device
+      if (n_) nx::read_bytes(t_, dst_, n_);  // memcpy, or a copy from the device
     } catch (const nx::Error& e) {
       code_ = e.code;
       SetError(e.what());
     }
   }
   void OnOK() override {
-    Napi::ArrayBuffer buf = Napi::ArrayBuffer::New(Env(), bytes_.size());
-    if (!bytes_.empty()) std::memcpy(buf.Data(), bytes_.data(), bytes_.size());
-    std::vector<unsigned char>().swap(bytes_);
     t_ = nx::Tensor{};
+    Napi::ArrayBuffer buf = buf_.Value();
+    buf_.Reset();
     deferred_.Resolve(buf);
   }
   void OnError(const Napi::Error& e) override {
     t_ = nx::Tensor{};
+    buf_.Reset();
     deferred_.Reject(coded_error(Env(), code_.empty() ? "INTERNAL" : code_, e.Message()).Value());
   }
 
@@ -356,7 +361,9 @@ class ReadWorker : public Napi::AsyncWorker {
   Napi::Promise::Deferred deferred_;
   nx::Tensor t_;
   std::string code_;
-  std::vector<unsigned char> bytes_;
+  Napi::Reference<Napi::ArrayBuffer> buf_;
+  void* dst_ = nullptr;
+  size_t n_ = 0;
 };
 
 Napi::Value Read(const Napi::CallbackInfo& info) {
@@ -396,6 +403,13 @@ class SyncWorker : public Napi::AsyncWorker {
 };
 
 Napi::Value Sync(const Napi::CallbackInfo& info) {
+  // Nothing queued and no device memory (so no device work in flight): already synchronized; a resolved
+  // promise saves the worker round trip (25-50 us through the event loop).
+  if (nx::executor().pending() == 0 && nx::memory_stats().device_bytes.load() == 0) {
+    auto d = Napi::Promise::Deferred::New(info.Env());
+    d.Resolve(info.Env().Undefined());
+    return d.Promise();
+  }
   auto* w = new SyncWorker(info.Env());
   Napi::Promise p = w->Promise();
   w->Queue();

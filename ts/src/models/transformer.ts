@@ -22,6 +22,8 @@ export interface ModuleHooks {
    * Operations inside a module (`<module>.source.<op>`) go through it too; their output may be a tuple.
    */
   call<T extends Tensor | Tensor[]>(path: string, inputs: Tensor[], body: (inputs: Tensor[]) => T): T;
+  /** Whether `call(path, ...)` would do more than run the body (lets the forward skip preparing values for it). */
+  wants?(path: string): boolean;
 }
 
 /** A prepared batch: ids [B, T] (left padded), positions [B, T], and the key mask over cache + new tokens. */
@@ -95,7 +97,7 @@ export class TransformerLM {
       const pos = fromArray(b.positions, "int32", [b.batch, b.seq]);
       const mask = b.keyMask ? fromArray(b.keyMask, "int32", [b.batch, b.keyMask.length / b.batch]) : null;
       const run: Run = (path, inputs, body) => (hooks === null ? body(inputs) : hooks.call(path, inputs, body));
-      const ctx: Ctx = { b, pos, mask, cache, run, hooked: hooks !== null, lastOnly: !!opts.lastOnly };
+      const ctx: Ctx = { b, pos, mask, cache, run, hooked: hooks !== null, wants: wantsOf(hooks), lastOnly: !!opts.lastOnly };
       const logits = run("", [ids], ([x]) => (this.config.modelType === "gpt2" ? this.gpt2(x!, ctx) : this.llama(x!, ctx)));
       if (cache) cache.advance(b.seq);
       return logits;
@@ -135,7 +137,7 @@ export class TransformerLM {
     const batch: ForwardBatch = { batch: B, seq: T, ids: new Int32Array(B * T), positions, keyMask: null };
     return scope(() => {
       const run: Run = (p, ins, body) => (hooks === null ? body(ins) : hooks.call(p, ins, body));
-      const ctx: Ctx = { b: batch, pos: fromArray(positions, "int32", [B, T]), mask: null, cache: null, run, hooked: hooks !== null, lastOnly: false };
+      const ctx: Ctx = { b: batch, pos: fromArray(positions, "int32", [B, T]), mask: null, cache: null, run, hooked: hooks !== null, wants: wantsOf(hooks), lastOnly: false };
       const m = /^(model\.layers|transformer\.h)\.(\d+)(?:\.(\w+))?$/.exec(path);
       if (m) {
         const l = Number(m[2]);
@@ -255,7 +257,8 @@ export class TransformerLM {
     let q4 = q.reshape([B, T, c.numHeads, hd]);
     let k4 = k.reshape([B, T, c.numKvHeads, hd]);
     const v4 = v.reshape([B, T, c.numKvHeads, hd]);
-    if (!ctx.hooked) {
+    const ropeOp = `${m}.source.apply_rotary_pos_emb_0`, attnOp = `${m}.source.attention_interface_0`;
+    if (!ctx.hooked || (ctx.wants !== null && !ctx.wants(ropeOp) && !ctx.wants(attnOp))) {
       // the same computation as below without the hook points (every view is a native call)
       if (invFreq) {
         q4 = q4.rope(ctx.pos, invFreq, false);
@@ -272,13 +275,13 @@ export class TransformerLM {
     const vh = v4.permute(0, 2, 1, 3);
     if (invFreq) {
       // rope runs on [B, T, H, hd]: the permuted views go back to that layout for free
-      [qh, kh] = run(`${m}.source.apply_rotary_pos_emb_0`, [qh, kh], ([a, b]) => [
+      [qh, kh] = run(ropeOp, [qh, kh], ([a, b]) => [
         a!.permute(0, 2, 1, 3).rope(ctx.pos, invFreq, false).permute(0, 2, 1, 3),
         b!.permute(0, 2, 1, 3).rope(ctx.pos, invFreq, false).permute(0, 2, 1, 3),
       ]);
     }
     const [kk, vv] = ctx.cache ? ctx.cache.append(layer, kh, vh) : [kh, vh];
-    const o = run(`${m}.source.attention_interface_0`, [qh!, kk, vv], ([a, b, d]) => a!.attention(b!, d!, ctx.mask, scale).permute(0, 2, 1, 3));
+    const o = run(attnOp, [qh!, kk, vv], ([a, b, d]) => a!.attention(b!, d!, ctx.mask, scale).permute(0, 2, 1, 3));
     return o.reshape([B, T, c.numHeads * hd]);
   }
 }
@@ -291,8 +294,12 @@ interface Ctx {
   run: Run;
   /** hooks are attached: the source operations are hook points (else they run as plain code) */
   hooked: boolean;
+  /** which hook points the hooks act on (null: assume all) */
+  wants: ((path: string) => boolean) | null;
   lastOnly: boolean;
 }
+
+const wantsOf = (hooks: ModuleHooks | null): ((path: string) => boolean) | null => (hooks?.wants ? (p) => hooks.wants!(p) : null);
 
 type Run = <T extends Tensor | Tensor[]>(path: string, inputs: Tensor[], body: (x: Tensor[]) => T) => T;
 const noHooks: Run = (_p, ins, body) => body(ins);

@@ -122,6 +122,7 @@ export class Interleaver implements ModuleHooks {
   private currentDyn: string | null = null;
   private readonly hookedHooks: ModuleHooks = {
     call: <T extends MV>(p: string, ins: Tensor[], body: (x: Tensor[]) => T): T => (this.active.has(p) && this.isCounted(p) ? (this.countedCall(p, ins, body, false) as T) : body(ins)),
+    wants: (p: string) => this.active.has(p) && this.isCounted(p),
   };
 
   constructor(ctx: InterleaveContext) {
@@ -447,6 +448,10 @@ export class Interleaver implements ModuleHooks {
   }
 
   // ------------------------------------------------------------------ hooks
+  wants(path: string): boolean {
+    return this.active.has(path);
+  }
+
   call<T extends MV>(path: string, inputs: Tensor[], body: (inputs: Tensor[]) => T): T {
     if (!this.active.has(path) && path !== "") return body(inputs);
     if (this.counted !== null && this.isCounted(path)) return this.countedCall(path, inputs, body, true) as T;

@@ -20,13 +20,21 @@
 #include <stdexcept>
 #include <string>
 
+// NX_HD: functions below that the CUDA kernels (kernels/cuda) call on the device too, so a cast on the GPU
+// rounds with the very same bit operations as on the CPU (memcpy is allowed in device code).
+#if defined(__CUDACC__)
+#define NX_HD __host__ __device__
+#else
+#define NX_HD
+#endif
+
 namespace nx {
 
 // The numeric values are part of the addon ABI (exported to TS as `dtypes`).
 enum class DType : int32_t { F32 = 0, F16 = 1, BF16 = 2, I32 = 3, I64 = 4, BOOL = 5 };
 constexpr int kNumDTypes = 6;
 
-inline size_t dtype_size(DType t) {
+NX_HD inline size_t dtype_size(DType t) {
   switch (t) {
     case DType::F32: return 4;
     case DType::F16: return 2;
@@ -37,7 +45,7 @@ inline size_t dtype_size(DType t) {
   }
   return 0;
 }
-inline bool dtype_is_float(DType t) { return t == DType::F32 || t == DType::F16 || t == DType::BF16; }
+NX_HD inline bool dtype_is_float(DType t) { return t == DType::F32 || t == DType::F16 || t == DType::BF16; }
 inline const char* dtype_name(DType t) {
   switch (t) {
     case DType::F32: return "float32";
@@ -51,20 +59,20 @@ inline const char* dtype_name(DType t) {
 }
 
 // ---- scalar conversions (round-to-nearest-even, NaN kept quiet) ----
-inline float bf16_to_f32(uint16_t h) {
+NX_HD inline float bf16_to_f32(uint16_t h) {
   uint32_t u = static_cast<uint32_t>(h) << 16;
   float f;
   std::memcpy(&f, &u, 4);
   return f;
 }
-inline uint16_t f32_to_bf16(float f) {
+NX_HD inline uint16_t f32_to_bf16(float f) {
   uint32_t u;
   std::memcpy(&u, &f, 4);
   if ((u & 0x7fffffffu) > 0x7f800000u) return static_cast<uint16_t>((u >> 16) | 0x40);  // quiet NaN
   u += 0x7fffu + ((u >> 16) & 1u);
   return static_cast<uint16_t>(u >> 16);
 }
-inline float f16_to_f32(uint16_t h) {
+NX_HD inline float f16_to_f32(uint16_t h) {
   uint32_t sign = static_cast<uint32_t>(h & 0x8000u) << 16;
   uint32_t exp = (h >> 10) & 0x1fu;
   uint32_t man = h & 0x3ffu;
@@ -86,7 +94,7 @@ inline float f16_to_f32(uint16_t h) {
   std::memcpy(&f, &u, 4);
   return f;
 }
-inline uint16_t f32_to_f16(float f) {
+NX_HD inline uint16_t f32_to_f16(float f) {
   uint32_t u;
   std::memcpy(&u, &f, 4);
   uint32_t sign = (u >> 16) & 0x8000u;
@@ -107,7 +115,7 @@ inline uint16_t f32_to_f16(float f) {
 }
 
 // Load element i (already an element offset from data) of any dtype as float / double / int64.
-inline float load_f32(const void* data, DType t, int64_t i) {
+NX_HD inline float load_f32(const void* data, DType t, int64_t i) {
   switch (t) {
     case DType::F32: return static_cast<const float*>(data)[i];
     case DType::F16: return f16_to_f32(static_cast<const uint16_t*>(data)[i]);
@@ -118,7 +126,7 @@ inline float load_f32(const void* data, DType t, int64_t i) {
   }
   return 0.0f;
 }
-inline int64_t load_i64(const void* data, DType t, int64_t i) {
+NX_HD inline int64_t load_i64(const void* data, DType t, int64_t i) {
   switch (t) {
     case DType::F32: return static_cast<int64_t>(static_cast<const float*>(data)[i]);
     case DType::F16: return static_cast<int64_t>(f16_to_f32(static_cast<const uint16_t*>(data)[i]));
@@ -129,7 +137,7 @@ inline int64_t load_i64(const void* data, DType t, int64_t i) {
   }
   return 0;
 }
-inline void store_f32(void* data, DType t, int64_t i, float v) {
+NX_HD inline void store_f32(void* data, DType t, int64_t i, float v) {
   switch (t) {
     case DType::F32: static_cast<float*>(data)[i] = v; break;
     case DType::F16: static_cast<uint16_t*>(data)[i] = f32_to_f16(v); break;
@@ -139,7 +147,7 @@ inline void store_f32(void* data, DType t, int64_t i, float v) {
     case DType::BOOL: static_cast<uint8_t*>(data)[i] = v != 0.0f ? 1 : 0; break;
   }
 }
-inline void store_i64(void* data, DType t, int64_t i, int64_t v) {
+NX_HD inline void store_i64(void* data, DType t, int64_t i, int64_t v) {
   switch (t) {
     case DType::F32: static_cast<float*>(data)[i] = static_cast<float>(v); break;
     case DType::F16: static_cast<uint16_t*>(data)[i] = f32_to_f16(static_cast<float>(v)); break;

@@ -29,18 +29,18 @@ __global__ void rope_rotate_kernel(KView x, KView pos, KView inv, bool interleav
     const int64_t i = g % half;
     const int64_t t = (g / half) % T;
     const int64_t b = g / (half * T);
-    const float p = static_cast<float>(ld_i(pos.data, pos.dtype, b * pos.strides[0] + t * pos.strides[1]));
-    const float ang = __fmul_rn(p, ld_f(inv.data, inv.dtype, i * inv.strides[0]));
+    const float p = static_cast<float>(load_i64(pos.data, pos.dtype, b * pos.strides[0] + t * pos.strides[1]));
+    const float ang = __fmul_rn(p, load_f32(inv.data, inv.dtype, i * inv.strides[0]));
     const double c = cos(static_cast<double>(ang)), s = sin(static_cast<double>(ang));
     const int64_t ia = interleaved ? 2 * i : i;
     const int64_t ib = interleaved ? 2 * i + 1 : i + half;
     for (int64_t h = 0; h < H; h++) {
       const int64_t xo = b * x.strides[0] + t * x.strides[1] + h * x.strides[2];
       const int64_t oo = b * o.strides[0] + t * o.strides[1] + h * o.strides[2];
-      const double a = ld_f(x.data, x.dtype, xo + ia * x.strides[3]);
-      const double bb = ld_f(x.data, x.dtype, xo + ib * x.strides[3]);
-      st_f(o.data, o.dtype, oo + ia * o.strides[3], static_cast<float>(a * c - bb * s));
-      st_f(o.data, o.dtype, oo + ib * o.strides[3], static_cast<float>(a * s + bb * c));
+      const double a = load_f32(x.data, x.dtype, xo + ia * x.strides[3]);
+      const double bb = load_f32(x.data, x.dtype, xo + ib * x.strides[3]);
+      store_f32(o.data, o.dtype, oo + ia * o.strides[3], static_cast<float>(a * c - bb * s));
+      store_f32(o.data, o.dtype, oo + ib * o.strides[3], static_cast<float>(a * s + bb * c));
     }
   }
 }
@@ -55,7 +55,7 @@ __global__ void rope_pass_kernel(KView x, KView o, int64_t B, int64_t T, int64_t
     const int64_t b = g / (rest * H * T);
     const int64_t xo = b * x.strides[0] + t * x.strides[1] + h * x.strides[2] + d * x.strides[3];
     const int64_t oo = b * o.strides[0] + t * o.strides[1] + h * o.strides[2] + d * o.strides[3];
-    st_f(o.data, o.dtype, oo, ld_f(x.data, x.dtype, xo));
+    store_f32(o.data, o.dtype, oo, load_f32(x.data, x.dtype, xo));
   }
 }
 
@@ -92,11 +92,11 @@ struct AttnDims {
 };
 
 __device__ inline bool visible(const KView& mask, bool hm, int64_t b, int64_t j) {
-  return !hm || ld_f(mask.data, mask.dtype, b * mask.strides[0] + j * mask.strides[1]) != 0.0f;
+  return !hm || load_f32(mask.data, mask.dtype, b * mask.strides[0] + j * mask.strides[1]) != 0.0f;
 }
 __device__ inline float score(const float* qs, const KView& k, int64_t ko, int64_t D) {
   float dot = 0.0f;
-  for (int64_t d = 0; d < D; d++) dot += qs[d] * ld_f(k.data, k.dtype, ko + d * k.strides[3]);
+  for (int64_t d = 0; d < D; d++) dot += qs[d] * load_f32(k.data, k.dtype, ko + d * k.strides[3]);
   return dot;
 }
 
@@ -118,7 +118,7 @@ __global__ void attention_kernel(KView q, KView k, KView v, KView mask, bool hm,
     const int64_t kbase = b * k.strides[0] + kh * k.strides[1];
     const int64_t vbase = b * v.strides[0] + kh * v.strides[1];
     const int64_t oo = b * o.strides[0] + h * o.strides[1] + i * o.strides[2];
-    for (int64_t d = t; d < z.D; d += kAT) qs[d] = ld_f(q.data, q.dtype, qo + d * q.strides[3]);
+    for (int64_t d = t; d < z.D; d += kAT) qs[d] = load_f32(q.data, q.dtype, qo + d * q.strides[3]);
     __syncthreads();
     // pass 1: the row max over visible keys
     float mx = -INFINITY;
@@ -128,7 +128,7 @@ __global__ void attention_kernel(KView q, KView k, KView v, KView mask, bool hm,
     }
     mx = block_max(mx, red);
     if (mx == -INFINITY) {  // no key visible (or every score -inf): zeros, as the reference
-      for (int64_t d = t; d < z.D; d += kAT) st_f(o.data, o.dtype, oo + d * o.strides[3], 0.0f);
+      for (int64_t d = t; d < z.D; d += kAT) store_f32(o.data, o.dtype, oo + d * o.strides[3], 0.0f);
       __syncthreads();
       continue;
     }
@@ -152,7 +152,7 @@ __global__ void attention_kernel(KView q, KView k, KView v, KView mask, bool hm,
 #pragma unroll
         for (int r = 0; r < kAccPerThread; r++) {
           const int64_t d = t + static_cast<int64_t>(r) * kAT;
-          if (d < z.D) acc[r] += wj * ld_f(v.data, v.dtype, vo + d * v.strides[3]);
+          if (d < z.D) acc[r] += wj * load_f32(v.data, v.dtype, vo + d * v.strides[3]);
         }
       }
       __syncthreads();
@@ -161,7 +161,7 @@ __global__ void attention_kernel(KView q, KView k, KView v, KView mask, bool hm,
 #pragma unroll
     for (int r = 0; r < kAccPerThread; r++) {
       const int64_t d = t + static_cast<int64_t>(r) * kAT;
-      if (d < z.D) st_f(o.data, o.dtype, oo + d * o.strides[3], acc[r] / sum);
+      if (d < z.D) store_f32(o.data, o.dtype, oo + d * o.strides[3], acc[r] / sum);
     }
     __syncthreads();
   }

@@ -2,9 +2,8 @@
 //
 // Host side: CUDA error checks that throw nx::Error{"DEVICE"}, the current device's stream, launch
 // geometry, and the per-device "first bad element" slot that kernels use to report data-dependent
-// errors. Device side: the dtype conversions of kernels/common.h written for the GPU with the very same
-// bit operations (so a cast on the GPU rounds exactly as on the CPU), typed loads/stores of any dtype,
-// and row-major index arithmetic over KViews (strides in elements, up to kMaxDims dims).
+// errors. Device side: the dtype conversions and typed loads/stores are kernels/common.h's own (NX_HD: host and
+// device), so a cast on the GPU rounds exactly as on the CPU; plus row-major index arithmetic over KViews (strides in elements, up to kMaxDims dims).
 #pragma once
 #include <cuda_runtime.h>
 
@@ -69,113 +68,20 @@ KView dense_view(void* p, DType t, int ndim, const int64_t* shape);
 // ------------------------------------------------------------------------------------------------
 __device__ inline void report_bad(long long* slot, int64_t lin) { atomicMin(slot, static_cast<long long>(lin)); }
 
-__device__ inline float d_bf16_to_f32(uint16_t h) { return __uint_as_float(static_cast<uint32_t>(h) << 16); }
-__device__ inline uint16_t d_f32_to_bf16(float f) {
-  uint32_t u = __float_as_uint(f);
-  if ((u & 0x7fffffffu) > 0x7f800000u) return static_cast<uint16_t>((u >> 16) | 0x40);  // quiet NaN
-  u += 0x7fffu + ((u >> 16) & 1u);
-  return static_cast<uint16_t>(u >> 16);
-}
-__device__ inline float d_f16_to_f32(uint16_t h) {
-  uint32_t sign = static_cast<uint32_t>(h & 0x8000u) << 16;
-  uint32_t exp = (h >> 10) & 0x1fu;
-  uint32_t man = h & 0x3ffu;
-  uint32_t u;
-  if (exp == 0) {
-    if (man == 0) {
-      u = sign;
-    } else {
-      int e = -1;
-      do {
-        e++;
-        man <<= 1;
-      } while ((man & 0x400u) == 0);
-      u = sign | (static_cast<uint32_t>(127 - 15 - e) << 23) | ((man & 0x3ffu) << 13);
-    }
-  } else if (exp == 31) {
-    u = sign | 0x7f800000u | (man << 13);
-  } else {
-    u = sign | ((exp + 127 - 15) << 23) | (man << 13);
-  }
-  return __uint_as_float(u);
-}
-__device__ inline uint16_t d_f32_to_f16(float f) {
-  uint32_t u = __float_as_uint(f);
-  uint32_t sign = (u >> 16) & 0x8000u;
-  uint32_t a = u & 0x7fffffffu;
-  if (a > 0x7f800000u) return static_cast<uint16_t>(sign | 0x7e00u);
-  if (a >= 0x477ff000u) return static_cast<uint16_t>(sign | 0x7c00u);
-  if (a < 0x38800000u) {
-    float af = __uint_as_float(a);
-    af = __fadd_rn(af, 0.5f);  // explicit round-to-nearest add (never contracted or flushed)
-    uint32_t r = __float_as_uint(af);
-    return static_cast<uint16_t>(sign | (r - 0x3f000000u));
-  }
-  uint32_t mant_odd = (a >> 13) & 1u;
-  a += 0xc8000fffu + mant_odd;
-  return static_cast<uint16_t>(sign | (a >> 13));
-}
-
-__device__ inline float ld_f(const void* p, DType t, int64_t i) {
-  switch (t) {
-    case DType::F32: return static_cast<const float*>(p)[i];
-    case DType::F16: return d_f16_to_f32(static_cast<const uint16_t*>(p)[i]);
-    case DType::BF16: return d_bf16_to_f32(static_cast<const uint16_t*>(p)[i]);
-    case DType::I32: return static_cast<float>(static_cast<const int32_t*>(p)[i]);
-    case DType::I64: return static_cast<float>(static_cast<const int64_t*>(p)[i]);
-    case DType::BOOL: return static_cast<const uint8_t*>(p)[i] ? 1.0f : 0.0f;
-  }
-  return 0.0f;
-}
-__device__ inline int64_t ld_i(const void* p, DType t, int64_t i) {
-  switch (t) {
-    case DType::F32: return static_cast<int64_t>(static_cast<const float*>(p)[i]);
-    case DType::F16: return static_cast<int64_t>(d_f16_to_f32(static_cast<const uint16_t*>(p)[i]));
-    case DType::BF16: return static_cast<int64_t>(d_bf16_to_f32(static_cast<const uint16_t*>(p)[i]));
-    case DType::I32: return static_cast<const int32_t*>(p)[i];
-    case DType::I64: return static_cast<const int64_t*>(p)[i];
-    case DType::BOOL: return static_cast<const uint8_t*>(p)[i] ? 1 : 0;
-  }
-  return 0;
-}
-__device__ inline void st_f(void* p, DType t, int64_t i, float v) {
-  switch (t) {
-    case DType::F32: static_cast<float*>(p)[i] = v; break;
-    case DType::F16: static_cast<uint16_t*>(p)[i] = d_f32_to_f16(v); break;
-    case DType::BF16: static_cast<uint16_t*>(p)[i] = d_f32_to_bf16(v); break;
-    case DType::I32: static_cast<int32_t*>(p)[i] = static_cast<int32_t>(v); break;
-    case DType::I64: static_cast<int64_t*>(p)[i] = static_cast<int64_t>(v); break;
-    case DType::BOOL: static_cast<uint8_t*>(p)[i] = v != 0.0f ? 1 : 0; break;
-  }
-}
-__device__ inline void st_i(void* p, DType t, int64_t i, int64_t v) {
-  switch (t) {
-    case DType::F32: static_cast<float*>(p)[i] = static_cast<float>(v); break;
-    case DType::F16: static_cast<uint16_t*>(p)[i] = d_f32_to_f16(static_cast<float>(v)); break;
-    case DType::BF16: static_cast<uint16_t*>(p)[i] = d_f32_to_bf16(static_cast<float>(v)); break;
-    case DType::I32: static_cast<int32_t*>(p)[i] = static_cast<int32_t>(v); break;
-    case DType::I64: static_cast<int64_t*>(p)[i] = v; break;
-    case DType::BOOL: static_cast<uint8_t*>(p)[i] = v != 0 ? 1 : 0; break;
-  }
-}
-__device__ inline bool is_float(DType t) { return t == DType::F32 || t == DType::F16 || t == DType::BF16; }
-__device__ inline int dsize(DType t) {
-  return t == DType::I64 ? 8 : (t == DType::F32 || t == DType::I32) ? 4 : t == DType::BOOL ? 1 : 2;
-}
 // Copy one element between views (bit-exact when the dtypes agree; else through f32 or int64 as the
 // CPU kernels' copy_elem).
 __device__ inline void copy_elem(const void* src, DType st, int64_t so, void* dst, DType dt, int64_t dof) {
   if (st == dt) {
-    switch (dsize(st)) {
+    switch (dtype_size(st)) {
       case 1: static_cast<uint8_t*>(dst)[dof] = static_cast<const uint8_t*>(src)[so]; break;
       case 2: static_cast<uint16_t*>(dst)[dof] = static_cast<const uint16_t*>(src)[so]; break;
       case 4: static_cast<uint32_t*>(dst)[dof] = static_cast<const uint32_t*>(src)[so]; break;
       default: static_cast<uint64_t*>(dst)[dof] = static_cast<const uint64_t*>(src)[so]; break;
     }
-  } else if (is_float(dt) || is_float(st)) {
-    st_f(dst, dt, dof, ld_f(src, st, so));
+  } else if (dtype_is_float(dt) || dtype_is_float(st)) {
+    store_f32(dst, dt, dof, load_f32(src, st, so));
   } else {
-    st_i(dst, dt, dof, ld_i(src, st, so));
+    store_i64(dst, dt, dof, load_i64(src, st, so));
   }
 }
 

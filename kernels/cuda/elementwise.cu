@@ -133,12 +133,12 @@ __global__ void binary_kernel(BinaryOp op, bool fl, KView a, KView b, KView o, i
     int64_t io = i, ia = i, ib = i;
     if (!contig) offsets_of(i, o.ndim, o.shape, o.strides, &io, a.strides, &ia, b.strides, &ib);
     if (fl) {
-      st_f(o.data, o.dtype, io, bin_f(op, ld_f(a.data, a.dtype, ia), ld_f(b.data, b.dtype, ib)));
+      store_f32(o.data, o.dtype, io, bin_f(op, load_f32(a.data, a.dtype, ia), load_f32(b.data, b.dtype, ib)));
     } else {
       bool ok = true;
-      const int64_t r = bin_i(op, ld_i(a.data, a.dtype, ia), ld_i(b.data, b.dtype, ib), &ok);
+      const int64_t r = bin_i(op, load_i64(a.data, a.dtype, ia), load_i64(b.data, b.dtype, ib), &ok);
       if (!ok) report_bad(bad, i);
-      st_i(o.data, o.dtype, io, r);
+      store_i64(o.data, o.dtype, io, r);
     }
   }
 }
@@ -148,9 +148,9 @@ __global__ void unary_kernel(UnaryOp op, bool in, KView x, KView o, int64_t n, b
     int64_t io = i, ix = i;
     if (!contig) offsets_of(i, o.ndim, o.shape, o.strides, &io, x.strides, &ix);
     if (in)
-      st_i(o.data, o.dtype, io, un_i(op, ld_i(x.data, x.dtype, ix)));
+      store_i64(o.data, o.dtype, io, un_i(op, load_i64(x.data, x.dtype, ix)));
     else
-      st_f(o.data, o.dtype, io, un_f(op, ld_f(x.data, x.dtype, ix)));
+      store_f32(o.data, o.dtype, io, un_f(op, load_f32(x.data, x.dtype, ix)));
   }
 }
 
@@ -166,7 +166,7 @@ __global__ void fill_kernel(KView o, unsigned long long bits, int64_t n, bool co
   NX_CUDA_LOOP(i, n) {
     int64_t io = i;
     if (!contig) offsets_of(i, o.ndim, o.shape, o.strides, &io);
-    switch (dsize(o.dtype)) {
+    switch (dtype_size(o.dtype)) {
       case 1: static_cast<uint8_t*>(o.data)[io] = static_cast<uint8_t>(bits); break;
       case 2: static_cast<uint16_t*>(o.data)[io] = static_cast<uint16_t>(bits); break;
       case 4: static_cast<uint32_t*>(o.data)[io] = static_cast<uint32_t>(bits); break;
@@ -179,14 +179,14 @@ __global__ void where_kernel(KView c, KView a, KView b, KView o, int64_t n, bool
   NX_CUDA_LOOP(i, n) {
     int64_t io = i, ic = i, ia = i, ib = i;
     if (!contig) offsets_of(i, o.ndim, o.shape, o.strides, &io, c.strides, &ic, a.strides, &ia, b.strides, &ib);
-    const bool pick_a = ld_i(c.data, c.dtype, ic) != 0;
+    const bool pick_a = load_i64(c.data, c.dtype, ic) != 0;
     const void* sp = pick_a ? a.data : b.data;
     const DType st = pick_a ? a.dtype : b.dtype;
     const int64_t so = pick_a ? ia : ib;
-    if (is_float(o.dtype))
-      st_f(o.data, o.dtype, io, ld_f(sp, st, so));
+    if (dtype_is_float(o.dtype))
+      store_f32(o.data, o.dtype, io, load_f32(sp, st, so));
     else
-      st_i(o.data, o.dtype, io, ld_i(sp, st, so));
+      store_i64(o.data, o.dtype, io, load_i64(sp, st, so));
   }
 }
 

@@ -135,16 +135,16 @@ __global__ void gemm_tiled_kernel(KView a, KView b, KView bias, bool hb, KView o
     float acc = 0.0f;
     for (int64_t k0 = 0; k0 < K; k0 += kT) {
       const int64_t ka = k0 + tx, kb = k0 + ty;
-      As[ty][tx] = (i < M && ka < K) ? ld_f(a.data, a.dtype, i * a.strides[0] + ka * a.strides[1]) : 0.0f;
-      Bs[ty][tx] = (kb < K && j < N) ? ld_f(b.data, b.dtype, kb * b.strides[0] + j * b.strides[1]) : 0.0f;
+      As[ty][tx] = (i < M && ka < K) ? load_f32(a.data, a.dtype, i * a.strides[0] + ka * a.strides[1]) : 0.0f;
+      Bs[ty][tx] = (kb < K && j < N) ? load_f32(b.data, b.dtype, kb * b.strides[0] + j * b.strides[1]) : 0.0f;
       __syncthreads();
       const int64_t kn = K - k0 < kT ? K - k0 : kT;
       for (int64_t kk = 0; kk < kn; kk++) acc += As[ty][kk] * Bs[kk][tx];
       __syncthreads();
     }
     if (i < M && j < N) {
-      if (hb) acc += ld_f(bias.data, bias.dtype, j * bias.strides[0]);
-      st_f(o.data, o.dtype, i * o.strides[0] + j * o.strides[1], acc);
+      if (hb) acc += load_f32(bias.data, bias.dtype, j * bias.strides[0]);
+      store_f32(o.data, o.dtype, i * o.strides[0] + j * o.strides[1], acc);
     }
   }
 }
@@ -153,7 +153,7 @@ __global__ void bias_kernel(KView o, KView bias, int64_t M, int64_t N) {
   NX_CUDA_LOOP(g, M * N) {
     const int64_t i = g / N, j = g % N;
     const int64_t off = i * o.strides[0] + j * o.strides[1];
-    st_f(o.data, o.dtype, off, ld_f(o.data, o.dtype, off) + ld_f(bias.data, bias.dtype, j * bias.strides[0]));
+    store_f32(o.data, o.dtype, off, load_f32(o.data, o.dtype, off) + load_f32(bias.data, bias.dtype, j * bias.strides[0]));
   }
 }
 

@@ -31,7 +31,7 @@ __global__ void check_kernel(KView index, int64_t lo, int64_t hi, int64_t n, lon
   NX_CUDA_LOOP(i, n) {
     int64_t off;
     offsets_of(i, index.ndim, index.shape, index.strides, &off);
-    const int64_t v = ld_i(index.data, index.dtype, off);
+    const int64_t v = load_i64(index.data, index.dtype, off);
     if (v < lo || v >= hi) report_bad(bad, i);
   }
 }
@@ -51,9 +51,9 @@ __global__ void embedding_kernel(KView w, KView ids, KView o, int64_t rows, int6
     const int64_t r = g / D, d = g % D;
     int64_t idx[kMaxDims];
     unravel(r, ids.ndim, ids.shape, idx);
-    const int64_t id = ld_i(ids.data, ids.dtype, dot_idx(ids.ndim, idx, ids.strides));
+    const int64_t id = load_i64(ids.data, ids.dtype, dot_idx(ids.ndim, idx, ids.strides));
     const int64_t oo = dot_idx(ids.ndim, idx, o.strides) + d * o.strides[o.ndim - 1];
-    st_f(o.data, o.dtype, oo, ld_f(w.data, w.dtype, id * w.strides[0] + d * w.strides[1]));
+    store_f32(o.data, o.dtype, oo, load_f32(w.data, w.dtype, id * w.strides[0] + d * w.strides[1]));
   }
 }
 
@@ -70,7 +70,7 @@ __global__ void gather_kernel(KView x, int dim, KView index, KView o, int64_t n)
   NX_CUDA_LOOP(g, n) {
     int64_t idx[kMaxDims];
     unravel(g, index.ndim, index.shape, idx);
-    const int64_t id = ld_i(index.data, index.dtype, dot_idx(index.ndim, idx, index.strides));
+    const int64_t id = load_i64(index.data, index.dtype, dot_idx(index.ndim, idx, index.strides));
     copy_elem(x.data, x.dtype, offset_at(x, idx, dim, id), o.data, o.dtype, dot_idx(o.ndim, idx, o.strides));
   }
 }
@@ -79,11 +79,11 @@ __global__ void scatter_kernel(KView dst, int dim, KView index, KView src, int64
   NX_CUDA_LOOP(g, n) {
     int64_t idx[kMaxDims];
     unravel(g, index.ndim, index.shape, idx);
-    const int64_t id = ld_i(index.data, index.dtype, dot_idx(index.ndim, idx, index.strides));
+    const int64_t id = load_i64(index.data, index.dtype, dot_idx(index.ndim, idx, index.strides));
     // the last write in row-major order wins: skip when a later position along dim repeats this index
     bool later = false;
     for (int64_t k = idx[dim] + 1; k < index.shape[dim] && !later; k++)
-      later = ld_i(index.data, index.dtype, offset_at(index, idx, dim, k)) == id;
+      later = load_i64(index.data, index.dtype, offset_at(index, idx, dim, k)) == id;
     if (later) continue;
     copy_elem(src.data, src.dtype, dot_idx(src.ndim, idx, src.strides), dst.data, dst.dtype, offset_at(dst, idx, dim, id));
   }
@@ -93,7 +93,7 @@ __global__ void index_select_kernel(KView x, int dim, KView index, KView o, int6
   NX_CUDA_LOOP(g, n) {
     int64_t idx[kMaxDims];
     unravel(g, o.ndim, o.shape, idx);
-    int64_t id = ld_i(index.data, index.dtype, idx[dim] * index.strides[0]);
+    int64_t id = load_i64(index.data, index.dtype, idx[dim] * index.strides[0]);
     if (id < 0) id += size;
     copy_elem(x.data, x.dtype, offset_at(x, idx, dim, id), o.data, o.dtype, dot_idx(o.ndim, idx, o.strides));
   }
@@ -120,7 +120,7 @@ __global__ void topk_kernel(KView x, int64_t k, KView vals, KView inds, int64_t 
   const int t = threadIdx.x;
   const int nd = x.ndim;
   const int64_t n = x.shape[nd - 1];
-  const bool fl = is_float(x.dtype);
+  const bool fl = dtype_is_float(x.dtype);
   int64_t lead[kMaxDims];
 #pragma unroll
   for (int i = 0; i < kMaxDims; i++) lead[i] = i < nd ? (i == nd - 1 ? 1 : x.shape[i]) : 1;
@@ -137,12 +137,12 @@ __global__ void topk_kernel(KView x, int64_t k, KView vals, KView inds, int64_t 
         TKey c;
         c.i = e;
         if (fl) {
-          const float f = ld_f(x.data, x.dtype, xo + e * xs);
+          const float f = load_f32(x.data, x.dtype, xo + e * xs);
           c.nan = isnan(f);
           c.v = c.nan ? 0.0 : static_cast<double>(f);
         } else {
           c.nan = false;
-          c.v = static_cast<double>(ld_i(x.data, x.dtype, xo + e * xs));  // exact for |v| < 2^53 (as the reference)
+          c.v = static_cast<double>(load_i64(x.data, x.dtype, xo + e * xs));  // exact for |v| < 2^53 (as the reference)
         }
         if (prev.i >= 0 && !before(prev, c)) continue;  // already picked (or ahead of the last pick)
         if (best.i < 0 || before(c, best)) best = c;
@@ -165,7 +165,7 @@ __global__ void topk_kernel(KView x, int64_t k, KView vals, KView inds, int64_t 
       prev = TKey{sn[0], sv[0], si[0]};
       if (t == 0 && prev.i >= 0) {
         copy_elem(x.data, x.dtype, xo + prev.i * xs, vals.data, vals.dtype, vo + j * vals.strides[nd - 1]);
-        st_i(inds.data, inds.dtype, io + j * inds.strides[nd - 1], prev.i);
+        store_i64(inds.data, inds.dtype, io + j * inds.strides[nd - 1], prev.i);
       }
       __syncthreads();
     }

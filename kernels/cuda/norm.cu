@@ -57,7 +57,7 @@ __device__ inline double block_sum(double v, double* sd) {
 }
 
 __device__ inline double param(const KView& p, bool has, int64_t i, double dflt) {
-  return has ? static_cast<double>(ld_f(p.data, p.dtype, i * p.strides[0])) : dflt;
+  return has ? static_cast<double>(load_f32(p.data, p.dtype, i * p.strides[0])) : dflt;
 }
 
 __global__ void norm_kernel(bool layer, RowsD rw, KView x, KView w, bool hw, KView b, bool hb, float eps, KView o) {
@@ -70,11 +70,11 @@ __global__ void norm_kernel(bool layer, RowsD rw, KView x, KView w, bool hw, KVi
     double mean = 0.0, inv;
     if (layer) {
       double s = 0.0;
-      for (int64_t i = t; i < D; i += kNB) s += ld_f(x.data, x.dtype, ox + i * rw.x_step);
+      for (int64_t i = t; i < D; i += kNB) s += load_f32(x.data, x.dtype, ox + i * rw.x_step);
       mean = block_sum(s, sd) / static_cast<double>(D);
       double v = 0.0;
       for (int64_t i = t; i < D; i += kNB) {
-        const double d = ld_f(x.data, x.dtype, ox + i * rw.x_step) - mean;
+        const double d = load_f32(x.data, x.dtype, ox + i * rw.x_step) - mean;
         v += d * d;
       }
       const double var = block_sum(v, sd) / static_cast<double>(D);
@@ -82,19 +82,19 @@ __global__ void norm_kernel(bool layer, RowsD rw, KView x, KView w, bool hw, KVi
     } else {
       double ss = 0.0;
       for (int64_t i = t; i < D; i += kNB) {
-        const double v = ld_f(x.data, x.dtype, ox + i * rw.x_step);
+        const double v = load_f32(x.data, x.dtype, ox + i * rw.x_step);
         ss += v * v;
       }
       inv = 1.0 / sqrt(block_sum(ss, sd) / static_cast<double>(D) + eps);
     }
     for (int64_t i = t; i < D; i += kNB) {
-      const double v = ld_f(x.data, x.dtype, ox + i * rw.x_step);
+      const double v = load_f32(x.data, x.dtype, ox + i * rw.x_step);
       double y;
       if (layer)
         y = (v - mean) * inv * param(w, hw, i, 1.0) + param(b, hb, i, 0.0);
       else
         y = v * inv * param(w, hw, i, 1.0);
-      st_f(o.data, o.dtype, oo + i * rw.o_step, static_cast<float>(y));
+      store_f32(o.data, o.dtype, oo + i * rw.o_step, static_cast<float>(y));
     }
   }
 }

@@ -108,7 +108,7 @@ __global__ void reduce_kernel(ReduceOp op, LinesD ln, KView x, KView o) {
   __shared__ bool sn[kRB];
   __shared__ long long sx[kRB];
   const int t = threadIdx.x;
-  const bool fl = is_float(x.dtype);
+  const bool fl = dtype_is_float(x.dtype);
   const bool arg = op == ReduceOp::ARGMAX || op == ReduceOp::ARGMIN;
   const bool is_max = op == ReduceOp::ARGMAX;
   const int64_t n = ln.n;
@@ -121,11 +121,11 @@ __global__ void reduce_kernel(ReduceOp op, LinesD ln, KView x, KView o) {
         Key c{false, 0.0, 0, k};
         const int64_t off = ox + k * ln.x_step;
         if (fl) {
-          const float f = ld_f(x.data, x.dtype, off);
+          const float f = load_f32(x.data, x.dtype, off);
           c.nan = isnan(f);
           c.f = c.nan ? 0.0 : static_cast<double>(f);
         } else {
-          c.i = ld_i(x.data, x.dtype, off);
+          c.i = load_i64(x.data, x.dtype, off);
         }
         if (key_better(c, best, fl, is_max)) best = c;
       }
@@ -146,14 +146,14 @@ __global__ void reduce_kernel(ReduceOp op, LinesD ln, KView x, KView o) {
         }
         __syncthreads();
       }
-      if (t == 0) st_i(o.data, o.dtype, oo, sx[0] < 0 ? 0 : sx[0]);
+      if (t == 0) store_i64(o.data, o.dtype, oo, sx[0] < 0 ? 0 : sx[0]);
       __syncthreads();
     } else if (fl) {
       const bool mm = op == ReduceOp::MAX || op == ReduceOp::MIN;
       double acc = op == ReduceOp::PROD ? 1.0 : 0.0;
       bool have = false;
       for (int64_t k = t; k < n; k += kRB) {
-        const double v = ld_f(x.data, x.dtype, ox + k * ln.x_step);
+        const double v = load_f32(x.data, x.dtype, ox + k * ln.x_step);
         if (mm && !have) {
           acc = v;
           have = true;
@@ -174,7 +174,7 @@ __global__ void reduce_kernel(ReduceOp op, LinesD ln, KView x, KView o) {
       if (t == 0) {
         double r = sd[0];
         if (op == ReduceOp::MEAN) r /= static_cast<double>(n);
-        st_f(o.data, o.dtype, oo, static_cast<float>(r));
+        store_f32(o.data, o.dtype, oo, static_cast<float>(r));
       }
       __syncthreads();
     } else {
@@ -182,7 +182,7 @@ __global__ void reduce_kernel(ReduceOp op, LinesD ln, KView x, KView o) {
       int64_t acc = op == ReduceOp::PROD ? 1 : 0;
       bool have = false;
       for (int64_t k = t; k < n; k += kRB) {
-        const int64_t v = ld_i(x.data, x.dtype, ox + k * ln.x_step);
+        const int64_t v = load_i64(x.data, x.dtype, ox + k * ln.x_step);
         if (mm && !have) {
           acc = v;
           have = true;
@@ -202,9 +202,9 @@ __global__ void reduce_kernel(ReduceOp op, LinesD ln, KView x, KView o) {
       }
       if (t == 0) {
         if (op == ReduceOp::MEAN)
-          st_f(o.data, o.dtype, oo, static_cast<float>(static_cast<double>(si[0]) / static_cast<double>(n)));
+          store_f32(o.data, o.dtype, oo, static_cast<float>(static_cast<double>(si[0]) / static_cast<double>(n)));
         else
-          st_i(o.data, o.dtype, oo, si[0]);
+          store_i64(o.data, o.dtype, oo, si[0]);
       }
       __syncthreads();
     }
@@ -219,11 +219,11 @@ __global__ void cumsum_kernel(LinesD ln, KView x, KView o, bool fl) {
     unsigned long long acci = 0;
     for (int64_t k = 0; k < ln.n; k++) {
       if (fl) {
-        accf += ld_f(x.data, x.dtype, ox + k * ln.x_step);
-        st_f(o.data, o.dtype, oo + k * ln.o_step, static_cast<float>(accf));
+        accf += load_f32(x.data, x.dtype, ox + k * ln.x_step);
+        store_f32(o.data, o.dtype, oo + k * ln.o_step, static_cast<float>(accf));
       } else {
-        acci += static_cast<unsigned long long>(ld_i(x.data, x.dtype, ox + k * ln.x_step));
-        st_i(o.data, o.dtype, oo + k * ln.o_step, static_cast<int64_t>(acci));
+        acci += static_cast<unsigned long long>(load_i64(x.data, x.dtype, ox + k * ln.x_step));
+        store_i64(o.data, o.dtype, oo + k * ln.o_step, static_cast<int64_t>(acci));
       }
     }
   }
@@ -238,7 +238,7 @@ __global__ void softmax_kernel(LinesD ln, KView x, KView o, bool lg) {
     // max (NaN propagates)
     float m = -INFINITY;
     for (int64_t k = t; k < ln.n; k += kRB) {
-      const float v = ld_f(x.data, x.dtype, ox + k * ln.x_step);
+      const float v = load_f32(x.data, x.dtype, ox + k * ln.x_step);
       m = (isnan(m) || isnan(v)) ? NAN : fmaxf(m, v);
     }
     sd[t] = m;
@@ -254,7 +254,7 @@ __global__ void softmax_kernel(LinesD ln, KView x, KView o, bool lg) {
     __syncthreads();
     double sum = 0;
     for (int64_t k = t; k < ln.n; k += kRB)
-      sum += expf(__fsub_rn(ld_f(x.data, x.dtype, ox + k * ln.x_step), mx));
+      sum += expf(__fsub_rn(load_f32(x.data, x.dtype, ox + k * ln.x_step), mx));
     sd[t] = sum;
     __syncthreads();
     for (int s = kRB / 2; s > 0; s >>= 1) {
@@ -264,9 +264,9 @@ __global__ void softmax_kernel(LinesD ln, KView x, KView o, bool lg) {
     const double total = sd[0];
     const double lsum = log(total);
     for (int64_t k = t; k < ln.n; k += kRB) {
-      const float d = __fsub_rn(ld_f(x.data, x.dtype, ox + k * ln.x_step), mx);
+      const float d = __fsub_rn(load_f32(x.data, x.dtype, ox + k * ln.x_step), mx);
       const double r = lg ? static_cast<double>(d) - lsum : static_cast<double>(expf(d)) / total;
-      st_f(o.data, o.dtype, oo + k * ln.o_step, static_cast<float>(r));
+      store_f32(o.data, o.dtype, oo + k * ln.o_step, static_cast<float>(r));
     }
     __syncthreads();
   }

@@ -78,6 +78,20 @@ const OpInfo& op_info(Op op) { return kOpInfo[static_cast<int>(op)]; }
 void set_use_reference_kernels(bool ref) { g_use_ref = ref; }
 bool use_reference_kernels() { return g_use_ref; }
 
+double NormalStream::next() {
+  if (has_spare_) {
+    has_spare_ = false;
+    return spare_;
+  }
+  const double two_pi = 6.283185307179586;
+  double u1 = (static_cast<double>(g_() >> 11) + 1.0) * (1.0 / 9007199254740993.0);
+  double u2 = static_cast<double>(g_() >> 11) * (1.0 / 9007199254740992.0);
+  double r = std::sqrt(-2.0 * std::log(u1));
+  spare_ = r * std::sin(two_pi * u2);
+  has_spare_ = true;
+  return r * std::cos(two_pi * u2);
+}
+
 DType promote_types(DType a, DType b) {
   if (a == b) return a;
   bool fa = dtype_is_float(a), fb = dtype_is_float(b);
@@ -169,25 +183,10 @@ std::vector<Tensor> run_op(Op op, const std::vector<const Tensor*>& in, const st
       double mean = at.size() > 1 ? at[1] : 0.0, stdv = at.size() > 2 ? at[2] : 1.0;
       KView dv = dst.kview();
       queue([=] {
-        // Deterministic everywhere: mt19937_64 + Box-Muller written out (std::normal_distribution is
-        // implementation-defined), in row-major order of the view.
-        std::mt19937_64 g(seed);
-        const double two_pi = 6.283185307179586;
-        double spare = 0;
-        bool has_spare = false;
+        // in row-major order of the view
+        NormalStream normal(seed);
         for_each_index(dv.ndim, dv.shape, [&](int64_t, const int64_t* idx) {
-          double z;
-          if (has_spare) {
-            z = spare;
-            has_spare = false;
-          } else {
-            double u1 = (static_cast<double>(g() >> 11) + 1.0) * (1.0 / 9007199254740993.0);
-            double u2 = static_cast<double>(g() >> 11) * (1.0 / 9007199254740992.0);
-            double r = std::sqrt(-2.0 * std::log(u1));
-            z = r * std::cos(two_pi * u2);
-            spare = r * std::sin(two_pi * u2);
-            has_spare = true;
-          }
+          const double z = normal.next();
           store_f32(dv.data, dv.dtype, dv.offset_of(idx), static_cast<float>(mean + stdv * z));
         });
       }, {dst});

@@ -6,6 +6,8 @@
 // (shapes, dtypes, dims, in-place targets), throwing nx::Error with a stable code, before anything is
 // queued; kernels only see valid calls. In-place ops (name ends in "_") return their first input.
 #pragma once
+#include <cstdint>
+#include <random>
 #include <vector>
 
 #include "op-table.h"
@@ -21,5 +23,18 @@ bool use_reference_kernels();
 
 // Output dtype of a binary op between a and b (PyTorch-like promotion).
 DType promote_types(DType a, DType b);
+
+// The values randn_ draws, on every device: mt19937_64 + Box-Muller written out (std::normal_distribution
+// is implementation-defined), so a seed gives the same numbers everywhere.
+class NormalStream {
+ public:
+  explicit NormalStream(uint64_t seed) : g_(seed) {}
+  double next();
+
+ private:
+  std::mt19937_64 g_;
+  double spare_ = 0;
+  bool has_spare_ = false;
+};
 
 }  // namespace nx

@@ -253,23 +253,9 @@ std::vector<Tensor> run_op_cuda(Op op, const std::vector<const Tensor*>& in, con
         const int64_t count = dv.numel();
         if (count == 0) return;
         std::vector<float> host(static_cast<size_t>(count));
-        std::mt19937_64 g(seed);
-        const double two_pi = 6.283185307179586;
-        double spare = 0;
-        bool has_spare = false;
+        NormalStream normal(seed);
         for (int64_t lin = 0; lin < count; lin++) {
-          double z;
-          if (has_spare) {
-            z = spare;
-            has_spare = false;
-          } else {
-            double u1 = (static_cast<double>(g() >> 11) + 1.0) * (1.0 / 9007199254740993.0);
-            double u2 = static_cast<double>(g() >> 11) * (1.0 / 9007199254740992.0);
-            double r = std::sqrt(-2.0 * std::log(u1));
-            z = r * std::cos(two_pi * u2);
-            spare = r * std::sin(two_pi * u2);
-            has_spare = true;
-          }
+          const double z = normal.next();
           host[static_cast<size_t>(lin)] = static_cast<float>(mean + stdv * z);
         }
         DeviceBuffer buf(dev, host.size() * sizeof(float));

@@ -60,8 +60,6 @@ struct Scratch {
   Scratch(const Scratch&) = delete;
   Scratch& operator=(const Scratch&) = delete;
 };
-// A contiguous KView over device memory p.
-KView dense_view(void* p, DType t, int ndim, const int64_t* shape);
 
 // ------------------------------------------------------------------------------------------------
 // device helpers
@@ -83,6 +81,34 @@ __device__ inline void copy_elem(const void* src, DType st, int64_t so, void* ds
   } else {
     store_i64(dst, dt, dof, load_i64(src, st, so));
   }
+}
+
+// The lines of x (and out, same shape) along `dim`: every other dim of size > 1 collapsed into a row-major
+// index space of `count` lines; a line has `n` elements `step` apart. Kernels find a line's start with
+// offsets_of(l, nd, shape, sx, &ox, so, &oo). (Rows of the last dim: make_lines(x, x.ndim - 1, out).)
+struct Lines {
+  int nd = 0;
+  int64_t shape[kMaxDims] = {0};
+  int64_t sx[kMaxDims] = {0}, so[kMaxDims] = {0};
+  int64_t count = 1;
+  int64_t n = 1;
+  int64_t x_step = 0, o_step = 0;
+};
+inline Lines make_lines(const KView& x, int dim, const KView& out) {
+  Lines ln;
+  if (x.ndim == 0) return ln;
+  ln.n = x.shape[dim];
+  ln.x_step = x.strides[dim];
+  ln.o_step = out.strides[dim];
+  for (int d = 0; d < x.ndim; d++) {
+    if (d == dim || x.shape[d] == 1) continue;
+    ln.shape[ln.nd] = x.shape[d];
+    ln.sx[ln.nd] = x.strides[d];
+    ln.so[ln.nd] = out.strides[d];
+    ln.count *= x.shape[d];
+    ln.nd++;
+  }
+  return ln;
 }
 
 // Offsets in up to three views (sharing `shape`, rank nd) of row-major linear index lin.

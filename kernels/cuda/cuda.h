@@ -58,6 +58,8 @@ size_t device_bytes_cached();
 void release_cached_device_memory();
 
 // ---- copies on the current device's stream ----
+// A contiguous (row-major) KView over memory p, host or device.
+KView dense_view(void* p, DType t, int ndim, const int64_t* shape);
 void copy_h2d(void* dst, const void* src, size_t nbytes);
 void copy_d2h(void* dst, const void* src, size_t nbytes);
 void copy_d2d(void* dst, const void* src, size_t nbytes);

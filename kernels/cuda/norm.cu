@@ -15,32 +15,6 @@ namespace cuda {
 
 namespace {
 
-struct RowsD {
-  int nd = 0;
-  int64_t shape[kMaxDims] = {0};
-  int64_t sx[kMaxDims] = {0}, so[kMaxDims] = {0};
-  int64_t count = 1;
-  int64_t D = 1;
-  int64_t x_step = 1, o_step = 1;
-};
-
-RowsD make_rows(const KView& x, const KView& out) {
-  RowsD rw;
-  if (x.ndim == 0) return rw;
-  rw.D = x.shape[x.ndim - 1];
-  rw.x_step = x.strides[x.ndim - 1];
-  rw.o_step = out.strides[out.ndim - 1];
-  for (int d = 0; d < x.ndim - 1; d++) {
-    if (x.shape[d] == 1) continue;
-    rw.shape[rw.nd] = x.shape[d];
-    rw.sx[rw.nd] = x.strides[d];
-    rw.so[rw.nd] = out.strides[d];
-    rw.count *= x.shape[d];
-    rw.nd++;
-  }
-  return rw;
-}
-
 constexpr int kNB = 256;
 
 __device__ inline double block_sum(double v, double* sd) {
@@ -60,10 +34,10 @@ __device__ inline double param(const KView& p, bool has, int64_t i, double dflt)
   return has ? static_cast<double>(load_f32(p.data, p.dtype, i * p.strides[0])) : dflt;
 }
 
-__global__ void norm_kernel(bool layer, RowsD rw, KView x, KView w, bool hw, KView b, bool hb, float eps, KView o) {
+__global__ void norm_kernel(bool layer, Lines rw, KView x, KView w, bool hw, KView b, bool hb, float eps, KView o) {
   __shared__ double sd[kNB];
   const int t = threadIdx.x;
-  const int64_t D = rw.D;
+  const int64_t D = rw.n;
   for (int64_t r = blockIdx.x; r < rw.count; r += gridDim.x) {
     int64_t ox = 0, oo = 0;
     offsets_of(r, rw.nd, rw.shape, rw.sx, &ox, rw.so, &oo);
@@ -100,8 +74,8 @@ __global__ void norm_kernel(bool layer, RowsD rw, KView x, KView w, bool hw, KVi
 }
 
 void launch(bool layer, const KView& x, const KView* weight, const KView* bias, float eps, const KView& out) {
-  const RowsD rw = make_rows(x, out);
-  if (rw.count == 0 || rw.D == 0) return;
+  const Lines rw = make_lines(x, x.ndim - 1, out);
+  if (rw.count == 0 || rw.n == 0) return;
   KView w = weight ? *weight : KView{}, b = bias ? *bias : KView{};
   norm_kernel<<<grid_rows(rw.count), kNB, 0, stream()>>>(layer, rw, x, w, weight != nullptr, b, bias != nullptr, eps, out);
   check_launch(layer ? "layernorm" : "rmsnorm");

@@ -19,47 +19,6 @@ namespace cuda {
 
 namespace {
 
-struct LinesD {
-  int nd = 0;
-  int64_t shape[kMaxDims] = {0};
-  int64_t sx[kMaxDims] = {0}, so[kMaxDims] = {0};
-  int64_t count = 1;
-  int64_t n = 1;
-  int64_t x_step = 0, o_step = 0;
-};
-
-LinesD make_lines(const KView& x, int dim, const KView& out) {
-  LinesD ln;
-  if (x.ndim == 0) return ln;
-  ln.n = x.shape[dim];
-  ln.x_step = x.strides[dim];
-  ln.o_step = out.strides[dim];
-  for (int d = 0; d < x.ndim; d++) {
-    if (d == dim || x.shape[d] == 1) continue;
-    ln.shape[ln.nd] = x.shape[d];
-    ln.sx[ln.nd] = x.strides[d];
-    ln.so[ln.nd] = out.strides[d];
-    ln.count *= x.shape[d];
-    ln.nd++;
-  }
-  return ln;
-}
-
-__device__ inline void line_offsets(const LinesD& ln, int64_t l, int64_t* ox, int64_t* oo) {
-  int64_t a = 0, b = 0;
-#pragma unroll
-  for (int d = kMaxDims - 1; d >= 0; d--) {
-    if (d < ln.nd) {
-      const int64_t i = l % ln.shape[d];
-      l /= ln.shape[d];
-      a += i * ln.sx[d];
-      b += i * ln.so[d];
-    }
-  }
-  *ox = a;
-  *oo = b;
-}
-
 constexpr int kRB = 256;  // threads per block for line reductions (a power of two)
 
 // A candidate for ARGMAX / ARGMIN: floats compare as (nan, f) with NaN above everything, ints as exact
@@ -102,7 +61,7 @@ __device__ inline int64_t fold_i(ReduceOp op, int64_t acc, int64_t v) {
   }
 }
 
-__global__ void reduce_kernel(ReduceOp op, LinesD ln, KView x, KView o) {
+__global__ void reduce_kernel(ReduceOp op, Lines ln, KView x, KView o) {
   __shared__ double sd[kRB];
   __shared__ long long si[kRB];
   __shared__ bool sn[kRB];
@@ -114,7 +73,7 @@ __global__ void reduce_kernel(ReduceOp op, LinesD ln, KView x, KView o) {
   const int64_t n = ln.n;
   for (int64_t l = blockIdx.x; l < ln.count; l += gridDim.x) {
     int64_t ox, oo;
-    line_offsets(ln, l, &ox, &oo);
+    offsets_of(l, ln.nd, ln.shape, ln.sx, &ox, ln.so, &oo);
     if (arg) {
       Key best{false, 0.0, 0, -1};
       for (int64_t k = t; k < n; k += kRB) {
@@ -211,10 +170,10 @@ __global__ void reduce_kernel(ReduceOp op, LinesD ln, KView x, KView o) {
   }
 }
 
-__global__ void cumsum_kernel(LinesD ln, KView x, KView o, bool fl) {
+__global__ void cumsum_kernel(Lines ln, KView x, KView o, bool fl) {
   NX_CUDA_LOOP(l, ln.count) {
     int64_t ox, oo;
-    line_offsets(ln, l, &ox, &oo);
+    offsets_of(l, ln.nd, ln.shape, ln.sx, &ox, ln.so, &oo);
     double accf = 0;
     unsigned long long acci = 0;
     for (int64_t k = 0; k < ln.n; k++) {
@@ -229,12 +188,12 @@ __global__ void cumsum_kernel(LinesD ln, KView x, KView o, bool fl) {
   }
 }
 
-__global__ void softmax_kernel(LinesD ln, KView x, KView o, bool lg) {
+__global__ void softmax_kernel(Lines ln, KView x, KView o, bool lg) {
   __shared__ double sd[kRB];
   const int t = threadIdx.x;
   for (int64_t l = blockIdx.x; l < ln.count; l += gridDim.x) {
     int64_t ox, oo;
-    line_offsets(ln, l, &ox, &oo);
+    offsets_of(l, ln.nd, ln.shape, ln.sx, &ox, ln.so, &oo);
     // max (NaN propagates)
     float m = -INFINITY;
     for (int64_t k = t; k < ln.n; k += kRB) {
@@ -278,7 +237,7 @@ int norm_dim(int dim, int ndim) { return dim < 0 ? dim + ndim : dim; }
 
 void reduce(ReduceOp op, const KView& x, int dim, const KView& out) {
   dim = norm_dim(dim, x.ndim);
-  const LinesD ln = make_lines(x, dim, out);
+  const Lines ln = make_lines(x, dim, out);
   if (ln.count == 0) return;
   if (ln.n == 0 && op != ReduceOp::SUM && op != ReduceOp::MEAN && op != ReduceOp::PROD)
     throw Error("BAD_INPUT", "max / min / argmax / argmin of an empty dimension");
@@ -288,7 +247,7 @@ void reduce(ReduceOp op, const KView& x, int dim, const KView& out) {
 
 void cumsum(const KView& x, int dim, const KView& out) {
   dim = norm_dim(dim, x.ndim);
-  const LinesD ln = make_lines(x, dim, out);
+  const Lines ln = make_lines(x, dim, out);
   if (ln.count == 0 || ln.n == 0) return;
   const bool fl = dtype_is_float(x.dtype) || dtype_is_float(out.dtype);
   cumsum_kernel<<<grid_for(ln.count), kBlock, 0, stream()>>>(ln, x, out, fl);
@@ -297,7 +256,7 @@ void cumsum(const KView& x, int dim, const KView& out) {
 
 void softmax(const KView& x, int dim, bool log, const KView& out) {
   dim = norm_dim(dim, x.ndim);
-  const LinesD ln = make_lines(x, dim, out);
+  const Lines ln = make_lines(x, dim, out);
   if (ln.count == 0 || ln.n == 0) return;
   softmax_kernel<<<grid_rows(ln.count), kRB, 0, stream()>>>(ln, x, out, log);
   check_launch("softmax");

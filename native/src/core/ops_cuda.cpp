@@ -85,20 +85,6 @@ void release_cached_device_memory() {
 
 namespace {
 
-[[maybe_unused]] KView dense_kview(void* p, DType t, int ndim, const int64_t* shape) {
-  KView v;
-  v.data = p;
-  v.dtype = t;
-  v.ndim = ndim;
-  int64_t s = 1;
-  for (int i = ndim - 1; i >= 0; i--) {
-    v.shape[i] = shape[i];
-    v.strides[i] = s;
-    s *= shape[i];
-  }
-  return v;
-}
-
 #if NX_WITH_CUDA
 // Throws DEVICE unless `device` names a usable CUDA device.
 void require_cuda(int device, const char* what) {
@@ -260,7 +246,7 @@ std::vector<Tensor> run_op_cuda(Op op, const std::vector<const Tensor*>& in, con
         }
         DeviceBuffer buf(dev, host.size() * sizeof(float));
         cuda::copy_h2d(buf.p, host.data(), host.size() * sizeof(float));
-        KView src = dense_kview(buf.p, DType::F32, dv.ndim, dv.shape);
+        KView src = cuda::dense_view(buf.p, DType::F32, dv.ndim, dv.shape);
         cuda::cast(src, dv);
       });
       break;
@@ -397,7 +383,7 @@ Tensor to_device(const Tensor& t, int dev) {
             cuda::copy_d2h(dst, sv.data, nbytes);
           } else {
             DeviceBuffer tmp(src, nbytes);
-            cuda::cast(sv, dense_kview(tmp.p, sv.dtype, sv.ndim, sv.shape));
+            cuda::cast(sv, cuda::dense_view(tmp.p, sv.dtype, sv.ndim, sv.shape));
             cuda::copy_d2h(dst, tmp.p, nbytes);
           }
         };
@@ -407,7 +393,7 @@ Tensor to_device(const Tensor& t, int dev) {
             cuda::copy_h2d(ov.data, sv.data, nbytes);
           } else {
             std::vector<unsigned char> tmp(nbytes);
-            fast::cast(sv, dense_kview(tmp.data(), sv.dtype, sv.ndim, sv.shape));
+            fast::cast(sv, cuda::dense_view(tmp.data(), sv.dtype, sv.ndim, sv.shape));
             cuda::copy_h2d(ov.data, tmp.data(), nbytes);
           }
         } else if (dev < 0) {  // device -> host

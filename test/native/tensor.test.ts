@@ -1,7 +1,7 @@
 // The JS Tensor over the native runtime: creation, views, math, errors, lifetime.
 import { describe, expect, it } from "vitest";
 
-import { NNsightError, Tensor, arange, cat, full, keep, memory, ones, randn, scope, stack, tensor, where, zeros } from "../../ts/src/index.js";
+import { NNsightError, Tensor, arange, cat, full, keep, memory, ones, randn, scope, stack, sync, tensor, where, zeros } from "../../ts/src/index.js";
 
 const close = (a: number[] | Float32Array, b: number[], tol = 1e-6) => {
   expect(a.length).toBe(b.length);
@@ -213,6 +213,29 @@ describe("lifetime", () => {
     expect(peak).toBeLessThan(40 << 20);
     h.dispose();
     x.dispose();
+  });
+  it("freed large blocks are reused while their size recurs and given back once it stops", async () => {
+    // one "step" = some work and a sync (an epoch of the block cache)
+    const step = async (n: number) => {
+      const t = zeros([n, 1024]).add(1); // two blocks of n x 4 KiB (zeros and the sum), freed here
+      expect(await t.sum().item()).toBe(n * 1024);
+      t.dispose();
+      await sync();
+    };
+    await step(300); // a "prefill" size (1.2 MB blocks)
+    const prefillBytes = 300 * 4096;
+    expect(memory().cachedBytes).toBeGreaterThanOrEqual(prefillBytes);
+    // "decode" steps of another size: that size stays cached every step, the prefill size goes after
+    // two idle epochs
+    const seen: number[] = [];
+    for (let i = 0; i < 5; i++) {
+      await step(70);
+      seen.push(memory().cachedBytes);
+    }
+    const decodeBytes = 70 * 4096;
+    expect(seen[0]).toBeGreaterThanOrEqual(prefillBytes + decodeBytes); // nothing dropped yet
+    expect(seen[4]).toBeGreaterThanOrEqual(decodeBytes); // the recurring size is still kept
+    expect(seen[4]).toBeLessThan(prefillBytes); // the prefill blocks were returned
   });
 });
 

@@ -57,6 +57,7 @@ void Executor::submit(std::function<void()> fn, std::vector<std::shared_ptr<Stor
   Task t{std::move(fn), std::move(inputs), std::move(outputs)};
   if (inline_) {
     run_task(t);
+    inline_ran_++;
     return;
   }
   t.bytes = bytes;
@@ -82,10 +83,17 @@ void Executor::submit(std::function<void()> fn, std::vector<std::shared_ptr<Stor
 void Executor::after(std::function<void()> fn) { submit(std::move(fn), {}, {}); }
 
 void Executor::sync() {
-  if (inline_) return;
-  std::unique_lock<std::mutex> lk(mu_);
-  uint64_t target = submitted_;
-  done_cv_.wait(lk, [&] { return completed_ >= target; });
+  bool epoch;
+  if (inline_) {
+    epoch = inline_ran_.exchange(0) != 0;
+  } else {
+    std::unique_lock<std::mutex> lk(mu_);
+    uint64_t target = submitted_;
+    done_cv_.wait(lk, [&] { return completed_ >= target; });
+    epoch = completed_ != epoch_mark_;  // some work ran since the last epoch
+    epoch_mark_ = completed_;
+  }
+  if (epoch) host_cache_epoch();
 }
 
 size_t Executor::pending() {

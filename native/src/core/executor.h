@@ -64,6 +64,8 @@ class Executor {
   std::deque<Task> queue_;
   uint64_t submitted_ = 0, completed_ = 0;
   std::atomic<uint64_t> queued_{0};  // == submitted_, readable without the lock
+  uint64_t epoch_mark_ = 0;          // completed_ at the last host-cache epoch (sync)
+  std::atomic<uint64_t> inline_ran_{0};  // NX_SYNC=1: tasks run since the last sync
   uint64_t taken_ = 0;               // tasks the executor has dequeued (executor thread only)
   size_t inflight_ = 0;              // sum of Task::bytes of tasks not yet completed
   size_t inflight_limit_ = 0;        // 0 = unbounded

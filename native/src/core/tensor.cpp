@@ -4,6 +4,7 @@
 #include "executor.h"
 
 #include <cstdlib>
+#include <sys/mman.h>
 #include <iterator>
 #include <mutex>
 #include <unordered_map>
@@ -26,13 +27,29 @@ Storage::~Storage() {
 
 namespace {
 
+// Large blocks come straight from mmap and go back with munmap: through malloc, glibc's adaptive mmap
+// threshold would move freed blocks of a few MiB onto its heap, where freeing them rarely lowers RSS.
+void* big_alloc(size_t n) {
+  void* p = mmap(nullptr, n, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+  return p == MAP_FAILED ? nullptr : p;
+}
+void big_free(void* p, size_t n) { munmap(p, n); }
+
 // A cache of large host blocks. A forward pass allocates the same sizes every step; returning them to
 // the OS (glibc unmaps big blocks on free) would make every step fault fresh pages in again, which
 // costs more than the kernels that fill them. Freed blocks of 256 KiB and more are kept by exact
 // (page-rounded) size up to a byte budget (NX_ALLOC_CACHE_MB, default 256) and reused first.
+//
+// Sizes that stop coming back are returned to the system: time is counted in epochs, one per
+// synchronization with JS that followed some work (a generation step, a trace, a read of results;
+// Executor::sync calls epoch()), and blocks of a size that was neither allocated nor freed for
+// kGraceEpochs whole epochs are freed. So a prefill's large temporaries do not stay resident through the
+// decode steps that follow (which use other sizes), and a server's memory follows its current jobs,
+// while a loop of same-shaped steps keeps every block it reuses.
 class BlockCache {
  public:
   static constexpr size_t kMin = 256 * 1024;
+  static constexpr uint64_t kGraceEpochs = 2;
   BlockCache() {
     const char* e = std::getenv("NX_ALLOC_CACHE_MB");
     budget_ = static_cast<size_t>(e ? std::atoll(e) : 256) << 20;
@@ -40,9 +57,11 @@ class BlockCache {
   void* take(size_t n) {
     std::lock_guard<std::mutex> lk(mu_);
     auto it = free_.find(n);
-    if (it == free_.end() || it->second.empty()) return nullptr;
-    void* p = it->second.back();
-    it->second.pop_back();
+    if (it == free_.end()) return nullptr;
+    it->second.last_used = epoch_;
+    if (it->second.blocks.empty()) return nullptr;
+    void* p = it->second.blocks.back();
+    it->second.blocks.pop_back();
     cached_ -= n;
     return p;
   }
@@ -52,17 +71,33 @@ class BlockCache {
   bool give(void* p, size_t n) {
     std::lock_guard<std::mutex> lk(mu_);
     if (n > budget_) return false;
-    for (auto it = free_.begin(); cached_ + n > budget_ && it != free_.end();) {
-      while (!it->second.empty() && cached_ + n > budget_) {
-        std::free(it->second.back());
-        it->second.pop_back();
+    for (auto it = free_.begin(); cached_ + n > budget_ && it != free_.end(); ++it) {
+      auto& b = it->second.blocks;
+      while (!b.empty() && cached_ + n > budget_) {
+        big_free(b.back(), it->first);
+        b.pop_back();
         cached_ -= it->first;
       }
-      it = it->second.empty() ? free_.erase(it) : std::next(it);
     }
-    free_[n].push_back(p);
+    Entry& e = free_[n];
+    e.blocks.push_back(p);
+    e.last_used = epoch_;
     cached_ += n;
     return true;
+  }
+  // One epoch ended: free the blocks of sizes idle for kGraceEpochs epochs (and forget those sizes).
+  void epoch() {
+    std::lock_guard<std::mutex> lk(mu_);
+    epoch_++;
+    for (auto it = free_.begin(); it != free_.end();) {
+      if (epoch_ - it->second.last_used > kGraceEpochs) {
+        for (void* p : it->second.blocks) big_free(p, it->first);
+        cached_ -= it->first * it->second.blocks.size();
+        it = free_.erase(it);
+      } else {
+        ++it;
+      }
+    }
   }
   size_t cached() {
     std::lock_guard<std::mutex> lk(mu_);
@@ -71,16 +106,21 @@ class BlockCache {
   void clear() {
     std::lock_guard<std::mutex> lk(mu_);
     for (auto& kv : free_)
-      for (void* p : kv.second) std::free(p);
+      for (void* p : kv.second.blocks) big_free(p, kv.first);
     free_.clear();
     cached_ = 0;
   }
 
  private:
+  struct Entry {
+    std::vector<void*> blocks;
+    uint64_t last_used = 0;  // the epoch of the last allocation or free of this size
+  };
   std::mutex mu_;
-  std::unordered_map<size_t, std::vector<void*>> free_;
+  std::unordered_map<size_t, Entry> free_;
   size_t cached_ = 0;
   size_t budget_;
+  uint64_t epoch_ = 0;
 };
 
 BlockCache& block_cache() {
@@ -91,6 +131,7 @@ BlockCache& block_cache() {
 }  // namespace
 
 size_t cached_host_bytes() { return block_cache().cached(); }
+void host_cache_epoch() { block_cache().epoch(); }
 void release_cached_host_memory() { block_cache().clear(); }
 
 namespace {
@@ -109,10 +150,10 @@ std::shared_ptr<Storage> Storage::allocate(size_t nbytes) {
   if (big) n = (n + 4095) & ~static_cast<size_t>(4095);
   void* p = big ? block_cache().take(n) : nullptr;
   if (p == nullptr) {
-    p = std::aligned_alloc(64, n);
+    p = big ? big_alloc(n) : std::aligned_alloc(64, n);
     if (p == nullptr && big) {  // give the cache back to the system and try once more
       block_cache().clear();
-      p = std::aligned_alloc(64, n);
+      p = big_alloc(n);
     }
   }
   NX_CHECK(p != nullptr, "OOM", "could not allocate " << nbytes << " bytes");
@@ -123,7 +164,8 @@ std::shared_ptr<Storage> Storage::allocate(size_t nbytes) {
   note_host_allocation(n);  // the executor bounds what queued tasks hold (executor.h)
   s->release = [p, n, big] {
     memory_stats().host_bytes -= static_cast<int64_t>(n);
-    if (!big || !block_cache().give(p, n)) std::free(p);
+    if (!big) std::free(p);
+    else if (!block_cache().give(p, n)) big_free(p, n);
   };
   return s;
 }

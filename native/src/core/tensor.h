@@ -34,6 +34,8 @@ struct MemoryStats {
 MemoryStats& memory_stats();
 // Bytes of freed large blocks kept for reuse (not counted in host_bytes), and a way to drop them.
 size_t cached_host_bytes();
+// End of an epoch of work (Executor::sync after some ops ran): frees cached blocks of sizes idle for a while.
+void host_cache_epoch();
 // Largest single allocation allowed (0 = no limit); servers set it so no graph can exhaust memory.
 void set_max_allocation(size_t bytes);
 void release_cached_host_memory();

@@ -270,7 +270,7 @@ class NcclCommunicator final : public Communicator {
 bool nccl_available(std::string* why) {
   std::string w;
   if (!cuda::available(&w)) {
-    if (why) *why = "no usable CUDA device: " + w;
+    if (why) *why = "NCCL needs a CUDA device: " + w;
     return false;
   }
   const NcclLib& l = lib();

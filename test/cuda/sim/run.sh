@@ -35,7 +35,7 @@ for (const f of fs.readdirSync(src).filter((f) => f.endsWith(".cu"))) {
 }
 JS
 flags=(-std=c++17 -O1 -g0 -fPIC -U_FORTIFY_SOURCE -DNX_WITH_CUDA=1 -I"$root/test/cuda/sim" -I"$work" -I"$root" -Wno-unknown-pragmas -pthread)
-srcs=("$work"/kernels/cuda/*.cpp "$root"/test/cuda/sim/sim.cpp "$root"/kernels/cpu/*.cpp "$root"/native/src/core/*.cpp "$root"/test/cuda/*.cpp)
+srcs=("$work"/kernels/cuda/*.cpp "$root"/test/cuda/sim/sim.cpp "$root"/kernels/cpu/*.cpp "$root"/native/src/core/*.cpp "$root"/cluster/*.cpp "$root"/test/cuda/*.cpp)
 printf '%s\n' "${srcs[@]}" | xargs -P "$(nproc)" -I{} sh -c 'g++ "$@" -c "{}" -o "'"$work"'/obj/$(echo "{}" | tr / _).o"' _ "${flags[@]}"
 g++ -pthread "$work"/obj/*.o -ldl -o "$work/nx_cuda_sim_tests"
 g++ -shared -fPIC -O1 "$root/test/cuda/sim/fake_cublas.cpp" -o "$work/lib/libcublas.so.13"

@@ -112,6 +112,12 @@ export class CausalLM {
     let tp: TensorParallel | null = null;
     const comm = opts.tensorParallel;
     if (comm && comm.world > 1) {
+      if (comm.device !== deviceName(device)) {
+        throw new NNsightError(
+          "DEVICE",
+          `the model is loaded on ${deviceName(device)} but its communicator moves tensors on ${comm.device}: ${device < 0 ? "use a shm communicator for CPU models" : `use an NCCL communicator on ${deviceName(device)}`}`,
+        );
+      }
       const plan = shardPlan(hf.config, comm.world);
       tp = new TensorParallel(comm, plan);
       const mine = shardWeights(weights, plan, comm.rank);

@@ -53,6 +53,8 @@ class Communicator : public std::enable_shared_from_this<Communicator> {
   virtual const char* backend() const = 0;
   // -1 for host tensors (shm), the CUDA ordinal for NCCL.
   virtual int device() const = 0;
+  // Collectives issued so far on this rank (every rank of a healthy group has the same count).
+  uint64_t calls() const { return seq_; }
 
   // Queued collectives (see the header comment). all_reduce_sum_ and broadcast_ write in place: `t` must
   // be contiguous and writable. all_gather returns a new contiguous tensor whose `dim` is world times

@@ -20,6 +20,7 @@ interface Values {
   values: number[];
 }
 interface Results {
+  collectives?: Record<string, number>;
   forward: Values;
   generate: number[][];
   generateEdited: number[][];
@@ -94,6 +95,13 @@ describe.each(models.map((m, i) => [["stories260K", "tiny Llama (GQA)", "tiny GP
       expectClose(tp.reads[k]!, ref.reads[k]!, k);
       expect(other.reads[k], k).toEqual(tp.reads[k]);
     }
+  });
+
+  it("gathers only what a hook touches: one all-reduce per row-parallel layer, one gather per sharded side read", () => {
+    const { tp } = results();
+    const c = tp.collectives!;
+    const reduces = 2 * c.layers!; // attention and MLP output of every layer
+    expect(c).toEqual({ layers: c.layers, plain: reduces, replicatedRead: reduces, columnOutput: reduces + 1, rowOutput: reduces, rowInput: reduces + 1, rowBoth: reduces + 1 });
   });
 
   it("in-place edits and replacements of sharded values change the pass exactly as unsharded", () => {

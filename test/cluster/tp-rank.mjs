@@ -53,6 +53,28 @@ function traceJobs(model, type) {
   };
 }
 
+/** Collectives each kind of pass issues (tensor parallel only): gathers happen only where a hook reads. */
+async function countCollectives(model, comm, type) {
+  const count = async (fn) => {
+    const before = comm.calls;
+    await fn();
+    return comm.calls - before;
+  };
+  const layer = (i) => (type === "llama" ? model.model.layers[i] : model.transformer.h[i]);
+  const attn = (i) => (type === "llama" ? layer(i).self_attn : layer(i).attn);
+  const col = (i) => (type === "llama" ? attn(i).q_proj : attn(i).c_attn);
+  const row = (i) => (type === "llama" ? attn(i).o_proj : attn(i).c_proj);
+  return {
+    layers: model.spec.numLayers,
+    plain: await count(async () => (await model.forward(prompts[0])).dispose()),
+    replicatedRead: await count(() => model.trace(prompts[0], () => ({ h: layer(1).output, a: attn(0).output, l: model.lm_head.output }))),
+    columnOutput: await count(() => model.trace(prompts[0], () => ({ q: col(0).output }))),
+    rowOutput: await count(() => model.trace(prompts[0], () => ({ o: row(0).output }))),
+    rowInput: await count(() => model.trace(prompts[0], () => ({ o: row(0).input }))),
+    rowBoth: await count(() => model.trace(prompts[0], () => ({ i: row(0).input, o: row(0).output }))),
+  };
+}
+
 async function runJobs(model, type) {
   const out = {};
   const logits = await model.forward(prompts);
@@ -84,6 +106,7 @@ try {
   for (const { dir, type } of models) {
     const model = await LanguageModel.load(dir, { tensorParallel: comm });
     const tp = await runJobs(model, type);
+    tp.collectives = await countCollectives(model, comm, type);
     let reference = null;
     if (comm.rank === 0) {
       const plain = await LanguageModel.load(dir);

@@ -624,7 +624,7 @@ Napi::Value NcclInfo(const Napi::CallbackInfo& info) {
   });
 }
 
-// commInfo(h): { rank, world, backend, device }
+// commInfo(h): { rank, world, backend, device, calls }
 Napi::Value CommInfo(const Napi::CallbackInfo& info) {
   Napi::Env env = info.Env();
   return guarded(env, [&] {
@@ -634,6 +634,7 @@ Napi::Value CommInfo(const Napi::CallbackInfo& info) {
     o.Set("world", Napi::Number::New(env, c.world()));
     o.Set("backend", Napi::String::New(env, c.backend()));
     o.Set("device", Napi::Number::New(env, c.device()));
+    o.Set("calls", Napi::Number::New(env, static_cast<double>(c.calls())));
     return Napi::Value(o);
   });
 }

@@ -97,6 +97,11 @@ export class Communicator {
     return native.ncclInfo();
   }
 
+  /** Collectives this rank has issued so far (the same on every rank of a healthy group). */
+  get calls(): number {
+    return native.commInfo(this.handle()).calls;
+  }
+
   private handle(): NativeComm {
     if (this.h === null) throw new NNsightError("DISPOSED", `the communicator of rank ${this.rank} was closed`);
     return this.h;

@@ -30,6 +30,8 @@ export interface NativeCommInfo {
   backend: "shm" | "nccl";
   /** -1 = host tensors (shm), n = cuda:n (NCCL) */
   device: number;
+  /** collectives issued so far on this rank */
+  calls: number;
 }
 
 export interface NativeMemory {

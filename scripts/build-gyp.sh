@@ -5,7 +5,7 @@ set -euo pipefail
 root="$(cd "$(dirname "$0")/.." && pwd)"
 work="$(mktemp -d)"
 trap 'rm -rf "$work"' EXIT
-cp -r "$root/binding.gyp" "$root/kernels" "$root/native" "$work/"
+cp -r "$root/binding.gyp" "$root/kernels" "$root/native" "$root/cluster" "$work/"
 mkdir -p "$work/scripts" && cp "$root/scripts/gyp-sources.mjs" "$work/scripts/"
 ln -s "$root/node_modules" "$work/node_modules"
 # Build against the headers of the running Node (no download): npm's nodedir if set, else the prefix of

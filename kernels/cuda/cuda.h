@@ -45,6 +45,9 @@ std::string runtime_version();  // "13.0" (the CUDA runtime linked in), driver: 
 std::string driver_version();
 void set_device(int device);
 void synchronize(int device);
+// The cudaStream_t of device `device`'s stream (created on first use), as void*, for libraries that
+// enqueue work in order with our kernels (NCCL: cluster/nccl_comm.cpp).
+void* stream_handle(int device);
 // Whether any stream was ever created (no CUDA work happened otherwise: synchronizing is a no-op).
 bool used();
 // Synchronize every device that was used.

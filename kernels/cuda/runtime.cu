@@ -199,6 +199,11 @@ int current_device() {
 
 cudaStream_t stream() { return state(current_device()).stream; }
 
+void* stream_handle(int device) {
+  require(device);
+  return static_cast<void*>(state(device).stream);
+}
+
 long long* bad_slot() { return state(current_device()).bad; }
 
 void bad_reset() {

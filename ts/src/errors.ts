@@ -18,6 +18,7 @@ export const ERROR_CODES = [
   "OOM", // allocation failed
   "UNSUPPORTED", // a valid request this build cannot serve (model type, option)
   "DEVICE", // a device that is unavailable (no CUDA build, driver or GPU: the message says which), or tensors on different devices
+  "COMM", // a collective failed: a peer rank exited, closed its communicator or aborted the group
   "INTERNAL", // a bug: please report
   // models and tracing
   "BAD_PATH", // unknown module path

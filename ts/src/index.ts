@@ -25,6 +25,9 @@ export {
 export { loadSafetensors, saveSafetensors } from "./tensor/safetensors.js";
 export { LanguageModel, type LanguageModelOptions, type TraceOptions, type Real, type TraceResult } from "./trace/model.js";
 export type { LoadModelOptions } from "./models/causal-lm.js";
+export { Communicator, type CommunicatorOptions, type CommBackend } from "./cluster/communicator.js";
+export { launchRanks, joinGroup, rankInfo, newGroupName, RankGroup, type LaunchOptions, type RankInfo } from "./cluster/launch.js";
+export { shardPlan, type ShardPlan, type WeightSplit } from "./models/tensor-parallel.js";
 export { Envoy, EnvoyList } from "./trace/envoy.js";
 export { TracedValue } from "./trace/traced-value.js";
 export { Tracer } from "./trace/tracer.js";

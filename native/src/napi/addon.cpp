@@ -2,7 +2,8 @@
 //
 // Exposes one ObjectWrap, `Tensor` (a handle holding an nx::Tensor), and free functions that create
 // tensors, run ops (queued on the executor; see core/executor.h), read results back (sync or as a
-// Promise from an AsyncWorker), map files, and report memory. nx::Error becomes a JS Error whose
+// Promise from an AsyncWorker), map files, and report memory. Communicators (cluster/communicator.h) are
+// handles too: joining a group is an AsyncWorker (it waits for the peers), collectives are queued like ops. nx::Error becomes a JS Error whose
 // `code` is the stable error code; TS wraps it into NNsightError.
 //
 // Handles carry their metadata (dtype, shape, strides, offset, device) in a shared Float64Array so TS
@@ -13,6 +14,7 @@
 #include <atomic>
 #include <cstring>
 
+#include "../../../cluster/communicator.h"
 #include "../../../kernels/cpu/elementwise.h"
 #include "../../../kernels/cpu/probe.h"
 #include "../core/executor.h"
@@ -519,6 +521,181 @@ Napi::Value ProbeTriad(const Napi::CallbackInfo& info) {
                                                               static_cast<size_t>(info[1].As<Napi::Number>().DoubleValue())));
 }
 
+// ------------------------------------------------------------------ communicators (cluster/)
+// A communicator handle is a Napi::External around a CommHandle; commClose (or the GC) drops it. Queued
+// collectives keep their own reference, so closing never pulls memory from under a pending call.
+struct CommHandle {
+  std::shared_ptr<nx::cluster::Communicator> comm;
+};
+
+nx::cluster::Communicator& get_comm(Napi::Env env, const Napi::Value& v) {
+  if (!v.IsExternal()) throw coded_error(env, "BAD_INPUT", "not a communicator");
+  CommHandle* h = v.As<Napi::External<CommHandle>>().Data();
+  if (!h->comm) throw coded_error(env, "DISPOSED", "the communicator was closed");
+  return *h->comm;
+}
+
+Napi::Value wrap_comm(Napi::Env env, std::shared_ptr<nx::cluster::Communicator> c) {
+  return Napi::External<CommHandle>::New(env, new CommHandle{std::move(c)}, [](Napi::Env, CommHandle* p) { delete p; });
+}
+
+nx::cluster::CommOptions comm_options(const Napi::Value& timeout, const Napi::Value& slot) {
+  nx::cluster::CommOptions o;
+  if (timeout.IsNumber()) o.timeout_ms = static_cast<int64_t>(timeout.As<Napi::Number>().DoubleValue());
+  if (slot.IsNumber()) o.slot_bytes = static_cast<size_t>(slot.As<Napi::Number>().DoubleValue());
+  return o;
+}
+
+// Joins a group off the JS thread (joining waits for every rank) and resolves to the handle.
+class CommJoinWorker : public Napi::AsyncWorker {
+ public:
+  CommJoinWorker(Napi::Env env, std::function<std::shared_ptr<nx::cluster::Communicator>()> join)
+      : Napi::AsyncWorker(env), deferred_(Napi::Promise::Deferred::New(env)), join_(std::move(join)) {}
+  Napi::Promise Promise() { return deferred_.Promise(); }
+  void Execute() override {
+    try {
+      comm_ = join_();
+    } catch (const nx::Error& e) {
+      code_ = e.code;
+      SetError(e.what());
+    } catch (const std::exception& e) {
+      SetError(e.what());
+    }
+  }
+  void OnOK() override { deferred_.Resolve(wrap_comm(Env(), std::move(comm_))); }
+  void OnError(const Napi::Error& e) override {
+    deferred_.Reject(coded_error(Env(), code_.empty() ? "INTERNAL" : code_, e.Message()).Value());
+  }
+
+ private:
+  Napi::Promise::Deferred deferred_;
+  std::function<std::shared_ptr<nx::cluster::Communicator>()> join_;
+  std::shared_ptr<nx::cluster::Communicator> comm_;
+  std::string code_;
+};
+
+// commJoinShm(name, rank, world, timeoutMs?, slotBytes?) -> Promise<handle>
+Napi::Value CommJoinShm(const Napi::CallbackInfo& info) {
+  Napi::Env env = info.Env();
+  return guarded(env, [&] {
+    if (!info[0].IsString() || !info[1].IsNumber() || !info[2].IsNumber())
+      throw coded_error(env, "BAD_INPUT", "commJoinShm(name, rank, world, timeoutMs?, slotBytes?)");
+    std::string name = info[0].As<Napi::String>().Utf8Value();
+    int rank = info[1].As<Napi::Number>().Int32Value(), world = info[2].As<Napi::Number>().Int32Value();
+    nx::cluster::CommOptions o = comm_options(info[3], info[4]);
+    auto* w = new CommJoinWorker(env, [name, rank, world, o] { return nx::cluster::shm_join(name, rank, world, o); });
+    Napi::Promise p = w->Promise();
+    w->Queue();
+    return Napi::Value(p);
+  });
+}
+
+// commJoinNccl(uniqueIdHex, rank, world, device, timeoutMs?) -> Promise<handle>
+Napi::Value CommJoinNccl(const Napi::CallbackInfo& info) {
+  Napi::Env env = info.Env();
+  return guarded(env, [&] {
+    if (!info[0].IsString() || !info[1].IsNumber() || !info[2].IsNumber() || !info[3].IsNumber())
+      throw coded_error(env, "BAD_INPUT", "commJoinNccl(uniqueId, rank, world, device, timeoutMs?)");
+    std::string id = info[0].As<Napi::String>().Utf8Value();
+    int rank = info[1].As<Napi::Number>().Int32Value(), world = info[2].As<Napi::Number>().Int32Value();
+    int device = info[3].As<Napi::Number>().Int32Value();
+    nx::cluster::CommOptions o = comm_options(info[4], Napi::Value());
+    auto* w = new CommJoinWorker(env, [id, rank, world, device, o] { return nx::cluster::nccl_join(id, rank, world, device, o); });
+    Napi::Promise p = w->Promise();
+    w->Queue();
+    return Napi::Value(p);
+  });
+}
+
+Napi::Value NcclUniqueId(const Napi::CallbackInfo& info) {
+  return guarded(info.Env(), [&] { return Napi::Value(Napi::String::New(info.Env(), nx::cluster::nccl_unique_id())); });
+}
+
+// ncclInfo(): { available, reason }
+Napi::Value NcclInfo(const Napi::CallbackInfo& info) {
+  Napi::Env env = info.Env();
+  return guarded(env, [&] {
+    std::string why;
+    const bool ok = nx::cluster::nccl_available(&why);
+    Napi::Object o = Napi::Object::New(env);
+    o.Set("available", Napi::Boolean::New(env, ok));
+    o.Set("reason", ok ? env.Null() : Napi::String::New(env, why));
+    return Napi::Value(o);
+  });
+}
+
+// commInfo(h): { rank, world, backend, device, calls }
+Napi::Value CommInfo(const Napi::CallbackInfo& info) {
+  Napi::Env env = info.Env();
+  return guarded(env, [&] {
+    nx::cluster::Communicator& c = get_comm(env, info[0]);
+    Napi::Object o = Napi::Object::New(env);
+    o.Set("rank", Napi::Number::New(env, c.rank()));
+    o.Set("world", Napi::Number::New(env, c.world()));
+    o.Set("backend", Napi::String::New(env, c.backend()));
+    o.Set("device", Napi::Number::New(env, c.device()));
+    o.Set("calls", Napi::Number::New(env, static_cast<double>(c.calls())));
+    return Napi::Value(o);
+  });
+}
+
+// commAllReduce(h, t): t += the other ranks' t (queued, in place)
+Napi::Value CommAllReduce(const Napi::CallbackInfo& info) {
+  Napi::Env env = info.Env();
+  return guarded(env, [&] {
+    get_comm(env, info[0]).all_reduce_sum_(AddonTensor::Get(env, info[1], "tensor"));
+    return env.Undefined();
+  });
+}
+
+// commAllGather(h, t, dim) -> handle
+Napi::Value CommAllGather(const Napi::CallbackInfo& info) {
+  Napi::Env env = info.Env();
+  return guarded(env, [&] {
+    nx::Tensor out = get_comm(env, info[0]).all_gather(AddonTensor::Get(env, info[1], "tensor"), info[2].As<Napi::Number>().Int32Value());
+    report_memory(env);
+    return AddonTensor::Wrap(env, std::move(out));
+  });
+}
+
+// commBroadcast(h, t, root): t = root's t (queued, in place)
+Napi::Value CommBroadcast(const Napi::CallbackInfo& info) {
+  Napi::Env env = info.Env();
+  return guarded(env, [&] {
+    get_comm(env, info[0]).broadcast_(AddonTensor::Get(env, info[1], "tensor"), info[2].As<Napi::Number>().Int32Value());
+    return env.Undefined();
+  });
+}
+
+// commBarrier(h) -> a 1-element tensor handle whose read completes once every rank arrived
+Napi::Value CommBarrier(const Napi::CallbackInfo& info) {
+  Napi::Env env = info.Env();
+  return guarded(env, [&] { return AddonTensor::Wrap(env, get_comm(env, info[0]).barrier()); });
+}
+
+// commAbort(h, reason): fail every rank's pending and later collectives (not queued)
+Napi::Value CommAbort(const Napi::CallbackInfo& info) {
+  Napi::Env env = info.Env();
+  return guarded(env, [&] {
+    get_comm(env, info[0]).abort(info[1].IsString() ? info[1].As<Napi::String>().Utf8Value() : std::string("aborted"));
+    return env.Undefined();
+  });
+}
+
+// commClose(h): leave the group after this rank's queued collectives; the handle is dead afterwards
+Napi::Value CommClose(const Napi::CallbackInfo& info) {
+  Napi::Env env = info.Env();
+  return guarded(env, [&] {
+    if (!info[0].IsExternal()) throw coded_error(env, "BAD_INPUT", "not a communicator");
+    CommHandle* h = info[0].As<Napi::External<CommHandle>>().Data();
+    if (h->comm) {
+      h->comm->close();
+      h->comm.reset();
+    }
+    return env.Undefined();
+  });
+}
+
 Napi::Object Init(Napi::Env env, Napi::Object exports) {
   auto* data = new AddonData();
   env.SetInstanceData<AddonData>(data);
@@ -563,6 +740,17 @@ Napi::Object Init(Napi::Env env, Napi::Object exports) {
   exports.Set("setMaxAllocation", Napi::Function::New(env, SetMaxAllocation));
   exports.Set("probeFmaPeak", Napi::Function::New(env, ProbeFma));
   exports.Set("probeTriad", Napi::Function::New(env, ProbeTriad));
+  exports.Set("commJoinShm", Napi::Function::New(env, CommJoinShm));
+  exports.Set("commJoinNccl", Napi::Function::New(env, CommJoinNccl));
+  exports.Set("ncclUniqueId", Napi::Function::New(env, NcclUniqueId));
+  exports.Set("ncclInfo", Napi::Function::New(env, NcclInfo));
+  exports.Set("commInfo", Napi::Function::New(env, CommInfo));
+  exports.Set("commAllReduce", Napi::Function::New(env, CommAllReduce));
+  exports.Set("commAllGather", Napi::Function::New(env, CommAllGather));
+  exports.Set("commBroadcast", Napi::Function::New(env, CommBroadcast));
+  exports.Set("commBarrier", Napi::Function::New(env, CommBarrier));
+  exports.Set("commAbort", Napi::Function::New(env, CommAbort));
+  exports.Set("commClose", Napi::Function::New(env, CommClose));
   return exports;
 }
 

@@ -10,6 +10,7 @@
  */
 import { join } from "node:path";
 
+import type { Communicator } from "../cluster/communicator.js";
 import { NNsightError } from "../errors.js";
 import { PACKAGE_ROOT, native } from "../native/binding.js";
 import { deviceName, parseDevice, requireDevice, withDefaultDevice } from "../tensor/device.js";
@@ -25,6 +26,7 @@ import { resolveModelDir } from "./hub.js";
 import { type ModuleSpec, buildModuleTree } from "./module-tree.js";
 import type { KVCache } from "./kv-cache.js";
 import { Tokenizer } from "./tokenizer.js";
+import { TensorParallel, shardPlan, shardWeights } from "./tensor-parallel.js";
 import { type ModuleHooks, TransformerLM } from "./transformer.js";
 
 export interface LoadModelOptions {
@@ -41,6 +43,13 @@ export interface LoadModelOptions {
   revision?: string;
   /** Hub token for gated models (default: $HF_TOKEN) */
   token?: string;
+  /**
+   * Tensor parallelism: this process is rank `comm.rank` of `comm.world` (see `launchRanks`/`joinGroup`).
+   * It keeps only its shard of the attention and MLP weights, and every rank must then run the same
+   * forward passes, traces and generations in the same order. Hooks and traces see full activations.
+   * A world of 1 loads the plain model. BAD_INPUT when heads, kv heads or the MLP width do not divide.
+   */
+  tensorParallel?: Communicator;
 }
 
 /** What a model is built from (weights are shared between models built from the same parts). */
@@ -100,15 +109,31 @@ export class CausalLM {
     bar.done();
     checkWeights(hf.config, weights, dir);
     const invFreq = hf.config.positionEmbedding === "rope" ? computeRopeInvFreq(hf.config) : null;
+    let tp: TensorParallel | null = null;
+    const comm = opts.tensorParallel;
+    if (comm && comm.world > 1) {
+      if (comm.device !== deviceName(device)) {
+        throw new NNsightError(
+          "DEVICE",
+          `the model is loaded on ${deviceName(device)} but its communicator moves tensors on ${comm.device}: ${device < 0 ? "use a shm communicator for CPU models" : `use an NCCL communicator on ${deviceName(device)}`}`,
+        );
+      }
+      const plan = shardPlan(hf.config, comm.world);
+      tp = new TensorParallel(comm, plan);
+      const mine = shardWeights(weights, plan, comm.rank);
+      for (const [name, t] of weights) if (mine.get(name) !== t) t.dispose(); // the shard is a view or a copy
+      weights.clear();
+      for (const [name, t] of mine) weights.set(name, t);
+    }
     let lm: TransformerLM;
     if (device < 0) {
-      lm = new TransformerLM(hf.config, weights, invFreq);
+      lm = new TransformerLM(hf.config, weights, invFreq, tp);
     } else {
       for (const [name, t] of weights) {
         weights.set(name, keep(t.to(deviceName(device)))); // kept like loadSafetensors keeps the originals
         t.dispose(); // the host copy (a view of the mapped file) is released once the copy ran
       }
-      lm = withDefaultDevice(device, () => new DeviceTransformerLM(hf.config, weights, invFreq, device));
+      lm = withDefaultDevice(device, () => new DeviceTransformerLM(hf.config, weights, invFreq, device, tp));
     }
     return { dir: hf.dir, spec: hf.config, tokenizer, lm, generationConfig: hf.generationConfig };
   }
@@ -192,8 +217,8 @@ export class CausalLM {
  */
 class DeviceTransformerLM extends TransformerLM {
   readonly deviceIndex: number;
-  constructor(config: ModelConfig, weights: Map<string, Tensor>, invFreq: Float32Array | null, deviceIndex: number) {
-    super(config, weights, invFreq);
+  constructor(config: ModelConfig, weights: Map<string, Tensor>, invFreq: Float32Array | null, deviceIndex: number, tp: TensorParallel | null) {
+    super(config, weights, invFreq, tp);
     this.deviceIndex = deviceIndex;
   }
   override forward(...args: Parameters<TransformerLM["forward"]>): Tensor {

@@ -7,6 +7,10 @@
  *
  * Ops are queued on the native executor, so `forward()` returns the logits tensor at once and the
  * values arrive later (`await logits.data()`).
+ *
+ * Tensor parallelism (`tp`, see tensor-parallel.ts): the weights are this rank's shards, attention runs
+ * on this rank's heads, row-parallel outputs (o_proj, down_proj, c_proj) are all-reduced, and hooks at
+ * sharded boundaries see gathered values (only where they want them). Without `tp` none of this runs.
  */
 import { NNsightError } from "../errors.js";
 import { keep, scope } from "../tensor/index.js";
@@ -14,6 +18,7 @@ import { untracked } from "../tensor/scope.js";
 import { Tensor, fromArray } from "../tensor/tensor.js";
 import type { ModelConfig } from "./config.js";
 import { KVCache } from "./kv-cache.js";
+import { type Boundary, type ShardDim, type TensorParallel, boundaryOf } from "./tensor-parallel.js";
 
 /** What the tracing layer plugs into a forward pass. */
 export interface ModuleHooks {
@@ -22,8 +27,12 @@ export interface ModuleHooks {
    * Operations inside a module (`<module>.source.<op>`) go through it too; their output may be a tuple.
    */
   call<T extends Tensor | Tensor[]>(path: string, inputs: Tensor[], body: (inputs: Tensor[]) => T): T;
-  /** Whether `call(path, ...)` would do more than run the body (lets the forward skip preparing values for it). */
-  wants?(path: string): boolean;
+  /**
+   * Whether `call(path, ...)` would do more than run the body (lets the forward skip preparing values for
+   * it). With `kind`: whether the hooks read or replace that side (inputs; output, skips included), which
+   * lets a tensor-parallel forward gather only the side that is touched.
+   */
+  wants?(path: string, kind?: "input" | "output"): boolean;
 }
 
 /** A prepared batch: ids [B, T] (left padded), positions [B, T], and the key mask over cache + new tokens. */
@@ -50,11 +59,19 @@ export class TransformerLM {
   /** @internal weights by HF name (views over mapped files where the dtype allows) */
   readonly weights: W;
   private readonly invFreq: Tensor | null;
+  /** @internal this rank's group under tensor parallelism (null: the whole model is here) */
+  readonly tp: TensorParallel | null;
+  /** attention heads and kv heads computed here (all of them without tensor parallelism) */
+  private readonly heads: number;
+  private readonly kvHeads: number;
 
-  constructor(config: ModelConfig, weights: W, invFreq: Float32Array | null) {
+  constructor(config: ModelConfig, weights: W, invFreq: Float32Array | null, tp: TensorParallel | null = null) {
     this.config = config;
     this.weights = weights;
     this.invFreq = invFreq ? keep(fromArray(invFreq, "float32", [invFreq.length])) : null;
+    this.tp = tp;
+    this.heads = tp ? tp.plan.heads : config.numHeads;
+    this.kvHeads = tp ? tp.plan.kvHeads : config.numKvHeads;
   }
 
   /** @internal */
@@ -75,7 +92,7 @@ export class TransformerLM {
 
   newCache(batch: number, maxLen: number): KVCache {
     const c = this.config;
-    return new KVCache(c.numLayers, batch, c.numKvHeads, maxLen, c.headDim);
+    return new KVCache(c.numLayers, batch, this.kvHeads, maxLen, c.headDim);
   }
 
   /** Logits [B, T, V] (or [B, 1, V] with lastOnly). Everything intermediate is freed as soon as possible. */
@@ -96,7 +113,7 @@ export class TransformerLM {
       const ids = fromArray(b.ids, "int32", [b.batch, b.seq]);
       const pos = fromArray(b.positions, "int32", [b.batch, b.seq]);
       const mask = b.keyMask ? fromArray(b.keyMask, "int32", [b.batch, b.keyMask.length / b.batch]) : null;
-      const run: Run = (path, inputs, body) => (hooks === null ? body(inputs) : hooks.call(path, inputs, body));
+      const run = this.makeRun(hooks);
       const ctx: Ctx = { b, pos, mask, cache, run, hooked: hooks !== null, wants: wantsOf(hooks), lastOnly: !!opts.lastOnly };
       const logits = run("", [ids], ([x]) => (this.config.modelType === "gpt2" ? this.gpt2(x!, ctx) : this.llama(x!, ctx)));
       if (cache) cache.advance(b.seq);
@@ -115,12 +132,27 @@ export class TransformerLM {
     return hooks.call(path, inputs, (ins) => this.callModuleBody(path, ins, hooks));
   }
 
+  /** How module boundaries run: straight into the body, through the hooks, or (TP) through the hooks with gathers. */
+  private makeRun(hooks: ModuleHooks | null): Run {
+    if (hooks === null) return noHooks;
+    if (this.tp === null) return (path, inputs, body) => hooks.call(path, inputs, body);
+    return tpRun(this.tp, this.config.modelType, hooks);
+  }
+
   private callModuleBody(path: string, inputs: Tensor[], hooks: ModuleHooks | null): Tensor {
     const c = this.config;
     const x = inputs[0];
     if (!x) throw new NNsightError("BAD_INPUT", `${path}.call() needs an input`);
     const gpt2 = c.modelType === "gpt2";
-    const wOut = (p: string) => linear(x, this.w(`${p}.weight`), this.wOpt(`${p}.bias`), gpt2 ? "in_out" : "out_in");
+    const tp = this.tp;
+    const wOut = (p: string): Tensor => {
+      const layout = gpt2 ? "in_out" : "out_in";
+      const bnd = tp ? boundaryOf(c.modelType, p) : null;
+      if (!tp || !bnd) return linear(x, this.w(`${p}.weight`), this.wOpt(`${p}.bias`), layout);
+      // a sharded layer called on a full value: shard the input (row) or gather the output (column)
+      if (bnd.output === null) return scope(() => this.rowLinear(tp.shard(x, bnd.inputs[0]!), p, layout));
+      return scope(() => tp.gather(linear(x, this.w(`${p}.weight`), this.wOpt(`${p}.bias`), layout), bnd.output as { dim: number }));
+    };
     if (path === "lm_head") {
       const head = this.wOpt("lm_head.weight") ?? this.w(gpt2 ? "transformer.wte.weight" : "model.embed_tokens.weight");
       return linear(x, head, null, "out_in");
@@ -136,7 +168,7 @@ export class TransformerLM {
     for (let b = 0; b < B; b++) for (let t = 0; t < T; t++) positions[b * T + t] = t;
     const batch: ForwardBatch = { batch: B, seq: T, ids: new Int32Array(B * T), positions, keyMask: null };
     return scope(() => {
-      const run: Run = (p, ins, body) => (hooks === null ? body(ins) : hooks.call(p, ins, body));
+      const run = this.makeRun(hooks);
       const ctx: Ctx = { b: batch, pos: fromArray(positions, "int32", [B, T]), mask: null, cache: null, run, hooked: hooks !== null, wants: wantsOf(hooks), lastOnly: false };
       const m = /^(model\.layers|transformer\.h)\.(\d+)(?:\.(\w+))?$/.exec(path);
       if (m) {
@@ -187,25 +219,25 @@ export class TransformerLM {
     const g = run(`${p}.mlp.gate_proj`, [v], lin("gate_proj"));
     const a = run(`${p}.mlp.source.act_fn_0`, [g], ([u]) => u!.silu());
     const up = run(`${p}.mlp.up_proj`, [v], lin("up_proj"));
-    return run(`${p}.mlp.down_proj`, [a.mul(up)], lin("down_proj"));
+    return run(`${p}.mlp.down_proj`, [a.mul(up)], this.tp ? (u) => this.rowLinear(u[0]!, `${p}.mlp.down_proj`, "out_in") : lin("down_proj"));
   }
 
   /** The attention module (projections, RoPE, attention, output projection) of layer l. */
   private attnModule(l: number, p: string, v: Tensor, ctx: Ctx): Tensor {
     const run = ctx.run;
     if (this.config.modelType === "gpt2") {
-      const D = this.config.hiddenSize;
+      const D = this.heads * this.config.headDim; // the hidden size, or this rank's heads of it
       const conv = (n: string) => (u: Tensor[]) => linear(u[0]!, this.w(`${p}.attn.${n}.weight`), this.w(`${p}.attn.${n}.bias`), "in_out");
       const qkv = run(`${p}.attn.c_attn`, [v], conv("c_attn"));
       const o = this.attention(l, `${p}.attn`, qkv.slice(-1, 0, D), qkv.slice(-1, D, 2 * D), qkv.slice(-1, 2 * D, 3 * D), ctx);
-      return run(`${p}.attn.c_proj`, [o], conv("c_proj"));
+      return run(`${p}.attn.c_proj`, [o], this.tp ? (u) => this.rowLinear(u[0]!, `${p}.attn.c_proj`, "in_out") : conv("c_proj"));
     }
     const lin = (n: string) => (u: Tensor[]) => linear(u[0]!, this.w(`${p}.self_attn.${n}.weight`), this.wOpt(`${p}.self_attn.${n}.bias`), "out_in");
     const q = run(`${p}.self_attn.q_proj`, [v], lin("q_proj"));
     const k = run(`${p}.self_attn.k_proj`, [v], lin("k_proj"));
     const vv = run(`${p}.self_attn.v_proj`, [v], lin("v_proj"));
     const o = this.attention(l, `${p}.self_attn`, q, k, vv, ctx);
-    return run(`${p}.self_attn.o_proj`, [o], lin("o_proj"));
+    return run(`${p}.self_attn.o_proj`, [o], this.tp ? (u) => this.rowLinear(u[0]!, `${p}.self_attn.o_proj`, "out_in") : lin("o_proj"));
   }
 
   // ------------------------------------------------------------------ GPT-2
@@ -244,7 +276,15 @@ export class TransformerLM {
     const conv = (n: string) => (u: Tensor[]) => linear(u[0]!, this.w(`${p}.mlp.${n}.weight`), this.w(`${p}.mlp.${n}.bias`), "in_out");
     const f = run(`${p}.mlp.c_fc`, [v], conv("c_fc"));
     const a = run(`${p}.mlp.source.act_0`, [f], ([u]) => u!.gelu({ approximate: this.config.hiddenAct === "gelu" ? "none" : "tanh" }));
-    return run(`${p}.mlp.c_proj`, [a], conv("c_proj"));
+    return run(`${p}.mlp.c_proj`, [a], this.tp ? (u) => this.rowLinear(u[0]!, `${p}.mlp.c_proj`, "in_out") : conv("c_proj"));
+  }
+
+  /** A row-parallel layer (TP): this rank's partial product, summed over the ranks, then the (replicated) bias. */
+  private rowLinear(x: Tensor, p: string, layout: "out_in" | "in_out"): Tensor {
+    const y = linear(x, this.w(`${p}.weight`), null, layout);
+    this.tp!.reduce(y);
+    const b = this.wOpt(`${p}.bias`);
+    return b ? y.add(b) : y;
   }
 
   // ------------------------------------------------------------------ shared attention
@@ -254,9 +294,10 @@ export class TransformerLM {
     const B = ctx.b.batch, T = ctx.b.seq, hd = c.headDim;
     const scale = 1 / Math.sqrt(hd);
     const invFreq = this.invFreq;
-    let q4 = q.reshape([B, T, c.numHeads, hd]);
-    let k4 = k.reshape([B, T, c.numKvHeads, hd]);
-    const v4 = v.reshape([B, T, c.numKvHeads, hd]);
+    const H = this.heads, Hkv = this.kvHeads;
+    let q4 = q.reshape([B, T, H, hd]);
+    let k4 = k.reshape([B, T, Hkv, hd]);
+    const v4 = v.reshape([B, T, Hkv, hd]);
     const ropeOp = `${m}.source.apply_rotary_pos_emb_0`, attnOp = `${m}.source.attention_interface_0`;
     if (!ctx.hooked || (ctx.wants !== null && !ctx.wants(ropeOp) && !ctx.wants(attnOp))) {
       // the same computation as below without the hook points (every view is a native call)
@@ -266,7 +307,7 @@ export class TransformerLM {
       }
       const [kk, vv] = ctx.cache ? ctx.cache.append(layer, k4.permute(0, 2, 1, 3), v4.permute(0, 2, 1, 3)) : [k4.permute(0, 2, 1, 3), v4.permute(0, 2, 1, 3)];
       const o = q4.permute(0, 2, 1, 3).attention(kk, vv, ctx.mask, scale); // [B, Hq, T, hd] view of [B, T, Hq, hd]
-      return o.permute(0, 2, 1, 3).reshape([B, T, c.numHeads * hd]);
+      return o.permute(0, 2, 1, 3).reshape([B, T, H * hd]);
     }
     // HF layout for the source operations: q/k/v [B, H, T, hd] (views), attention output [B, T, H, hd]
     const run = ctx.run;
@@ -282,7 +323,7 @@ export class TransformerLM {
     }
     const [kk, vv] = ctx.cache ? ctx.cache.append(layer, kh, vh) : [kh, vh];
     const o = run(attnOp, [qh!, kk, vv], ([a, b, d]) => a!.attention(b!, d!, ctx.mask, scale).permute(0, 2, 1, 3));
-    return o.reshape([B, T, c.numHeads * hd]);
+    return o.reshape([B, T, H * hd]);
   }
 }
 
@@ -303,6 +344,35 @@ const wantsOf = (hooks: ModuleHooks | null): ((path: string) => boolean) | null 
 
 type Run = <T extends Tensor | Tensor[]>(path: string, inputs: Tensor[], body: (x: Tensor[]) => T) => T;
 const noHooks: Run = (_p, ins, body) => body(ins);
+
+/**
+ * Module boundaries under tensor parallelism. Replicated boundaries go to the hooks as they are. At a
+ * sharded one (tensor-parallel.ts `boundaryOf`) that the hooks want, the side they touch is gathered
+ * first (inputs before the call, the output inside it), and what comes back (edited in place, replaced,
+ * or a skip's value) is sliced to this rank's shard again. Every rank runs the same graph, so every rank
+ * makes the same gathers in the same order.
+ */
+function tpRun(tp: TensorParallel, modelType: ModelConfig["modelType"], hooks: ModuleHooks): Run {
+  const wants = hooks.wants ? (p: string, k?: "input" | "output") => hooks.wants!(p, k) : () => true;
+  return (path, inputs, body) => {
+    const bnd = boundaryOf(modelType, path);
+    if (bnd === null || !wants(path)) return hooks.call(path, inputs, body);
+    const gi = bnd.inputs.some((s) => s !== null) && wants(path, "input");
+    const go = bnd.output !== null && wants(path, "output");
+    const full = gi ? inputs.map((x, i) => (bnd.inputs[i] ? tp.gather(x, bnd.inputs[i]!) : x)) : inputs;
+    const out = hooks.call(path, full, (ins) => {
+      const local = gi ? ins.map((x, i) => (bnd.inputs[i] ? tp.shard(x, bnd.inputs[i]!) : x)) : ins;
+      const y = body(local);
+      return (go ? mapOut(y, bnd.output, (t, s) => tp.gather(t, s)) : y) as typeof y;
+    });
+    return (go ? mapOut(out, bnd.output, (t, s) => tp.shard(t, s)) : out) as typeof out;
+  };
+}
+
+function mapOut<T extends Tensor | Tensor[]>(v: T, spec: Boundary["output"], f: (t: Tensor, s: ShardDim) => Tensor): T {
+  if (Array.isArray(v)) return v.map((t, i) => (Array.isArray(spec) && spec[i] ? f(t, spec[i]!) : t)) as T;
+  return (spec && !Array.isArray(spec) ? f(v, spec) : v) as T;
+}
 
 function embed(weight: Tensor, ids: Tensor): Tensor {
   if (!(ids.dtype === "int32" || ids.dtype === "int64")) {

@@ -19,6 +19,21 @@ export interface NativeTensor {
   readonly __nativeTensor: unique symbol;
 }
 
+/** A native communicator handle (cluster/communicator.h): an opaque external. */
+export interface NativeComm {
+  readonly __nativeComm: unique symbol;
+}
+
+export interface NativeCommInfo {
+  rank: number;
+  world: number;
+  backend: "shm" | "nccl";
+  /** -1 = host tensors (shm), n = cuda:n (NCCL) */
+  device: number;
+  /** collectives issued so far on this rank */
+  calls: number;
+}
+
 export interface NativeMemory {
   /** tensor handles not yet disposed or collected */
   handles: number;
@@ -82,6 +97,22 @@ export interface NativeAddon {
   releaseCachedMemory(): void;
   /** largest single tensor allocation in bytes (0 = unlimited): TOO_LARGE beyond it */
   setMaxAllocation(bytes: number): void;
+  // ---- communicators (cluster/): joining waits for every rank; collectives are queued like ops
+  commJoinShm(name: string, rank: number, world: number, timeoutMs?: number, slotBytes?: number): Promise<NativeComm>;
+  commJoinNccl(uniqueId: string, rank: number, world: number, device: number, timeoutMs?: number): Promise<NativeComm>;
+  /** 256 hex characters (ncclGetUniqueId); DEVICE where NCCL or a GPU is missing */
+  ncclUniqueId(): string;
+  ncclInfo(): { available: boolean; reason: string | null };
+  commInfo(c: NativeComm): NativeCommInfo;
+  /** in place */
+  commAllReduce(c: NativeComm, t: NativeTensor): void;
+  commAllGather(c: NativeComm, t: NativeTensor, dim: number): NativeTensor;
+  /** in place */
+  commBroadcast(c: NativeComm, t: NativeTensor, root: number): void;
+  /** a 1-element tensor whose read completes once every rank arrived */
+  commBarrier(c: NativeComm): NativeTensor;
+  commAbort(c: NativeComm, reason: string): void;
+  commClose(c: NativeComm): void;
   probeFmaPeak(threads: number, isa: 512 | 256): number;
   probeTriad(threads: number, bytesPerArray: number): number;
 }

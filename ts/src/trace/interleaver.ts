@@ -97,6 +97,8 @@ export class Interleaver implements ModuleHooks {
   private readonly children = new Map<number, BlockSpec[]>();
   /** modules that have scheduled work this step */
   private active = new Set<string>();
+  /** per active path, which sides the graph touches: 1 = inputs (read or replaced), 2 = output (read, replaced or skipped) */
+  private activeSides = new Map<string, number>();
   private schedule = new Map<number, Instance[]>();
   private instances: Instance[] = [];
   private provided = new Map<string, Tensor | Tensor[]>();
@@ -122,7 +124,7 @@ export class Interleaver implements ModuleHooks {
   private currentDyn: string | null = null;
   private readonly hookedHooks: ModuleHooks = {
     call: <T extends MV>(p: string, ins: Tensor[], body: (x: Tensor[]) => T): T => (this.active.has(p) && this.isCounted(p) ? (this.countedCall(p, ins, body, false) as T) : body(ins)),
-    wants: (p: string) => this.active.has(p) && this.isCounted(p),
+    wants: (p: string) => this.active.has(p) && this.isCounted(p), // both sides (counted calls are not split by side)
   };
 
   constructor(ctx: InterleaveContext) {
@@ -170,6 +172,7 @@ export class Interleaver implements ModuleHooks {
     this.schedule = new Map();
     this.instances = [];
     this.active = new Set();
+    this.activeSides = new Map();
     this.callCount.clear();
     this.dynKeyed.clear();
     this.dynPending = [];
@@ -232,19 +235,19 @@ export class Interleaver implements ModuleHooks {
         case "module": {
           const [path, kind] = a as [string, string];
           event = this.ev(path, kind === "output" ? "output" : "input", node);
-          this.active.add(path);
+          this.mark(path, kind === "output" ? 2 : 1);
           break;
         }
         case "swap": {
           const [path, kind] = a as [string, "input" | "output"];
           event = anchorCheck(this.ev(path, kind, node), `setting ${path}.${kind}`);
-          this.active.add(path);
+          this.mark(path, kind === "output" ? 2 : 1);
           break;
         }
         case "skip": {
           const [path] = a as [string];
           event = anchorCheck(this.ev(path, "input", node), `skipping ${path}`);
-          this.active.add(path);
+          this.mark(path, 2);
           break;
         }
         case "set": {
@@ -261,7 +264,7 @@ export class Interleaver implements ModuleHooks {
           for (const path of mods) {
             const inst: Instance = { node, frame, event: this.ev(path, "output", node), done: false, capture: { path, kind: "output" } };
             this.push(inst);
-            this.active.add(path);
+            this.mark(path, opts.inputs ? 3 : 2);
           }
           event = 0;
           break;
@@ -306,7 +309,7 @@ export class Interleaver implements ModuleHooks {
       let l = this.dynKeyed.get(k);
       if (!l) this.dynKeyed.set(k, (l = []));
       l.push(inst);
-      this.active.add(path);
+      this.mark(path, 3);
     } else {
       this.dynPending.push(inst);
     }
@@ -448,8 +451,14 @@ export class Interleaver implements ModuleHooks {
   }
 
   // ------------------------------------------------------------------ hooks
-  wants(path: string): boolean {
-    return this.active.has(path);
+  wants(path: string, kind?: "input" | "output"): boolean {
+    if (kind === undefined) return this.active.has(path);
+    return ((this.activeSides.get(path) ?? 0) & (kind === "input" ? 1 : 2)) !== 0;
+  }
+
+  private mark(path: string, sides: number): void {
+    this.active.add(path);
+    this.activeSides.set(path, (this.activeSides.get(path) ?? 0) | sides);
   }
 
   call<T extends MV>(path: string, inputs: Tensor[], body: (inputs: Tensor[]) => T): T {

@@ -24,8 +24,8 @@ export interface GenerateOptions {
 export interface GenerateHooks {
   /** hooks for forward step `step` (0 = the prompt), or null for a plain pass */
   forStep(step: number): ModuleHooks | null;
-  /** called after each step's forward pass; returning true stops generation */
-  afterStep?(step: number): boolean | void;
+  /** called after each step's forward pass; returning true stops generation (a promise is awaited) */
+  afterStep?(step: number): boolean | void | Promise<boolean | void>;
 }
 
 export interface GenerateResult {
@@ -119,7 +119,9 @@ export async function generateTokens(
       const h = hooks?.forStep(step) ?? null;
       const logits: Tensor = lm.forward(batch, { cache, hooks: h, lastOnly: h === null });
       steps++;
-      const stop = hooks?.afterStep?.(step) === true;
+      let after = hooks?.afterStep?.(step);
+      if (after instanceof Promise) after = await after;
+      const stop = after === true;
       if (maxNew === 0 || stop) {
         logits.dispose();
         break;

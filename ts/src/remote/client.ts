@@ -53,6 +53,10 @@ export interface ServedModel {
   queue: number;
   config: Record<string, unknown> | null;
   generationConfig?: Record<string, unknown> | null;
+  /** ranks of the model's tensor-parallel worker group (1: one worker process) */
+  world?: number;
+  /** how the ranks talk ("shm" or "nccl"; null for a single worker) */
+  backend?: "shm" | "nccl" | null;
 }
 
 interface Pending {

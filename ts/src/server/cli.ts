@@ -4,9 +4,9 @@ import { parseArgs } from "node:util";
 import { NNsightError } from "../errors.js";
 import { listModels } from "../remote/client.js";
 import { httpUrl } from "../remote/protocol.js";
-import { serve } from "./http.js";
+import { parseTp, parseTpBackend, serve } from "./http.js";
 
-export const SERVE_USAGE = `usage: nnsight serve [--model ID_OR_DIR]... [--port N] [--host 127.0.0.1] [--api-keys keys.json]
+export const SERVE_USAGE = `usage: nnsight serve [--model ID_OR_DIR[:tp=N]]... [--tp N] [--tp-backend auto|shm|nccl] [--port N] [--host 127.0.0.1] [--api-keys keys.json]
        [--results-dir DIR] [--result-ttl-s N] [--job-timeout-ms N] [--max-frame-bytes N] [--max-graph-bytes N]
        [--max-attachment-bytes N] [--max-result-bytes N] [--max-cost N] [--threads N]
        [--quota-concurrent N] [--quota-per-minute N] [--quota-result-bytes N]`;
@@ -24,6 +24,8 @@ export async function serveCommand(args: string[]): Promise<number> {
     args,
     options: {
       model: { type: "string", multiple: true },
+      tp: { type: "string" },
+      "tp-backend": { type: "string" },
       port: { type: "string" },
       host: { type: "string" },
       "api-keys": { type: "string" },
@@ -72,6 +74,8 @@ export async function serveCommand(args: string[]): Promise<number> {
   const server = await serve({
     warn: (m) => warnings.push(m),
     models: values.model,
+    tp: values.tp === undefined ? undefined : parseTp(values.tp, "--tp"),
+    tpBackend: values["tp-backend"] === undefined ? undefined : parseTpBackend(values["tp-backend"], "--tp-backend"),
     port: num(values.port, "port") ?? 8080,
     host: values.host,
     apiKeys: values["api-keys"],
@@ -98,7 +102,7 @@ export async function statusCommand(url: string | undefined): Promise<number> {
     throw new NNsightError("IO", `cannot reach ${url}: ${e.message}`);
   });
   const health = (await res.json()) as Record<string, unknown>;
-  const models = (await listModels(url)).map((m) => ({ id: m.id, status: m.status, queue: m.queue, model_type: m.config?.model_type }));
+  const models = (await listModels(url)).map((m) => ({ id: m.id, status: m.status, queue: m.queue, model_type: m.config?.model_type, world: m.world ?? 1 }));
   console.log(JSON.stringify({ url: httpUrl(url), ...health, models }, null, 2));
   return 0;
 }

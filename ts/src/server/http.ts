@@ -15,7 +15,9 @@ import type { Duplex } from "node:stream";
 
 import { WebSocket, WebSocketServer } from "ws";
 
+import { Communicator } from "../cluster/communicator.js";
 import { NNsightError } from "../errors.js";
+import { cudaInfo } from "../tensor/device.js";
 import { type ClientMessage, PROTOCOL_VERSION, type ServerLimits, decodeFrame, encodeFrame, errorToJSON, parseClientMessage, splitPayload } from "../remote/protocol.js";
 import { DEFAULT_QUOTA, type KeyStore, type Principal, type Quota, loadKeys } from "./auth.js";
 import { JobManager, type Subscriber } from "./jobs.js";
@@ -24,8 +26,15 @@ import { ResultStore } from "./result-store.js";
 import { ModelWorker } from "./worker-pool.js";
 
 export interface ServeOptions {
-  /** model ids or directories; `name=dir` names one (default: ["stories260K"]) */
+  /**
+   * model ids or directories; `name=dir` names one, a `:tp=N` suffix serves it with tensor parallelism
+   * over N ranks (`:tp=N,backend=shm|nccl` also picks the backend) (default: ["stories260K"])
+   */
   models?: string[];
+  /** tensor-parallel ranks per model where a model does not say (default 1: one worker process) */
+  tp?: number;
+  /** how the ranks of a group talk: "shm" (CPU), "nccl" (one GPU per rank) or "auto" (default) */
+  tpBackend?: TpBackendOption;
   port?: number;
   /** default 127.0.0.1 */
   host?: string;
@@ -51,8 +60,10 @@ export interface RunningServer {
   url: string;
   host: string;
   port: number;
-  /** model id → worker pid (operators and tests) */
+  /** model id → worker pid, rank 0's for a group (operators and tests) */
   workerPids(): Record<string, number | undefined>;
+  /** model id → the pids of every rank of its worker group (one for a single worker) */
+  groupPids(): Record<string, Array<number | undefined>>;
   close(): Promise<void>;
 }
 
@@ -66,6 +77,46 @@ export const DEFAULT_LIMITS: ServerLimits = {
 };
 
 const SERVER_NAME = "nnsight-ts";
+
+export type TpBackendOption = "auto" | "shm" | "nccl";
+
+/** What `--model` says about tensor parallelism (the `:tp=N,backend=B` suffix), and the model without it. */
+export function modelTp(s: string): { model: string; tp?: number; backend?: TpBackendOption } {
+  const m = /:((?:tp|backend)=[^:,=]*(?:,(?:tp|backend)=[^:,=]*)*)$/.exec(s);
+  if (!m) return { model: s };
+  const out: { model: string; tp?: number; backend?: TpBackendOption } = { model: s.slice(0, m.index) };
+  for (const kv of m[1]!.split(",")) {
+    const [k, v = ""] = kv.split("=") as [string, string | undefined];
+    if (k === "tp") out.tp = parseTp(v, `--model ${s}`);
+    else out.backend = parseTpBackend(v, `--model ${s}`);
+  }
+  if (!out.model) throw new NNsightError("BAD_INPUT", `--model ${s} names no model before ":"`);
+  return out;
+}
+
+export function parseTp(v: string | number, where: string): number {
+  const n = Number(v);
+  if (!Number.isInteger(n) || n < 1 || n > 64 || (typeof v === "string" && !/^\d+$/.test(v))) {
+    throw new NNsightError("BAD_INPUT", `${where}: the tensor-parallel size must be an integer from 1 to 64, got "${v}"`);
+  }
+  return n;
+}
+
+export function parseTpBackend(v: string, where: string): TpBackendOption {
+  if (v === "auto" || v === "shm" || v === "nccl") return v;
+  throw new NNsightError("BAD_INPUT", `${where}: the tensor-parallel backend is "shm", "nccl" or "auto", got "${v}"`);
+}
+
+/**
+ * "auto": NCCL with one GPU per rank where NCCL loads and there are at least `world` CUDA devices, else
+ * shared memory between CPU processes.
+ */
+export function resolveTpBackend(b: TpBackendOption, world: number): "shm" | "nccl" {
+  if (b !== "auto") return b;
+  if (world <= 1) return "shm";
+  const cuda = cudaInfo();
+  return cuda.available && cuda.deviceCount >= world && Communicator.ncclInfo().available ? "nccl" : "shm";
+}
 
 /** `name=dir` → [name, dir]; a directory → [basename, dir]; an id → [id, id]. */
 export function modelSpec(s: string): [string, string] {
@@ -87,10 +138,15 @@ export async function serve(opts: ServeOptions = {}): Promise<RunningServer> {
   if (keys.open) warn("no API keys configured (--api-keys or NNSIGHT_API_KEYS): this server is open to anyone who can reach it");
 
   const workers = new Map<string, ModelWorker>();
+  const defaultTp = parseTp(opts.tp ?? 1, "--tp");
+  const defaultBackend = parseTpBackend(opts.tpBackend ?? "auto", "--tp-backend");
   for (const m of opts.models?.length ? opts.models : ["stories260K"]) {
-    const [id, src] = modelSpec(m);
+    const t = modelTp(m);
+    const [id, src] = modelSpec(t.model);
     if (workers.has(id)) throw new NNsightError("BAD_INPUT", `the model id "${id}" is served twice`);
-    workers.set(id, new ModelWorker(id, { model: src, threads: opts.threads }, opts.workerEntry));
+    const world = t.tp ?? defaultTp;
+    const tp = world > 1 ? { world, backend: resolveTpBackend(t.backend ?? defaultBackend, world) } : undefined;
+    workers.set(id, new ModelWorker(id, { model: src, threads: opts.threads, tp }, opts.workerEntry));
   }
   try {
     await Promise.all([...workers.values()].map((w) => w.start()));
@@ -123,7 +179,7 @@ export async function serve(opts: ServeOptions = {}): Promise<RunningServer> {
     if (req.method !== "GET") return json(res, 405, { error: "only GET" });
     switch (url.pathname) {
       case "/health":
-        return json(res, 200, { status: "ok", server: SERVER_NAME, protocol: PROTOCOL_VERSION, models: [...workers.values()].map((w) => ({ id: w.id, status: w.state })) });
+        return json(res, 200, { status: "ok", server: SERVER_NAME, protocol: PROTOCOL_VERSION, models: [...workers.values()].map((w) => ({ id: w.id, status: w.state, world: w.world })) });
       case "/models":
         return json(res, 200, {
           models: [...workers.values()].map((w) => ({
@@ -131,6 +187,9 @@ export async function serve(opts: ServeOptions = {}): Promise<RunningServer> {
             status: w.state,
             queue: jobs.queueLength(w.id),
             running: jobs.runningCount(w.id),
+            // tensor parallelism: ranks in the model's worker group (1: one worker) and how they talk
+            world: w.world,
+            backend: w.backend,
             config: w.config,
             generationConfig: w.generationConfig,
           })),
@@ -251,6 +310,7 @@ export async function serve(opts: ServeOptions = {}): Promise<RunningServer> {
     host,
     port,
     workerPids: () => Object.fromEntries([...workers].map(([id, w]) => [id, w.pid])),
+    groupPids: () => Object.fromEntries([...workers].map(([id, w]) => [id, w.pids])),
     close() {
       closed ??= (async () => {
         for (const c of wss.clients) c.terminate();

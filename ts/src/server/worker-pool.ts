@@ -2,6 +2,13 @@
  * One worker process per served model (`child_process.fork` of dist/server/worker.js): it loads the
  * model once and runs one job at a time. A worker that crashes, or is killed to cancel or time out a job,
  * fails only that job and is started again; the front end never runs model code.
+ *
+ * A model served with tensor parallelism (`tp.world` > 1) runs as a worker group instead: `world`
+ * processes of the same entry, forked with `launchRanks` (each holds its shard; see rank.ts). Rank 0 is
+ * the worker this class talks to, with the same messages as a single worker; it hands jobs to the other
+ * ranks itself. The group lives and dies as one: when any rank exits (a crash, a kill, or rank 0 saying
+ * the group broke), every other rank is killed, the running job fails, and once all ranks are gone the
+ * whole group is started again.
  */
 import type { ServedTokenizer } from "../remote/protocol.js";
 import { type ChildProcess, fork } from "node:child_process";
@@ -9,6 +16,7 @@ import { EventEmitter } from "node:events";
 import { existsSync } from "node:fs";
 import path from "node:path";
 
+import { launchRanks } from "../cluster/launch.js";
 import { NNsightError } from "../errors.js";
 import { PACKAGE_ROOT } from "../native/binding.js";
 import { type ErrorJSON, errorFromJSON } from "../remote/protocol.js";
@@ -41,7 +49,8 @@ export class ModelWorker extends EventEmitter {
   tokenizer: ServedTokenizer | null = null;
   numLayers = 1;
   lastError: ErrorJSON | null = null;
-  private proc: ChildProcess | null = null;
+  /** the processes of the current start: one, or the ranks of a tensor-parallel group (rank 0 first) */
+  private procs: ChildProcess[] | null = null;
   private current: Current | null = null;
   private failures = 0;
   private readonly entry: string;
@@ -54,53 +63,74 @@ export class ModelWorker extends EventEmitter {
     this.entry = entry;
   }
 
+  /** ranks of the tensor-parallel group (1: a single worker) */
+  get world(): number {
+    return this.spec.tp?.world ?? 1;
+  }
+  /** how the ranks talk ("shm" or "nccl"; null for a single worker) */
+  get backend(): "shm" | "nccl" | null {
+    return this.world > 1 ? (this.spec.tp?.backend ?? "shm") : null;
+  }
+  /** rank 0's pid (the single worker's) */
   get pid(): number | undefined {
-    return this.proc?.pid;
+    return this.procs?.[0]?.pid;
+  }
+  /** every rank's pid, in rank order */
+  get pids(): Array<number | undefined> {
+    return this.procs?.map((p) => p.pid) ?? [];
   }
   get idle(): boolean {
     return this.state === "ready" && this.current === null;
   }
 
-  /** Start the process; resolves when the model is loaded (rejects if loading fails). */
+  private spawn(): ChildProcess[] {
+    const env: NodeJS.ProcessEnv = { NNSIGHT_WORKER_SPEC: JSON.stringify(this.spec), NNSIGHT_API_KEYS: undefined, NNSIGHT_API_KEY: undefined };
+    if (this.world === 1) {
+      const full: NodeJS.ProcessEnv = { ...process.env, ...env };
+      delete full.NNSIGHT_API_KEYS;
+      delete full.NNSIGHT_API_KEY;
+      return [fork(this.entry, [], { serialization: "advanced", env: full, stdio: ["ignore", "inherit", "inherit", "ipc"], execArgv: [] })];
+    }
+    const timeoutMs = Number(process.env.NNSIGHT_TP_TIMEOUT_MS) || undefined;
+    // graceMs: this class kills the other ranks itself, at once, when one exits
+    return launchRanks({ world: this.world, entry: this.entry, backend: this.backend ?? "shm", env, execArgv: [], timeoutMs, graceMs: 60_000 }).procs;
+  }
+
+  /** Start the process(es); resolves when the model is loaded (rejects if loading fails). */
   start(): Promise<void> {
     if (!existsSync(this.entry)) {
       return Promise.reject(new NNsightError("INTERNAL", `the worker entry ${this.entry} is missing: run \`npm run build:ts\``));
     }
     this.state = "starting";
-    const env: NodeJS.ProcessEnv = { ...process.env, NNSIGHT_WORKER_SPEC: JSON.stringify(this.spec) };
-    delete env.NNSIGHT_API_KEYS;
-    delete env.NNSIGHT_API_KEY;
-    const proc = fork(this.entry, [], { serialization: "advanced", env, stdio: ["ignore", "inherit", "inherit", "ipc"], execArgv: [] });
-    this.proc = proc;
+    const procs = this.spawn();
+    this.procs = procs;
+    const group = procs.length > 1;
+    let exited = 0;
+    let wasStarting = false;
+    let broken = false;
     return new Promise<void>((resolve, reject) => {
-      proc.on("message", (m: WorkerMessage) => {
-        if (m.type === "ready") {
-          this.config = m.config;
-          this.generationConfig = m.generationConfig;
-          this.tokenizer = m.tokenizer;
-          this.numLayers = m.numLayers;
-          this.state = "ready";
-          this.failures = 0;
-          resolve();
-          this.emit("ready");
-        } else if (m.type === "fatal") {
-          this.lastError = m.error;
-          reject(errorFromJSON(m.error));
-        } else this.onMessage(m);
-      });
-      proc.on("error", () => {}); // reported through "exit"
-      proc.on("exit", (code, signal) => {
-        if (this.proc !== proc) return;
-        this.proc = null;
+      /** The first exit (or rank 0's word that the group broke): fail the job, take the rest down. */
+      const breakDown = (cause: NNsightError, how: string) => {
+        if (broken) return;
+        broken = true;
+        for (const p of procs) if (p.exitCode === null && p.signalCode === null) p.kill("SIGKILL");
+        if (this.procs !== procs) return;
+        this.procs = null;
         const cur = this.current;
         this.current = null;
         if (cur) {
+          if (cur.abortTimer) clearTimeout(cur.abortTimer);
           // a killed worker's job was already answered by whoever killed it: this rejection is ignored
-          cur.reject(new NNsightError("INTERNAL", `the model worker exited (${signal ?? `code ${code}`}) while running this job; the job was lost, the worker restarts`, { job: cur.job }));
+          cur.reject(new NNsightError("INTERNAL", cause.message, { ...cause.details, job: cur.job }));
         }
         if (this.state === "stopped") return;
-        const wasStarting = this.state === "starting";
-        reject(new NNsightError("INTERNAL", `the model worker for ${this.id} exited while loading (${signal ?? `code ${code}`})`));
+        wasStarting = this.state === "starting";
+        reject(new NNsightError("INTERNAL", `the model worker for ${this.id} exited while loading (${how})`));
+        this.state = "starting";
+      };
+      /** Once every process is gone: start again (a group restarts all its ranks). */
+      const restart = () => {
+        if (this.state === "stopped") return;
         if (wasStarting && ++this.failures >= 3) {
           this.state = "failed";
           this.emit("failed");
@@ -109,6 +139,41 @@ export class ModelWorker extends EventEmitter {
         this.emit("restart");
         this.state = "starting";
         setTimeout(() => this.state !== "stopped" && this.start().catch(() => {}), wasStarting ? 500 : 0).unref();
+      };
+      procs.forEach((proc, rank) => {
+        proc.on("message", (m: WorkerMessage) => {
+          if (this.procs !== procs || !m || typeof m !== "object") return;
+          if (m.type === "fatal") {
+            this.lastError = m.error;
+            reject(errorFromJSON(m.error));
+            return;
+          }
+          if (rank !== 0) return;
+          if (m.type === "ready") {
+            this.config = m.config;
+            this.generationConfig = m.generationConfig;
+            this.tokenizer = m.tokenizer;
+            this.numLayers = m.numLayers;
+            this.state = "ready";
+            this.failures = 0;
+            resolve();
+            this.emit("ready");
+          } else if (m.type === "failed" && m.restart) {
+            // rank 0 cannot go on (its group broke): answer the job with why, then restart the group
+            breakDown(new NNsightError("INTERNAL", `the tensor-parallel group for ${this.id} broke while running this job (${m.error.code}: ${m.error.message}); the job was lost, the group restarts (all ${procs.length} ranks)`, { cause: m.error.code }), `rank 0: ${m.error.message}`);
+          } else this.onMessage(m);
+        });
+        proc.on("error", () => {}); // reported through "exit"
+        proc.on("exit", (code, signal) => {
+          const how = signal ?? `code ${code}`;
+          breakDown(
+            group
+              ? new NNsightError("INTERNAL", `rank ${rank} (pid ${proc.pid}) of the tensor-parallel group for ${this.id} exited (${how}) while running this job; the job was lost, the group restarts (all ${procs.length} ranks)`, { rank })
+              : new NNsightError("INTERNAL", `the model worker exited (${how}) while running this job; the job was lost, the worker restarts`),
+            group ? `rank ${rank}: ${how}` : how,
+          );
+          if (++exited === procs.length) restart();
+        });
       });
     });
   }
@@ -130,35 +195,37 @@ export class ModelWorker extends EventEmitter {
 
   /** Run one job (the worker must be idle). */
   run(req: Omit<RunRequest, "type">, onLog: Current["onLog"]): Promise<{ json: string; bytes: Uint8Array }> {
-    if (!this.idle || !this.proc) return Promise.reject(new NNsightError("INTERNAL", "the worker is not idle"));
+    const proc = this.procs?.[0];
+    if (!this.idle || !proc) return Promise.reject(new NNsightError("INTERNAL", "the worker is not idle"));
     this.state = "busy";
     return new Promise((resolve, reject) => {
       this.current = { job: req.job, onLog, resolve, reject };
-      this.proc!.send({ type: "run", ...req } satisfies RunRequest);
+      proc.send({ type: "run", ...req } satisfies RunRequest);
     });
   }
 
   /**
    * Stop `job` (cancel or time-out; the caller answers it): ask the worker to abort at its next step
    * boundary, which keeps the model loaded, and kill it (it restarts) if it has not stopped within
-   * `graceMs` (a long single forward pass cannot be interrupted).
+   * `graceMs` (a long single forward pass cannot be interrupted). A group stops at a step boundary on
+   * rank 0's word, all ranks alike; killed, it restarts all its ranks.
    */
   kill(job: string, graceMs = 1500): void {
     const cur = this.current;
-    if (cur?.job !== job || !this.proc) return;
-    const proc = this.proc;
-    proc.send({ type: "abort", job });
+    const procs = this.procs;
+    if (cur?.job !== job || !procs) return;
+    procs[0]!.send({ type: "abort", job });
     cur.abortTimer = setTimeout(() => {
-      if (this.current !== cur || this.proc !== proc) return;
+      if (this.current !== cur || this.procs !== procs) return;
       cur.killed = true;
-      proc.kill("SIGKILL");
+      for (const p of procs) p.kill("SIGKILL");
     }, graceMs);
     cur.abortTimer.unref();
   }
 
   stop(): void {
     this.state = "stopped";
-    this.proc?.kill("SIGKILL");
-    this.proc = null;
+    for (const p of this.procs ?? []) p.kill("SIGKILL");
+    this.procs = null;
   }
 }

@@ -3,6 +3,10 @@
  * it, one at a time. It receives graphs as wire data (JSON + attachment bytes), validates them
  * (`deserializeGraph`: schema, references, allow-listed ops only) and runs them with the same runner as
  * local traces; results go back as JSON with tensors in safetensors bytes. Nothing else is accepted.
+ *
+ * Started by `launchRanks` (NNSIGHT_TP set: `nnsight serve --tp N`), the worker is one rank of a
+ * tensor-parallel group and loads its shard of the model: rank 0 speaks the protocol below with the front
+ * end and hands each job to the other ranks over the group's communicator (rank.ts); every rank runs it.
  */
 import { type ErrorJSON, type RunResult, encodeRunResult, encodeValues, errorToJSON } from "../remote/protocol.js";
 import { NNsightError } from "../errors.js";
@@ -14,11 +18,16 @@ import { deserializeGraph } from "../trace/serialize.js";
 import type { ServedTokenizer } from "../remote/protocol.js";
 import { native } from "../native/binding.js";
 import { totalmem } from "node:os";
+import type { Communicator } from "../cluster/communicator.js";
+import { joinGroup, rankInfo } from "../cluster/launch.js";
+import { type GroupJob, JobChannel } from "./rank.js";
 
 export interface WorkerSpec {
   model: string;
   threads?: number;
   dtype?: "float32" | "bfloat16" | "float16";
+  /** tensor parallelism over `world` ranks (1: a single worker) */
+  tp?: { world: number; backend: "shm" | "nccl" };
 }
 
 export interface RunRequest {
@@ -44,69 +53,110 @@ export type WorkerMessage =
   | { type: "fatal"; error: ErrorJSON }
   | { type: "log"; job: string; json: string; bytes: Uint8Array }
   | { type: "done"; job: string; json: string; bytes: Uint8Array }
-  | { type: "failed"; job: string; error: ErrorJSON };
+  /** restart: the worker (group) cannot run another job and must be restarted */
+  | { type: "failed"; job: string; error: ErrorJSON; restart?: boolean };
 
 const send = (m: WorkerMessage): void => {
   process.send?.(m);
 };
 const isTensor = (x: unknown): x is Tensor => x instanceof Tensor;
 
-async function run(model: LanguageModel, m: RunRequest): Promise<void> {
+/** How one job runs on this worker: alone, or as one rank of a tensor-parallel group. */
+interface RunContext {
+  /** rank 0 (or a single worker): answers the front end */
+  root: boolean;
+  /** the group's job channel (null for a single worker) */
+  channel: JobChannel | null;
+}
+
+async function run(model: LanguageModel, m: GroupJob & { maxResultBytes?: number }, ctx: RunContext): Promise<void> {
   const owned = new Set<Tensor>();
+  const { root, channel } = ctx;
+  // a group stops a job only where every rank stops it: at a step boundary, on rank 0's word
+  const shouldAbort = channel ? () => channel.agree(root && aborted.has(m.job)) : () => aborted.has(m.job);
+  let res: RunResult | null = null;
+  let error: unknown = null;
   try {
     const { graph, attachments } = deserializeGraph({ json: m.graph, attachments: m.attachments });
     for (const t of attachments) owned.add(t);
-    const log = (values: unknown[]) => {
-      const e = encodeValues({ values }, { meta: m.scan });
-      send({ type: "log", job: m.job, json: e.json, bytes: e.bytes });
-    };
-    let res: RunResult;
+    const log = root
+      ? (values: unknown[]) => {
+          const e = encodeValues({ values }, { meta: m.scan });
+          send({ type: "log", job: m.job, json: e.json, bytes: e.bytes });
+        }
+      : () => {};
     if (graph.kind === "session") {
-      const r = await executeSession(model, graph, attachments, { log, shouldAbort: () => aborted.has(m.job) });
+      const r = await executeSession(model, graph, attachments, { log, shouldAbort });
       res = { result: r.result, saved: r.saved, traces: r.traces.map((t) => ({ result: t.result, saved: t.saved })) };
     } else {
-      const r = await executeTrace(model, graph, attachments, { scan: m.scan, log, shouldAbort: () => aborted.has(m.job) });
+      const r = await executeTrace(model, graph, attachments, { scan: m.scan, log, shouldAbort });
       res = { result: r.result, saved: r.saved };
     }
     collectTensors(res, owned, isTensor);
     for (const v of res.saved.values()) collectTensors(v, owned, isTensor);
     for (const t of res.traces ?? []) for (const v of [t.result, ...t.saved.values()]) collectTensors(v, owned, isTensor);
-    const out = encodeRunResult(res, { meta: m.scan });
+  } catch (e) {
+    error = e;
+    res = null;
+  }
+  try {
+    if (channel) {
+      // every rank says whether it finished: a job succeeds only where all did, and a rank that failed
+      // alone (or a broken group) is noticed here, with this job, not with the next one
+      let done: boolean[];
+      try {
+        done = await channel.outcomes(error === null);
+      } catch (e) {
+        if (!root) return;
+        const cause = error ?? e;
+        send({ type: "failed", job: m.job, error: errorToJSON(cause), restart: true });
+        return;
+      }
+      if (!root) return;
+      const failed = done.flatMap((ok, r) => (ok ? [] : [r])).filter((r) => r !== 0);
+      if (error === null && failed.length > 0) {
+        throw new NNsightError("INTERNAL", `rank(s) ${failed.join(", ")} of the tensor-parallel group failed this job while rank 0 did not (see the server's log)`, { ranks: failed });
+      }
+    }
+    if (error !== null) throw error;
+    if (!root) return;
+    const out = encodeRunResult(res!, { meta: m.scan });
     const size = out.json.length + out.bytes.length;
-    if (size > m.maxResultBytes) {
+    if (size > (m.maxResultBytes ?? Infinity)) {
       throw new NNsightError("TOO_LARGE", `the result is ${size} bytes; this server returns at most ${m.maxResultBytes} bytes per job (return or save less)`);
     }
     send({ type: "done", job: m.job, json: out.json, bytes: out.bytes });
   } catch (e) {
-    send({ type: "failed", job: m.job, error: errorToJSON(e) });
+    if (root) send({ type: "failed", job: m.job, error: errorToJSON(e) });
+    else process.stderr.write(`rank ${channel?.rank}: job ${m.job} failed: ${(e as Error)?.message ?? e}\n`);
   } finally {
     for (const t of owned) t.dispose();
   }
 }
 
-async function main(): Promise<void> {
-  const spec = JSON.parse(process.env.NNSIGHT_WORKER_SPEC ?? "{}") as WorkerSpec;
-  process.on("disconnect", () => process.exit(0));
-  let model: LanguageModel;
+/** Load the model (its shard, in a group) and cap single allocations; reports `fatal` and exits on failure. */
+async function loadModel(spec: WorkerSpec, comm: Communicator | null): Promise<LanguageModel> {
   try {
-    model = await LanguageModel.load(spec.model, { threads: spec.threads, dtype: spec.dtype });
+    const device = comm && comm.device !== "cpu" ? comm.device : undefined;
+    const model = await LanguageModel.load(spec.model, { threads: spec.threads, dtype: spec.dtype, device, tensorParallel: comm ?? undefined });
     // no graph may allocate a single tensor beyond 1/8 of the machine's memory (TOO_LARGE instead of
     // an out-of-memory kill); NNSIGHT_MAX_TENSOR_MB overrides
     const capMb = Number(process.env.NNSIGHT_MAX_TENSOR_MB) || Math.floor(totalmem() / 8 / 2 ** 20);
     native.setMaxAllocation(capMb * 2 ** 20);
+    return model;
   } catch (e) {
-    send({ type: "fatal", error: errorToJSON(e) });
-    process.exit(3);
+    return fatal(e);
   }
-  let chain = Promise.resolve();
-  process.on("message", (m: RunRequest | AbortRequest) => {
-    if (m?.type === "abort") {
-      aborted.add(m.job);
-      return;
-    }
-    if (!m || m.type !== "run") return;
-    chain = chain.then(() => run(model, m)).finally(() => aborted.delete(m.job));
-  });
+}
+
+/** Report a failure to load (or to join the group) and exit once the message went out. */
+async function fatal(e: unknown): Promise<never> {
+  const m: WorkerMessage = { type: "fatal", error: errorToJSON(e) };
+  await new Promise<void>((resolve) => (process.send ? process.send(m, undefined, {}, () => resolve()) : resolve()));
+  process.exit(3);
+}
+
+function sendReady(model: LanguageModel): void {
   send({
     type: "ready",
     config: model.config,
@@ -116,4 +166,111 @@ async function main(): Promise<void> {
   });
 }
 
-void main();
+/** Rank 0 (or a single worker): take jobs from the front end, one at a time, in arrival order. */
+function serveJobs(model: LanguageModel, channel: JobChannel | null): void {
+  let chain = Promise.resolve();
+  let pending = 0;
+  // a group's other ranks wait for the next job inside a collective: keep them from timing out
+  const heartbeatMs = channel ? Math.max(50, Math.floor(groupTimeoutMs() / 4)) : 0;
+  let heartbeat: NodeJS.Timeout | null = null;
+  const idle = () => {
+    if (!channel || pending > 0) return;
+    if (heartbeat) clearTimeout(heartbeat);
+    heartbeat = setTimeout(() => {
+      heartbeat = null;
+      if (pending > 0) return;
+      pending++;
+      chain = chain
+        .then(() => channel.send(null))
+        .catch((e) => {
+          // the group broke while idle (a rank died): the front end restarts it
+          process.stderr.write(`rank 0: the tensor-parallel group broke: ${(e as Error).message}\n`);
+          process.exit(1);
+        })
+        .finally(() => {
+          pending--;
+          idle();
+        });
+    }, heartbeatMs);
+  };
+  process.on("message", (m: RunRequest | AbortRequest) => {
+    if (m?.type === "abort") {
+      aborted.add(m.job);
+      return;
+    }
+    if (!m || m.type !== "run") return;
+    if (heartbeat) clearTimeout(heartbeat);
+    heartbeat = null;
+    pending++;
+    chain = chain
+      .then(async () => {
+        if (channel) {
+          try {
+            await channel.send(m);
+          } catch (e) {
+            send({ type: "failed", job: m.job, error: errorToJSON(e), restart: true });
+            return;
+          }
+        }
+        await run(model, m, { root: true, channel });
+      })
+      .finally(() => {
+        aborted.delete(m.job);
+        pending--;
+        idle();
+      });
+  });
+  idle();
+}
+
+function groupTimeoutMs(): number {
+  return rankInfo()?.timeoutMs ?? 60_000;
+}
+
+async function main(): Promise<void> {
+  const spec = JSON.parse(process.env.NNSIGHT_WORKER_SPEC ?? "{}") as WorkerSpec;
+  process.on("disconnect", () => process.exit(0));
+  const info = rankInfo();
+  if (!info || info.world === 1) {
+    const model = await loadModel(spec, null);
+    serveJobs(model, null);
+    sendReady(model);
+    return;
+  }
+  let comm: Communicator;
+  try {
+    comm = await joinGroup();
+  } catch (e) {
+    return fatal(e);
+  }
+  const model = await loadModel(spec, comm);
+  const channel = new JobChannel(comm);
+  try {
+    await comm.barrier(); // every rank holds its shard
+  } catch (e) {
+    return fatal(e);
+  }
+  if (comm.rank === 0) {
+    serveJobs(model, channel);
+    sendReady(model);
+    return;
+  }
+  // ranks 1..N-1: run what rank 0 hands over, until the group ends or breaks
+  for (;;) {
+    let job: GroupJob | null;
+    try {
+      job = await channel.receive();
+    } catch (e) {
+      process.stderr.write(`rank ${comm.rank}: the tensor-parallel group broke: ${(e as Error).message}\n`);
+      process.exit(1);
+    }
+    if (job === null) process.exit(0);
+    await run(model, job, { root: false, channel });
+    if (channel.broken) {
+      process.stderr.write(`rank ${comm.rank}: the tensor-parallel group broke: ${channel.broken.message}\n`);
+      process.exit(1);
+    }
+  }
+}
+
+void main().catch(() => process.exit(3));

@@ -22,8 +22,11 @@ export interface ExecOptions {
   outer?: Map<number, Value>;
   /** the owned scope to create tensors in (sessions share one) */
   scope?: OwnedScope;
-  /** checked between generation steps and between the traces of a session: true ends the job as CANCELLED */
-  shouldAbort?: () => boolean;
+  /**
+   * checked between generation steps and between the traces of a session: true ends the job as CANCELLED
+   * (a promise is awaited: a tensor-parallel rank agrees with the others before answering)
+   */
+  shouldAbort?: () => boolean | Promise<boolean>;
   /** generation: called after each step with what the blocks that ran at that step returned (streaming) */
   onStep?: (step: number, values: Record<string, Value>) => void;
 }
@@ -108,12 +111,16 @@ export async function executeTrace(model: CausalLM, graph: TraceGraph, attachmen
             return il;
           },
           afterStep: (s) => {
-            if (opts.shouldAbort?.()) throw new NNsightError("CANCELLED", `the job was stopped after generation step ${s}`);
-            if (il.lastStep === s) {
-              il.endStep();
-              if (onStep) onStep(s, il.stepValues());
-            }
-            return il.stopped;
+            const after = (abort: boolean): boolean => {
+              if (abort) throw new NNsightError("CANCELLED", `the job was stopped after generation step ${s}`);
+              if (il.lastStep === s) {
+                il.endStep();
+                if (onStep) onStep(s, il.stepValues());
+              }
+              return il.stopped;
+            };
+            const abort = opts.shouldAbort?.() ?? false;
+            return abort instanceof Promise ? abort.then(after) : after(abort);
           },
         });
       } catch (e) {
@@ -165,7 +172,7 @@ export async function executeSession(model: CausalLM, session: SessionGraph, att
   const saved = new Map<number, Value>();
   try {
     for (const g of session.traces) {
-      if (opts.shouldAbort?.()) throw new NNsightError("CANCELLED", "the session was stopped between traces");
+      if (await opts.shouldAbort?.()) throw new NNsightError("CANCELLED", "the session was stopped between traces");
       const r = await executeTrace(model, g, attachments, { ...opts, outer, scope });
       for (const [k, v] of r.values) outer.set(k, v);
       for (const [k, v] of r.saved) saved.set(k, v);

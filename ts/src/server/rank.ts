@@ -14,7 +14,8 @@
  *   ...       the job's own collectives (all-reduces and gathers of the forward passes), plus, at every
  *             step boundary where a job may stop (between generation steps and session traces), an
  *             int32 [1] broadcast of rank 0's "stop now?" so every rank stops at the same step
- *   outcome   int32 [N] all-gather: 0 where the rank finished the job, 1 where it failed
+ *   outcome   int32 [2N] all-gather: per rank 0 where it finished the job, 1 where it failed, and a digest
+ *             of its encoded result (NNSIGHT_TP_CHECK=1; else 0) that rank 0 compares with its own
  *
  * Followers wait for the next header inside a collective, which times out after the communicator's
  * timeout; rank 0 therefore sends a heartbeat header whenever it has been idle for a quarter of it. A rank
@@ -128,9 +129,21 @@ export class JobChannel {
     return v[0] === 1;
   }
 
-  /** Every rank, after a job: whether each rank finished it (false where it failed), in rank order. */
-  async outcomes(ok: boolean): Promise<boolean[]> {
-    const v = await this.collective(Int32Array.of(ok ? 0 : 1), (t) => this.comm.allGather(t, 0));
-    return Array.from(v, (x) => x === 0);
+  /** Every rank, after a job: whether each rank finished it (false where it failed) and its digest, in rank order. */
+  async outcomes(ok: boolean, digest = 0): Promise<Array<{ ok: boolean; digest: number }>> {
+    const v = await this.collective(Int32Array.of(ok ? 0 : 1, digest | 0), (t) => this.comm.allGather(t, 0));
+    return Array.from({ length: v.length / 2 }, (_, r) => ({ ok: v[2 * r] === 0, digest: v[2 * r + 1]! >>> 0 }));
   }
+}
+
+/** FNV-1a (32 bits) over some byte arrays: a cheap fingerprint of a result, to compare ranks. */
+export function digestOf(...parts: Uint8Array[]): number {
+  let h = 0x811c9dc5;
+  for (const p of parts) {
+    for (let i = 0; i < p.length; i++) {
+      h ^= p[i]!;
+      h = Math.imul(h, 0x01000193);
+    }
+  }
+  return h >>> 0;
 }

@@ -20,7 +20,11 @@ import { native } from "../native/binding.js";
 import { totalmem } from "node:os";
 import type { Communicator } from "../cluster/communicator.js";
 import { joinGroup, rankInfo } from "../cluster/launch.js";
-import { type GroupJob, JobChannel } from "./rank.js";
+import { type GroupJob, JobChannel, digestOf } from "./rank.js";
+
+/** NNSIGHT_TP_CHECK=1: every rank of a group encodes its result and rank 0 checks they agree (tests, debugging) */
+const CHECK_RANKS = process.env.NNSIGHT_TP_CHECK === "1";
+const enc = new TextEncoder();
 
 export interface WorkerSpec {
   model: string;
@@ -100,12 +104,23 @@ async function run(model: LanguageModel, m: GroupJob & { maxResultBytes?: number
     res = null;
   }
   try {
+    let out: { json: string; bytes: Uint8Array } | null = null;
     if (channel) {
       // every rank says whether it finished: a job succeeds only where all did, and a rank that failed
-      // alone (or a broken group) is noticed here, with this job, not with the next one
-      let done: boolean[];
+      // alone (or a broken group) is noticed here, with this job, not with the next one. With
+      // NNSIGHT_TP_CHECK=1 every rank also encodes its result and rank 0 checks they agree bit for bit.
+      let digest = 0;
+      if (CHECK_RANKS && error === null) {
+        try {
+          out = encodeRunResult(res!, { meta: m.scan });
+          digest = digestOf(enc.encode(out.json), out.bytes);
+        } catch (e) {
+          error = e;
+        }
+      }
+      let done: Array<{ ok: boolean; digest: number }>;
       try {
-        done = await channel.outcomes(error === null);
+        done = await channel.outcomes(error === null, digest);
       } catch (e) {
         if (!root) return;
         const cause = error ?? e;
@@ -113,14 +128,19 @@ async function run(model: LanguageModel, m: GroupJob & { maxResultBytes?: number
         return;
       }
       if (!root) return;
-      const failed = done.flatMap((ok, r) => (ok ? [] : [r])).filter((r) => r !== 0);
+      const failed = done.flatMap((d, r) => (d.ok ? [] : [r])).filter((r) => r !== 0);
       if (error === null && failed.length > 0) {
         throw new NNsightError("INTERNAL", `rank(s) ${failed.join(", ")} of the tensor-parallel group failed this job while rank 0 did not (see the server's log)`, { ranks: failed });
+      }
+      if (CHECK_RANKS && error === null) {
+        const differ = done.flatMap((d, r) => (d.digest === digest ? [] : [r]));
+        if (differ.length) throw new NNsightError("INTERNAL", `rank(s) ${differ.join(", ")} computed a result that differs from rank 0's (NNSIGHT_TP_CHECK)`, { ranks: differ });
+        process.stderr.write(`tp-check: job ${m.job}: ${done.length} ranks agree bit for bit (digest ${digest.toString(16)})\n`);
       }
     }
     if (error !== null) throw error;
     if (!root) return;
-    const out = encodeRunResult(res!, { meta: m.scan });
+    out ??= encodeRunResult(res!, { meta: m.scan });
     const size = out.json.length + out.bytes.length;
     if (size > (m.maxResultBytes ?? Infinity)) {
       throw new NNsightError("TOO_LARGE", `the result is ${size} bytes; this server returns at most ${m.maxResultBytes} bytes per job (return or save less)`);

@@ -6,17 +6,19 @@
 // rank encode its result and rank 0 compare digests; a mismatch would fail the job). Failing graphs,
 // cancellation, the run-time limit, idle periods longer than the communicator's timeout and killed ranks
 // all leave the group serving.
+import { spawnSync } from "node:child_process";
 import { readFileSync } from "node:fs";
+import path from "node:path";
 
 import { afterAll, beforeAll, describe, expect, it } from "vitest";
 
-import { LanguageModel, NNsightError, type RemoteJob, type RemoteLanguageModel, Tensor, tensor } from "../../ts/src/index.js";
+import { Communicator, LanguageModel, NNsightError, type RemoteJob, type RemoteLanguageModel, Tensor, cudaInfo, tensor } from "../../ts/src/index.js";
 import { modelTp } from "../../ts/src/server/http.js";
 import { codeOf } from "../helpers/errors.js";
-import { type TestServer, f32, startServer } from "./helpers.js";
+import { ROOT, type TestServer, f32, startServer } from "./helpers.js";
 
 const TP_TIMEOUT_MS = 2500; // the group's collective timeout (heartbeats every 625 ms while idle)
-const JOB_TIMEOUT_MS = 3000;
+const JOB_TIMEOUT_MS = 2000;
 let server: TestServer;
 let local: LanguageModel;
 let remote: RemoteLanguageModel;
@@ -135,6 +137,22 @@ describe("serving a tensor-parallel group", () => {
     for (const bad of ["m:tp=0", "m:tp=x", "m:tp=1.5", "m:backend=gloo"]) {
       expect(() => modelTp(bad), bad).toThrow(NNsightError);
       expect(() => modelTp(bad), bad).toThrow(/tensor-parallel/);
+    }
+  });
+});
+
+describe("refusals at start", () => {
+  const serveFails = (...args: string[]) => {
+    const r = spawnSync(process.execPath, [path.join(ROOT, "dist/cli/main.js"), "serve", "--port", "0", "--threads", "1", ...args], { encoding: "utf8", timeout: 60_000, env: { ...process.env, NNSIGHT_API_KEYS: "" } });
+    expect(r.status, r.stdout).not.toBe(0);
+    return r.stderr;
+  };
+  it("sizes that do not divide the heads, bad flags, and NCCL without NCCL or enough GPUs", () => {
+    expect(serveFails("--tp", "3")).toMatch(/BAD_INPUT: cannot split this llama model over 3 ranks: 8 attention heads/);
+    expect(serveFails("--tp", "two")).toMatch(/BAD_INPUT: --tp: the tensor-parallel size must be an integer/);
+    expect(serveFails("--tp", "2", "--tp-backend", "gloo")).toMatch(/BAD_INPUT: --tp-backend: the tensor-parallel backend is "shm", "nccl" or "auto"/);
+    if (!Communicator.ncclInfo().available || cudaInfo().deviceCount < 2) {
+      expect(serveFails("--model", "stories260K:tp=2,backend=nccl")).toMatch(/DEVICE: stories260K: .*NCCL/);
     }
   });
 });

@@ -118,6 +118,14 @@ export function resolveTpBackend(b: TpBackendOption, world: number): "shm" | "nc
   return cuda.available && cuda.deviceCount >= world && Communicator.ncclInfo().available ? "nccl" : "shm";
 }
 
+/** NCCL groups need NCCL and one CUDA device per rank: DEVICE (with the reason) before any rank starts. */
+export function checkNccl(world: number, model: string): void {
+  const nccl = Communicator.ncclInfo();
+  if (!nccl.available) throw new NNsightError("DEVICE", `${model}: a tensor-parallel group over NCCL needs NCCL: ${nccl.reason ?? "it is not available"} (use --tp-backend shm for CPU ranks)`);
+  const cuda = cudaInfo();
+  if (cuda.deviceCount < world) throw new NNsightError("DEVICE", `${model}: ${world} NCCL ranks need ${world} CUDA devices (one per rank), this machine has ${cuda.deviceCount}`);
+}
+
 /** `name=dir` → [name, dir]; a directory → [basename, dir]; an id → [id, id]. */
 export function modelSpec(s: string): [string, string] {
   const eq = s.indexOf("=");
@@ -146,6 +154,7 @@ export async function serve(opts: ServeOptions = {}): Promise<RunningServer> {
     if (workers.has(id)) throw new NNsightError("BAD_INPUT", `the model id "${id}" is served twice`);
     const world = t.tp ?? defaultTp;
     const tp = world > 1 ? { world, backend: resolveTpBackend(t.backend ?? defaultBackend, world) } : undefined;
+    if (tp?.backend === "nccl") checkNccl(world, id);
     workers.set(id, new ModelWorker(id, { model: src, threads: opts.threads, tp }, opts.workerEntry));
   }
   try {

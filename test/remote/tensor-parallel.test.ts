@@ -190,8 +190,9 @@ describe("remote on 2 ranks equals local in one process (within 1e-5)", () => {
   });
 
   it("generation with interventions at every step and at chosen steps: the same tokens", async () => {
+    const streamed = new Map<LanguageModel, Array<Array<number | null>>>([[local, []], [remote, []]]);
     const run = (m: LanguageModel) =>
-      m.generate(["Once upon a time", "Lily and Ben went"], { maxNewTokens: 8 }, (tr) => {
+      m.generate(["Once upon a time", "Lily and Ben went"], { maxNewTokens: 8, stream: (t) => streamed.get(m)!.push(t) }, (tr) => {
         tr.all(() => {
           m.model.layers[0]!.mlp.gate_proj.output.set([":", -1], m.model.layers[0]!.mlp.gate_proj.output.at([":", -1]).mul(3));
         });
@@ -201,6 +202,9 @@ describe("remote on 2 ranks equals local in one process (within 1e-5)", () => {
     const [r, l] = [await run(remote), await run(local)];
     await expectClose(r, l);
     expect((l.tokens as Tensor).shape[0]).toBe(2);
+    // tokens streamed from rank 0 as they came, as a local generation streams them
+    expect(streamed.get(remote)!.length).toBe(8);
+    expect(streamed.get(remote)).toEqual(streamed.get(local));
   });
 
   it("a session whose second trace uses the first trace's values", async () => {
@@ -299,6 +303,23 @@ describe("failures", () => {
     await works();
     const metrics = await (await fetch(`${server.url}/metrics`)).text();
     expect(metrics).toMatch(/nnsight_worker_restarts_total [1-9]/);
+  });
+
+  it("killing rank 0 (the worker the front end talks to) mid-job does the same", async () => {
+    const pids = rankPids();
+    const job = await longJob();
+    await running(job);
+    process.kill(pids[0]!, "SIGKILL");
+    let err: NNsightError | undefined;
+    try {
+      await job.result();
+    } catch (e) {
+      err = e as NNsightError;
+    }
+    expect(err?.code).toBe("INTERNAL");
+    expect(err!.message).toMatch(new RegExp(`rank 0 \\(pid ${pids[0]}\\) of the tensor-parallel group for stories260K exited \\(SIGKILL\\)`));
+    await restarted(pids);
+    await works();
   });
 
   it("killing rank 1 between jobs restarts the group; the plain worker was never touched", async () => {

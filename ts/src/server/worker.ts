@@ -127,7 +127,11 @@ async function run(model: LanguageModel, m: GroupJob & { maxResultBytes?: number
         send({ type: "failed", job: m.job, error: errorToJSON(cause), restart: true });
         return;
       }
-      if (!root) return;
+      if (!root) {
+        // a rank that failed alone says why here (rank 0 answers the job with an error pointing at this log)
+        if (error !== null && done[0]!.ok) process.stderr.write(`rank ${channel.rank}: job ${m.job} failed here only: ${(error as Error)?.message ?? error}\n`);
+        return;
+      }
       const failed = done.flatMap((d, r) => (d.ok ? [] : [r])).filter((r) => r !== 0);
       if (error === null && failed.length > 0) {
         throw new NNsightError("INTERNAL", `rank(s) ${failed.join(", ")} of the tensor-parallel group failed this job while rank 0 did not (see the server's log)`, { ranks: failed });

@@ -592,6 +592,70 @@ describe("source lines", () => {
       expect((e as NNsightError).details.path).toBe("model.layers.1");
     }
   });
+
+  const failing = (opts: { sourceLines?: boolean | "eager" }, onRecord = () => {}) =>
+    model.trace(
+      P1,
+      () => {
+        onRecord();
+        const h = model.model.layers[0].output.save();
+        return { h, x: model.model.layers[1].output.at([0, 99]) }; // the failing node, on this line
+      },
+      opts,
+    );
+  const lineOf = async (p: Promise<unknown>) => {
+    try {
+      await p;
+    } catch (e) {
+      expect((e as NNsightError).code).toBe("INDEX");
+      const m = /scenarios\.test\.ts:(\d+):\d+/.exec((e as NNsightError).message);
+      expect((e as NNsightError).details.source?.match(/scenarios\.test\.ts:(\d+)/)?.[1]).toBe(m?.[1]);
+      return m?.[1] ?? null;
+    }
+    throw new Error("the trace should have failed");
+  };
+
+  it("lazy (the default) and eager capture name the same line; only an error records the callback again", async () => {
+    let recordings = 0;
+    const lazy = await lineOf(failing({}, () => recordings++));
+    expect(recordings).toBe(2); // the trace, and once more to find the failing node's line
+    const eager = await lineOf(failing({ sourceLines: "eager" }, () => recordings++));
+    expect(recordings).toBe(3);
+    expect(lazy).not.toBeNull();
+    expect(lazy).toBe(eager);
+    // no error, or an error caught inside the library (values after a stop): the callback runs once
+    recordings = 0;
+    await model.trace(P1, () => {
+      recordings++;
+      return { h: model.model.layers[0].output };
+    });
+    await model.trace(P1, (tr) => {
+      recordings++;
+      const a = model.model.layers[0].output.save();
+      tr.stop();
+      return { a, b: model.model.layers[2].output };
+    });
+    expect(recordings).toBe(2);
+  });
+
+  it("a callback that records something else the second time gives no line rather than a wrong one", async () => {
+    let n = 0;
+    const p = model.trace(P1, () => {
+      if (n++ === 0) return { x: model.model.layers[1].output.at([0, 99]) };
+      model.model.layers[0].output.save(); // the second recording has another op under that id
+      return {};
+    });
+    expect(await lineOf(p)).toBeNull();
+    let m = 0;
+    const q = model.trace(P1, () => {
+      if (m++ > 0) throw new Error("not twice");
+      return { x: model.model.layers[1].output.at([0, 99]) };
+    });
+    expect(await lineOf(q)).toBeNull();
+    // the model is clean afterwards
+    const r = await model.trace(P1, () => ({ l: model.lm_head.output }));
+    expect(maxAbs(r.l, await model.forward(P1))).toBe(0);
+  });
 });
 
 describe("cache during generation (T51)", () => {

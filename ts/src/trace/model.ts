@@ -21,7 +21,7 @@ import type { ConnectOptions, RemoteLanguageModel } from "../remote/client.js";
 import type { RemoteJob } from "../remote/job.js";
 import type { AnyGraph, Arg, GraphNode, SessionGraph, TraceGraph } from "./graph.js";
 import type { Value } from "./ops.js";
-import { Recorder, activeRecorder, copySource } from "./recorder.js";
+import { Recorder, activeRecorder, copySource, replaySources, resolveSource } from "./recorder.js";
 import { executeSession, executeTrace, mergeResult } from "./runner.js";
 import { roundTrip } from "./serialize.js";
 import { TracedValue } from "./traced-value.js";
@@ -48,10 +48,12 @@ export interface TraceOptions {
   /** @internal generation's per-token callback, handed to remote backends */
   stream?: GenerateOptions["stream"];
   /**
-   * record the user's source line of every node for error messages (default true). Capturing it is
-   * about a third of the recording cost: hot loops of many small traces may turn it off.
+   * name the user's source line of the failing node in error messages. `true` (the default): found when
+   * such an error leaves the trace, by recording the callback once more (it only records, so anything
+   * else it does, such as logging, happens a second time then); `"eager"`: captured for every node while
+   * recording (about 4 µs a node; sessions and remote models always do this); `false`: never.
    */
-  sourceLines?: boolean;
+  sourceLines?: boolean | "eager";
 }
 
 /** What running a graph gives back (sessions add one entry per trace). */
@@ -168,11 +170,18 @@ export class LanguageModel extends CausalLM {
   }
 
   // ------------------------------------------------------------------ recording
-  private recordTrace<R>(kind: "trace" | "generate", input: unknown, fn: ((tr: Tracer) => R) | undefined, firstId = 0, sessionPeers: Recorder[] = [], sourceLines = true) {
+  private recordTrace<R>(kind: "trace" | "generate", input: unknown, fn: ((tr: Tracer) => R) | undefined, firstId = 0, sessionPeers: Recorder[] = [], sourceLines: boolean | "eager" = true) {
     this._checkAlive();
     const editNodes = this._edits.reduce((n, e) => n + e.graph.nodes.length, 0);
     const rec = new Recorder(this, kind, firstId + editNodes);
-    rec.captureSources = sourceLines;
+    // sessions (one callback records several traces) and remote graphs (their lines travel to the
+    // server) capture while recording; local traces find a failing node's line when an error needs it
+    if (sourceLines === false) rec.sources = "off";
+    else if (sourceLines === "eager" || sessionPeers.length > 0 || this._backend) rec.sources = "eager";
+    else {
+      rec.sources = "lazy";
+      rec.lazySource = replaySources(() => this.recordTrace(kind, input, fn, firstId, [], "eager").graph.nodes);
+    }
     for (const p of sessionPeers) rec.share(p);
     if (sessionPeers.length) rec.sessionLookup = (id) => sessionPeers.map((p) => p.nodeById(id)).find((n) => n !== undefined);
     const tr = new Tracer(rec);
@@ -240,7 +249,12 @@ export class LanguageModel extends CausalLM {
       att = rt.attachments;
     }
     const log = opts.log ?? ((...v: unknown[]) => console.log(...v));
-    const res = await executeTrace(this, g, att, { scan, log: (vals) => log(...vals), onStep: opts.onStep });
+    let res;
+    try {
+      res = await executeTrace(this, g, att, { scan, log: (vals) => log(...vals), onStep: opts.onStep });
+    } catch (e) {
+      throw withSourceLine(e, graph);
+    }
     publish(rec, res.result, res.saved, g);
     return mergeResult(res.result);
   }
@@ -421,6 +435,21 @@ function setResult(rec: Recorder, id: number, v: Value): void {
     tv._result = v;
     tv._hasResult = true;
   }
+}
+
+/**
+ * An error that names a node of a lazily sourced graph gets the user's line now (see recorder.ts): the
+ * message's "[module ..., invoke ...]" part gains "recorded at file:line", and details.source is set.
+ */
+function withSourceLine(e: unknown, graph: TraceGraph): unknown {
+  if (!(e instanceof NNsightError) || e.details.node === undefined || e.details.source !== undefined) return e;
+  const node = graph.nodes.find((n) => n.id === e.details.node);
+  const src = node ? resolveSource(node) : undefined;
+  if (src === undefined) return e;
+  e.details.source = src;
+  const m = e.message;
+  e.message = m.endsWith(" []") ? `${m.slice(0, -1)}recorded at ${src}]` : m.endsWith("]") ? `${m.slice(0, -1)}, recorded at ${src}]` : `${m} [recorded at ${src}]`;
+  return e;
 }
 
 /** A copy of a node with new args (its source line comes along). */

@@ -30,11 +30,21 @@ export function isRecording(): boolean {
 }
 
 /**
- * Where the user's code recorded a node: the first stack frame outside this library. Capturing the raw
- * frames is cheap; formatting them is not, so the capture is kept aside and formatted only when an
- * error message or a serialized graph needs it (nodeSource / withSources).
+ * Where the user's code recorded a node: the first stack frame outside this library. Two ways to know it:
+ *
+ * - eager: the raw frames are captured while recording (Error.captureStackTrace: about 4 µs a node
+ *   whatever the depth, so it was a third to a half of what a trace of 100 interventions costs beyond its
+ *   compute) and formatted only when an error message or a serialized graph needs them (nodeSource /
+ *   withSources). Sessions, edits and remote graphs always do this.
+ * - lazy (local traces and generations by default): nothing is captured; when an error that names a node
+ *   leaves the trace, the trace's callback is recorded once more with eager capture (no model runs) and
+ *   the node with the same id and op gives the line (resolveSource). A callback that records something
+ *   else the second time, or throws, leaves the line out rather than naming a wrong one. Errors that are
+ *   caught inside the library (a value missing after a stop) never trigger it.
  */
 const captured = new WeakMap<GraphNode, { stack?: string }>();
+/** lazy resolvers: one per recorded trace, shared by its nodes */
+const lazySources = new WeakMap<GraphNode, (node: GraphNode) => string | undefined>();
 
 function attachSource(node: GraphNode): void {
   const holder: { stack?: string } = {};
@@ -58,11 +68,42 @@ export function nodeSource(node: GraphNode): string | undefined {
   return src;
 }
 
-/** Give a copy of a node the same (still unformatted) source. */
+/** Give a copy of a node the same (still unformatted, or still unresolved) source. */
 export function copySource(from: GraphNode, to: GraphNode): void {
   const h = captured.get(from);
+  const r = lazySources.get(from);
   if (h) captured.set(to, h);
+  else if (r) lazySources.set(to, r);
   else if (from.src !== undefined) to.src = from.src;
+}
+
+/** nodeSource, and for a lazily sourced node, its line found by recording the callback again. */
+export function resolveSource(node: GraphNode): string | undefined {
+  const known = nodeSource(node);
+  if (known !== undefined) return known;
+  const resolve = lazySources.get(node);
+  if (!resolve) return undefined;
+  lazySources.delete(node);
+  const src = resolve(node);
+  if (src !== undefined) node.src = src;
+  return src;
+}
+
+/** A lazy resolver for the nodes of one trace: `record()` records its callback again with eager capture. */
+export function replaySources(record: () => GraphNode[]): (node: GraphNode) => string | undefined {
+  let byId: Map<number, GraphNode> | null = null;
+  return (node) => {
+    if (byId === null) {
+      byId = new Map();
+      try {
+        for (const n of record()) byId.set(n.id, n);
+      } catch {
+        // the callback does not record the same way twice: no lines
+      }
+    }
+    const twin = byId.get(node.id);
+    return twin && twin.op === node.op ? nodeSource(twin) : undefined;
+  };
 }
 
 /** Fill in every node's `src` (before a graph is serialized). */
@@ -101,8 +142,10 @@ export class Recorder {
   readonly owner: object;
   /** stop was recorded */
   stopped = false;
-  /** capture the user's source line per node (TraceOptions.sourceLines) */
-  captureSources = true;
+  /** how each node's user source line is found (TraceOptions.sourceLines; see `captured` above) */
+  sources: "eager" | "lazy" | "off" = "eager";
+  /** with sources "lazy": this trace's resolver */
+  lazySource: ((node: GraphNode) => string | undefined) | null = null;
 
   constructor(owner: object, kind: "trace" | "generate", firstId = 0) {
     this.owner = owner;
@@ -211,7 +254,8 @@ export class Recorder {
       }
     }
     const node: GraphNode = { id, op, args: a, invoke: opts.invoke === undefined ? this.currentInvoke : opts.invoke, step, block: this.block };
-    if (this.captureSources) attachSource(node);
+    if (this.sources === "eager") attachSource(node);
+    else if (this.lazySource !== null) lazySources.set(node, this.lazySource);
     this.nodes.push(node);
     const tv = new TracedValue(this, id);
     return tv;

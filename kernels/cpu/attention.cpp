@@ -28,7 +28,9 @@
 //        threads (decode with few kv heads), the keys are split across tasks and the partial
 //        (max, sum, acc) triples merged by whichever task finishes a group's last split. Tasks are
 //        claimed from per-thread ranges of consecutive tasks (own range first, then the others'), so a
-//        worker that wakes late or is descheduled does not hold the call up. A row that sees no key
+//        worker that wakes late or is descheduled does not hold the call up. When K + V exceed the last-
+//        level cache, the 4-row tile path prefetches the next key block into L2 (DRAM-bound decode);
+//        K/V that may be cache-resident are left to the hardware prefetcher. A row that sees no key
 //        writes zeros. Masked keys inside a visible span enter P.V with weight exactly 0, so their V
 //        rows must be finite (a NaN/inf left in a padded cache slot would leak; ref skips them).
 //        Without AVX-512 (a plain `g++ -O3` build) the same tiling runs with scalar loops.
@@ -41,6 +43,7 @@
 
 #include <algorithm>
 #include <atomic>
+#include <cstdio>
 #include <limits>
 #include <memory>
 #include <type_traits>
@@ -282,6 +285,18 @@ inline __m512 load16(const float* p, __mmask16 m) { return _mm512_maskz_loadu_ps
 inline __m512 load16(const Bf16* p, __mmask16 m) { return simd::bf16x16_to_f32(_mm256_maskz_loadu_epi16(m, p)); }
 inline __m512 load16(const F16* p, __mmask16 m) { return _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(m, p)); }
 
+// An empty asm that claims to modify v: the compiler must hold v in a register from here on. Without
+// it GCC folds a V chunk's load into each of the NR FMAs that use it (NR loads instead of one), and
+// with 512-bit loads at one per cycle on Zen 4 the P.V tile became load-bound (measured 0.72 -> 0.58 us
+// per 8 rows x 64 keys x D = 64 with the value kept in a register).
+inline void keep_in_register(__m512& v) {
+#if defined(__GNUC__)
+  __asm__("" : "+v"(v));
+#else
+  (void)v;
+#endif
+}
+
 // Sum each of 16 vectors horizontally; lane t of the result is sum(v[t]). 30 shuffles + 15 adds instead
 // of 16 separate reductions.
 inline __m512 transpose_reduce16(const __m512* v) {
@@ -319,7 +334,8 @@ inline void score_tile(const float* q, int64_t Dp, const KT* const* kp, int64_t 
     for (int r = 0; r < NR; r++) qv[r] = _mm512_loadu_ps(q + r * Dp + c);
 #pragma GCC unroll 16
     for (int kk = 0; kk < NK; kk++) {
-      const __m512 kv = load16(kp[kk] + c);
+      __m512 kv = load16(kp[kk] + c);
+      keep_in_register(kv);
 #pragma GCC unroll 4
       for (int r = 0; r < NR; r++) acc[r * NK + kk] = _mm512_fmadd_ps(qv[r], kv, acc[r * NK + kk]);
     }
@@ -331,7 +347,8 @@ inline void score_tile(const float* q, int64_t Dp, const KT* const* kp, int64_t 
     for (int r = 0; r < NR; r++) qv[r] = _mm512_loadu_ps(q + r * Dp + c);
 #pragma GCC unroll 16
     for (int kk = 0; kk < NK; kk++) {
-      const __m512 kv = load16(kp[kk] + c, m);
+      __m512 kv = load16(kp[kk] + c, m);
+      keep_in_register(kv);
 #pragma GCC unroll 4
       for (int r = 0; r < NR; r++) acc[r * NK + kk] = _mm512_fmadd_ps(qv[r], kv, acc[r * NK + kk]);
     }
@@ -439,7 +456,7 @@ inline void pv_row(float* acc, float alpha, const float* p, int64_t pjs, int64_t
 // NR rows at once with the whole acc (NC chunks of 16) in registers: each V row is loaded once for all
 // NR rows. acc[r * Dp + (0, D)] = acc * alpha[r] + sum_{j < n} p[r * pst + j * pjs] * v[j * vs + (0, D)].
 template <int NC, int NR, typename VT>
-inline void pv_tile(float* acc, int64_t Dp, const float* alpha, const float* p, int64_t pst, int64_t pjs, int64_t n, const VT* v,
+NX_NOINLINE void pv_tile(float* acc, int64_t Dp, const float* alpha, const float* p, int64_t pst, int64_t pjs, int64_t n, const VT* v,
                     int64_t vs, int64_t D) {
   const __mmask16 tm = (D % 16) ? simd::tail_mask(D % 16) : static_cast<__mmask16>(0xFFFF);
   __m512 a[NR][NC];
@@ -455,6 +472,8 @@ inline void pv_tile(float* acc, int64_t Dp, const float* alpha, const float* p, 
 #pragma GCC unroll 8
     for (int c = 0; c < NC - 1; c++) vv[c] = load16(vr + c * 16);
     vv[NC - 1] = load16(vr + (NC - 1) * 16, tm);
+#pragma GCC unroll 8
+    for (int c = 0; c < NC; c++) keep_in_register(vv[c]);
 #pragma GCC unroll 4
     for (int r = 0; r < NR; r++) {
       const __m512 pr = _mm512_set1_ps(p[r * pst + j * pjs]);
@@ -512,6 +531,23 @@ inline uint32_t low_bits(int64_t n) {  // n clamped to [0, 16]
   return n <= 0 ? 0u : n >= 16 ? 0xFFFFu : ((1u << n) - 1u);
 }
 
+// Last-level cache size in bytes: Linux's sysfs entry for the L3 of cpu0 (as bench/kernels.mjs reads it;
+// glibc's sysconf(_SC_LEVEL3_CACHE_SIZE) said 320 MiB for this 32 MiB Zen 4 VM), else 32 MiB.
+int64_t llc_bytes() {
+  static const int64_t bytes = [] {
+    int64_t b = 0;
+    if (FILE* f = std::fopen("/sys/devices/system/cpu/cpu0/cache/index3/size", "r")) {
+      long long n = 0;
+      char unit = 0;
+      if (std::fscanf(f, "%lld%c", &n, &unit) >= 1)
+        b = static_cast<int64_t>(n) * (unit == 'K' ? 1024 : unit == 'M' ? 1024 * 1024 : unit == 'G' ? 1024 * 1024 * 1024 : 1);
+      std::fclose(f);
+    }
+    return b > 0 ? b : int64_t{32} << 20;
+  }();
+  return bytes;
+}
+
 struct AttnPlan {
   int64_t B, Hq, Hkv, Tq, Tk, D, Dp, G;
   int64_t QB, nqb;       // query positions per task, query blocks
@@ -519,6 +555,7 @@ struct AttnPlan {
   int64_t nsplit, slen;  // key splits per (b, kv head, query block), keys per split (multiple of 16)
   int64_t NG;            // 16-key groups in Tk
   float scale;
+  bool prefetch;         // K + V larger than the last-level cache: prefetch the next key block (tile path)
 };
 
 // Scratch for one task: scaled q rows, a score block, and the running (m, l, acc) of every row.
@@ -538,9 +575,29 @@ struct Scratch {
   }
 };
 
+// Prefetch the K and V rows [j0, j1) (the next key block) into L2. Only for calls whose K/V cannot be
+// cache-resident (AttnPlan::prefetch): there the hardware prefetcher alone left the DRAM stream short
+// of bandwidth (dram-sized decode [8, 12, 12, 1, 2048, 64]: 0.82x the time with these prefetches),
+// while for K/V already in L3 the extra instructions cost ~7% (gpt2-like decode, 6 MB).
+template <typename KT>
+inline void prefetch_rows(const KT* kb, int64_t ks, const KT* vb, int64_t vs, int64_t j0, int64_t j1, int64_t D) {
+  const int64_t rb = D * static_cast<int64_t>(sizeof(KT));
+  for (int64_t j = j0; j < j1; j++) {
+    const char* kr = reinterpret_cast<const char*>(kb + j * ks);
+    const char* vr = reinterpret_cast<const char*>(vb + j * vs);
+    for (int64_t o = 0; o < rb; o += 64) {
+#if defined(__GNUC__)
+      __builtin_prefetch(kr + o, 0, 1);
+      __builtin_prefetch(vr + o, 0, 1);
+#else
+      (void)kr, (void)vr;
+#endif
+    }
+  }
+}
+
 // Rows r0..r0+NR of a task against key block [j0, j0 + nk): scores, masks, online-softmax update and
-// P.V. (No software prefetch: K/V rows are read in sequence and the hardware prefetcher keeps up;
-// explicit prefetches of the next block measured slower, 0.41 vs 0.26 ms for cold decode.)
+// P.V. (attn_task prefetches the next block only for calls larger than the LLC, see prefetch_rows.)
 template <int NR, typename KT>
 NX_ALWAYS_INLINE void block_rows(const AttnPlan& P, const KT* kb, int64_t ks, const KT* vb, int64_t vs, const uint16_t* mbits,
                 int64_t i0, int64_t j0, int64_t nk, int64_t r0, Scratch& sc) {
@@ -622,6 +679,7 @@ NX_NOINLINE void attn_task(const AttnPlan& P, const KView& q, const KT* kb, int6
   je = std::min(je, P.Tk - P.Tq + i0 + nq);
   for (int64_t j0 = jb; j0 < je; j0 += P.KB) {
     const int64_t nk = std::min(P.KB, je - j0);
+    if (P.prefetch) prefetch_rows(kb, ks, vb, vs, j0 + P.KB, std::min(j0 + 2 * P.KB, je), D);
     for (int64_t r0 = 0; r0 < R;) {
       const int64_t rem = R - r0;
       const int nr = rem >= 4 ? 4 : rem >= 2 ? 2 : 1;
@@ -964,6 +1022,7 @@ void attention(const KView& q, const KView& k, const KView& v, const KView* mask
   P.nqb = (P.Tq + P.QB - 1) / P.QB;
   P.KB = std::max<int64_t>(16, std::min<int64_t>(128, (4096 / P.D) / 16 * 16));
   P.NG = (P.Tk + 15) / 16;
+  P.prefetch = 2 * P.B * P.Hkv * P.Tk * P.D * static_cast<int64_t>(dtype_size(k.dtype)) > llc_bytes();
   // split the keys when there are too few tasks to keep every thread busy (decode with few kv heads)
   const int64_t base = P.B * P.Hkv * P.nqb;
   const int64_t want = 4 * static_cast<int64_t>(num_threads());

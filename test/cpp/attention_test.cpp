@@ -395,6 +395,9 @@ NX_TEST(attention_fast_vs_ref_long_decode_splits) {
   run_case({1, 4, 1, 2, 900, 64, DType::F32, Layout::Contiguous, true, 2, 0.125f});    // gap + splits
   run_case({2, 8, 8, 1, 1024, 64, DType::F32, Layout::Contiguous, true, 1, 0.125f});   // many tasks
   run_case({1, 32, 8, 1, 1024, 64, DType::F16, Layout::Contiguous, true, 0, 0.125f});  // bench shape
+  // K + V = 41 MB, more than a 32 MiB last-level cache: the tile path prefetches the next key block
+  // (a hint only: the results must be those of the plain path, within the same bound)
+  run_case({1, 4, 4, 1, 20000, 64, DType::F32, Layout::Contiguous, true, 1, 0.125f});
   // D beyond the register tiles (D > 128 takes the row-by-row P.V path), with a ragged tail
   run_case({1, 4, 2, 3, 40, 256, DType::F32, Layout::Contiguous, true, 1, 0.0625f});
   run_case({1, 4, 1, 5, 33, 200, DType::BF16, Layout::Strided, false, 2, 0.07f});

@@ -334,8 +334,7 @@ inline void score_tile(const float* q, int64_t Dp, const KT* const* kp, int64_t 
     for (int r = 0; r < NR; r++) qv[r] = _mm512_loadu_ps(q + r * Dp + c);
 #pragma GCC unroll 16
     for (int kk = 0; kk < NK; kk++) {
-      __m512 kv = load16(kp[kk] + c);
-      keep_in_register(kv);
+      const __m512 kv = load16(kp[kk] + c);
 #pragma GCC unroll 4
       for (int r = 0; r < NR; r++) acc[r * NK + kk] = _mm512_fmadd_ps(qv[r], kv, acc[r * NK + kk]);
     }
@@ -347,8 +346,7 @@ inline void score_tile(const float* q, int64_t Dp, const KT* const* kp, int64_t 
     for (int r = 0; r < NR; r++) qv[r] = _mm512_loadu_ps(q + r * Dp + c);
 #pragma GCC unroll 16
     for (int kk = 0; kk < NK; kk++) {
-      __m512 kv = load16(kp[kk] + c, m);
-      keep_in_register(kv);
+      const __m512 kv = load16(kp[kk] + c, m);
 #pragma GCC unroll 4
       for (int r = 0; r < NR; r++) acc[r * NK + kk] = _mm512_fmadd_ps(qv[r], kv, acc[r * NK + kk]);
     }

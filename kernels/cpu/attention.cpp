@@ -454,8 +454,8 @@ inline void pv_row(float* acc, float alpha, const float* p, int64_t pjs, int64_t
 // NR rows at once with the whole acc (NC chunks of 16) in registers: each V row is loaded once for all
 // NR rows. acc[r * Dp + (0, D)] = acc * alpha[r] + sum_{j < n} p[r * pst + j * pjs] * v[j * vs + (0, D)].
 template <int NC, int NR, typename VT>
-NX_NOINLINE void pv_tile(float* acc, int64_t Dp, const float* alpha, const float* p, int64_t pst, int64_t pjs, int64_t n, const VT* v,
-                    int64_t vs, int64_t D) {
+NX_NOINLINE void pv_tile(float* acc, int64_t Dp, const float* alpha, const float* p, int64_t pst, int64_t pjs,
+                         int64_t n, const VT* v, int64_t vs, int64_t D) {
   const __mmask16 tm = (D % 16) ? simd::tail_mask(D % 16) : static_cast<__mmask16>(0xFFFF);
   __m512 a[NR][NC];
 #pragma GCC unroll 4
@@ -486,8 +486,8 @@ NX_NOINLINE void pv_tile(float* acc, int64_t Dp, const float* alpha, const float
 }
 
 template <int NR, typename VT>
-inline bool pv_tile_dispatch(float* acc, int64_t Dp, const float* alpha, const float* p, int64_t pst, int64_t pjs, int64_t n,
-                             const VT* v, int64_t vs, int64_t D) {
+inline bool pv_tile_dispatch(float* acc, int64_t Dp, const float* alpha, const float* p, int64_t pst, int64_t pjs,
+                             int64_t n, const VT* v, int64_t vs, int64_t D) {
   switch (Dp / 16) {
     case 1: pv_tile<1, NR>(acc, Dp, alpha, p, pst, pjs, n, v, vs, D); return true;
     case 2: pv_tile<2, NR>(acc, Dp, alpha, p, pst, pjs, n, v, vs, D); return true;
@@ -508,8 +508,8 @@ inline bool pv_tile_dispatch(float* acc, int64_t Dp, const float* alpha, const f
 
 // P.V for NR rows: the register tile when D <= 128 (D <= 64 for 4 rows at once), else row by row.
 template <int NR, typename VT>
-inline void pv_rows(float* acc, int64_t Dp, const float* alpha, const float* p, int64_t pst, int64_t pjs, int64_t n, const VT* v,
-                    int64_t vs, int64_t D) {
+inline void pv_rows(float* acc, int64_t Dp, const float* alpha, const float* p, int64_t pst, int64_t pjs, int64_t n,
+                    const VT* v, int64_t vs, int64_t D) {
 #if defined(NX_ATTN_AVX512)
   if (pv_tile_dispatch<NR>(acc, Dp, alpha, p, pst, pjs, n, v, vs, D)) return;
   if (NR == 4 && Dp <= 128) {
@@ -538,7 +538,8 @@ int64_t llc_bytes() {
       long long n = 0;
       char unit = 0;
       if (std::fscanf(f, "%lld%c", &n, &unit) >= 1)
-        b = static_cast<int64_t>(n) * (unit == 'K' ? 1024 : unit == 'M' ? 1024 * 1024 : unit == 'G' ? 1024 * 1024 * 1024 : 1);
+        b = static_cast<int64_t>(n) * (unit == 'K' ? int64_t{1} << 10 : unit == 'M' ? int64_t{1} << 20
+                                       : unit == 'G' ? int64_t{1} << 30 : 1);
       std::fclose(f);
     }
     return b > 0 ? b : int64_t{32} << 20;
@@ -597,8 +598,8 @@ inline void prefetch_rows(const KT* kb, int64_t ks, const KT* vb, int64_t vs, in
 // Rows r0..r0+NR of a task against key block [j0, j0 + nk): scores, masks, online-softmax update and
 // P.V. (attn_task prefetches the next block only for calls larger than the LLC, see prefetch_rows.)
 template <int NR, typename KT>
-NX_ALWAYS_INLINE void block_rows(const AttnPlan& P, const KT* kb, int64_t ks, const KT* vb, int64_t vs, const uint16_t* mbits,
-                int64_t i0, int64_t j0, int64_t nk, int64_t r0, Scratch& sc) {
+NX_ALWAYS_INLINE void block_rows(const AttnPlan& P, const KT* kb, int64_t ks, const KT* vb, int64_t vs,
+                                 const uint16_t* mbits, int64_t i0, int64_t j0, int64_t nk, int64_t r0, Scratch& sc) {
   constexpr int NK = 16 / NR;
   const int64_t G = P.G, D = P.D, Dp = P.Dp;
   int64_t vis[NR], vmax = 0;
@@ -653,8 +654,8 @@ NX_ALWAYS_INLINE void block_rows(const AttnPlan& P, const KT* kb, int64_t ks, co
 // Leaves the unnormalised state in sc.m / sc.l / sc.acc.
 template <typename KT>
 NX_NOINLINE void attn_task(const AttnPlan& P, const KView& q, const KT* kb, int64_t ks, const KT* vb, int64_t vs,
-               const uint16_t* mbits, int64_t b, int64_t kh, int64_t i0, int64_t nq, int64_t jb, int64_t je,
-               Scratch& sc) {
+                           const uint16_t* mbits, int64_t b, int64_t kh, int64_t i0, int64_t nq, int64_t jb,
+                           int64_t je, Scratch& sc) {
   const int64_t G = P.G, D = P.D, Dp = P.Dp, R = nq * G;
   sc.ensure(R, P);
   // q rows, scaled, zero-padded to Dp
@@ -746,6 +747,10 @@ NX_NOINLINE void lane_scores(const float* qT, const float* k, int64_t ks, int64_
 #endif
 }
 
+#if defined(NX_ATTN_AVX512)
+inline __m256 hi256(__m512 v) { return _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(v), 1)); }
+#endif
+
 // Softmax update of one row group over n8 keys (a multiple of 8) of s (8 lanes per key, -inf = not
 // visible): m, l, alpha (8 lanes each) updated in place as in block_rows, s overwritten with p.
 inline void lane_softmax(float* s, int64_t n8, float* m, float* l, float* alpha) {
@@ -753,12 +758,13 @@ inline void lane_softmax(float* s, int64_t n8, float* m, float* l, float* alpha)
   const __m512 ninf = _mm512_set1_ps(kNegInf);
   __m512 mx = ninf;
   for (int64_t j = 0; j < n8; j += 2) mx = _mm512_max_ps(mx, _mm512_loadu_ps(s + j * 8));
-  const __m256 bm = _mm256_max_ps(_mm512_castps512_ps256(mx), _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(mx), 1)));
+  const __m256 bm = _mm256_max_ps(_mm512_castps512_ps256(mx), hi256(mx));
   const __m256 mold = _mm256_loadu_ps(m);
   const __m256 mnew = _mm256_max_ps(mold, bm);
   // alpha = e^(mold - mnew); 0 where nothing was seen before (the state is all zeros then)
   const __mmask8 seen = _mm256_cmp_ps_mask(mold, _mm256_set1_ps(kNegInf), _CMP_NEQ_OQ);
-  const __m256 al = _mm256_maskz_mov_ps(seen, _mm512_castps512_ps256(simd::v_exp(_mm512_castps256_ps512(_mm256_sub_ps(mold, mnew)))));
+  const __m256 e = _mm512_castps512_ps256(simd::v_exp(_mm512_castps256_ps512(_mm256_sub_ps(mold, mnew))));
+  const __m256 al = _mm256_maskz_mov_ps(seen, e);
   const __m512 mn2 = _mm512_insertf32x8(_mm512_castps256_ps512(mnew), mnew, 1);
   __m512 sum = _mm512_setzero_ps();
   for (int64_t j = 0; j < n8; j += 2) {
@@ -768,7 +774,7 @@ inline void lane_softmax(float* s, int64_t n8, float* m, float* l, float* alpha)
     _mm512_storeu_ps(s + j * 8, p);
     sum = _mm512_add_ps(sum, p);
   }
-  const __m256 ps = _mm256_add_ps(_mm512_castps512_ps256(sum), _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(sum), 1)));
+  const __m256 ps = _mm256_add_ps(_mm512_castps512_ps256(sum), hi256(sum));
   _mm256_storeu_ps(l, _mm256_fmadd_ps(_mm256_loadu_ps(l), al, ps));
   _mm256_storeu_ps(m, mnew);
   _mm256_storeu_ps(alpha, al);
@@ -792,9 +798,9 @@ inline void lane_softmax(float* s, int64_t n8, float* m, float* l, float* alpha)
 }
 
 template <typename KT>
-NX_NOINLINE void attn_task_lanes(const AttnPlan& P, const KView& q, const KT* kb, int64_t ks, const KT* vb, int64_t vs,
-                     const uint16_t* mbits, int64_t b, int64_t kh, int64_t i0, int64_t nq, int64_t jb, int64_t je,
-                     Scratch& sc) {
+NX_NOINLINE void attn_task_lanes(const AttnPlan& P, const KView& q, const KT* kb, int64_t ks, const KT* vb,
+                                 int64_t vs, const uint16_t* mbits, int64_t b, int64_t kh, int64_t i0, int64_t nq,
+                                 int64_t jb, int64_t je, Scratch& sc) {
   const int64_t G = P.G, D = P.D, Dp = P.Dp, R = nq * G, RG = (R + 7) / 8, KB = P.KB;
   sc.ensure(R, P);
   constexpr bool kF32 = std::is_same<KT, float>::value;

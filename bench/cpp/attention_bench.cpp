@@ -4,7 +4,9 @@
 //   {"bench":"attention"|"rope","case":...,"dtype":...,"shape":...,"threads":N,"ms":...,"gbps":...}
 // ms is the median over the repetitions; gbps = (bytes read + bytes written, each once) / time, so it
 // can be set against the machine's read bandwidth (shared/perf/triad.c).
-//   decode:  B=1, Hq=32, Hkv=8, D=64, Tq=1, Tk=1024 (k/v windows of a [B, Hkv, 2048, D] cache)
+//   decode:  B=1, Hq=32, Hkv=8, D=64, Tq=1, Tk=1024 (k/v windows of a [B, Hkv, 2048, D] cache; G = 4,
+//            the 4-row tile path)
+//   decode_g8: as decode with Hkv=4 (G = 8: the lane path; kernels.mjs's llama-850m-like case)
 //   prefill: B=1, H=12, D=64, T=128 (causal)
 //   rope:    x [1, 128, 32, 64], rotate_half and interleaved, in place
 //
@@ -94,6 +96,19 @@ void bench_decode(nx::DType dt) {
   emit("attention", "decode_cold", nx::dtype_name(dt), "B=1,Hq=32,Hkv=8,D=64,Tq=1,Tk=1024", ms_all / L, bytes);
 }
 
+void bench_decode_g8() {
+  const int64_t B = 1, Hq = 32, Hkv = 4, D = 64, Tk = 1024, maxT = 2048;
+  Tensor q = make({B, Hq, 1, D}, nx::DType::F32);
+  Tensor kc = make({B, Hkv, maxT, D}, nx::DType::F32), vc = make({B, Hkv, maxT, D}, nx::DType::F32);
+  nx::KView k = kc.v, v = vc.v;
+  k.shape[2] = v.shape[2] = Tk;
+  Tensor out = make({B, Hq, 1, D}, nx::DType::F32);
+  const float scale = 1.0f / std::sqrt(static_cast<float>(D));
+  double ms = median_ms([&] { nx::fast::attention(q.v, k, v, nullptr, scale, out.v); }, 500);
+  const double bytes = 2.0 * B * Hkv * Tk * D * 4 + 2.0 * B * Hq * D * 4;
+  emit("attention", "decode_g8", "float32", "B=1,Hq=32,Hkv=4,D=64,Tq=1,Tk=1024", ms, bytes);
+}
+
 void bench_prefill() {
   const int64_t B = 1, H = 12, D = 64, T = 128;
   Tensor q = make({B, H, T, D}, nx::DType::F32), k = make({B, H, T, D}, nx::DType::F32);
@@ -123,6 +138,7 @@ int main() {
     nx::set_num_threads(t);
     bench_decode(nx::DType::F32);
     bench_decode(nx::DType::BF16);
+    bench_decode_g8();
     bench_prefill();
     bench_rope(false);
     bench_rope(true);

@@ -11,16 +11,29 @@
 // fast:: rope: f32 with a contiguous last dim; cos/sin computed once per (b, t) row, AVX-512 rotation.
 //        attention: one task = (b, kv head, block of query positions, key split). A task holds every
 //        query head of its group (GQA), so each K/V block is read from memory once and reused from L1
-//        by all G heads. Rows are processed in tiles of 4 (or 2, 1) rows: scores for a tile are 16 dot
-//        products at a time (4 rows x 4 keys, each K chunk loaded once for the 4 rows, one
-//        transpose-reduce for the 16 sums), online softmax (flash-attention style running max/sum), and
-//        P.V with the tile's accumulators held in registers (each V row loaded once per tile). K/V may
-//        be f32, bf16 or f16 (widened while loading); q and out may have any strides. When there are too
-//        few tasks for the threads (decode with few kv heads), the keys are split across tasks and the
-//        partial (max, sum, acc) triples merged afterwards. A row that sees no key writes zeros.
-//        Masked keys inside a visible span enter P.V with weight exactly 0, so their V rows must be
-//        finite (a NaN/inf left in a padded cache slot would leak; ref skips them). Without AVX-512
-//        (a plain `g++ -O3` build) the same tiling runs with scalar loops.
+//        by all G heads. Keys go in blocks of KB (64 for D = 64): scores of the block, then one online-
+//        softmax update (flash-attention style running max/sum, the accumulators rescaled once per
+//        block), then P.V with a tile's accumulators held in registers (each V row loaded once per tile
+//        of 4 rows). The scores come from one of two kernels, by the task's row count R = query
+//        positions x G:
+//        - R < 8 (decode with G < 8): tiles of 4 (or 2, 1) rows; 16 dot products at a time (4 rows x 4
+//          keys, each K chunk loaded once for the 4 rows) and one transpose-reduce for the 16 sums.
+//        - R >= 8 (GQA decode with G >= 8, prefill): the lane path. 8 rows sit in the 8 lanes of a
+//          vector (q transposed once per task, qT[d][row]); for a group of 8 keys, s[key][row] is one
+//          FMA per (key, d) with k[key][d] broadcast, so there is no horizontal reduction at all, and
+//          the block's max, exp, sum and rescale factor are computed for 8 rows at once. P.V reads p
+//          at key stride 8. Rows past R (R not a multiple of 8) are padded lanes, never written out.
+//        K/V may be f32, bf16 or f16 (widened while loading; the lane path widens a bf16/f16 K block
+//        into scratch first); q and out may have any strides. When there are too few tasks for the
+//        threads (decode with few kv heads), the keys are split across tasks and the partial
+//        (max, sum, acc) triples merged by whichever task finishes a group's last split. Tasks are
+//        claimed from per-thread ranges of consecutive tasks (own range first, then the others'), so a
+//        worker that wakes late or is descheduled does not hold the call up. When K + V exceed the last-
+//        level cache, the 4-row tile path prefetches the next key block into L2 (DRAM-bound decode);
+//        K/V that may be cache-resident are left to the hardware prefetcher. A row that sees no key
+//        writes zeros. Masked keys inside a visible span enter P.V with weight exactly 0, so their V
+//        rows must be finite (a NaN/inf left in a padded cache slot would leak; ref skips them).
+//        Without AVX-512 (a plain `g++ -O3` build) the same tiling runs with scalar loops.
 //
 // Bench: build/nx_attention_bench (bench/cpp/attention_bench.cpp), or by hand:
 //          g++ -O3 -std=c++17 -march=native -I. bench/cpp/attention_bench.cpp kernels/cpu/attention.cpp
@@ -29,7 +42,11 @@
 #include "attention.h"
 
 #include <algorithm>
+#include <atomic>
+#include <cstdio>
 #include <limits>
+#include <memory>
+#include <type_traits>
 #include <vector>
 
 #include "simd.h"
@@ -43,6 +60,14 @@
 #pragma GCC diagnostic ignored "-Wuninitialized"
 #pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
 #endif
+#endif
+
+#if defined(__GNUC__)
+#define NX_NOINLINE __attribute__((noinline))
+#define NX_ALWAYS_INLINE __attribute__((always_inline)) inline
+#else
+#define NX_NOINLINE
+#define NX_ALWAYS_INLINE inline
 #endif
 
 namespace nx {
@@ -260,6 +285,18 @@ inline __m512 load16(const float* p, __mmask16 m) { return _mm512_maskz_loadu_ps
 inline __m512 load16(const Bf16* p, __mmask16 m) { return simd::bf16x16_to_f32(_mm256_maskz_loadu_epi16(m, p)); }
 inline __m512 load16(const F16* p, __mmask16 m) { return _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(m, p)); }
 
+// An empty asm that claims to modify v: the compiler must hold v in a register from here on. Without
+// it GCC folds a V chunk's load into each of the NR FMAs that use it (NR loads instead of one), and
+// with 512-bit loads at one per cycle on Zen 4 the P.V tile became load-bound (measured 0.72 -> 0.58 us
+// per 8 rows x 64 keys x D = 64 with the value kept in a register).
+inline void keep_in_register(__m512& v) {
+#if defined(__GNUC__)
+  __asm__("" : "+v"(v));
+#else
+  (void)v;
+#endif
+}
+
 // Sum each of 16 vectors horizontally; lane t of the result is sum(v[t]). 30 shuffles + 15 adds instead
 // of 16 separate reductions.
 inline __m512 transpose_reduce16(const __m512* v) {
@@ -371,9 +408,10 @@ inline float max_of(const float* s, int64_t n) {  // n a multiple of 16
 #endif
 }
 
-// acc[0, D) = acc * alpha + sum_{j < n} p[j] * v[j * vs + (0, D)]. acc is padded to a multiple of 16.
+// acc[0, D) = acc * alpha + sum_{j < n} p[j * pjs] * v[j * vs + (0, D)]. acc is padded to a multiple of 16.
 template <typename VT>
-inline void pv_row(float* acc, float alpha, const float* p, int64_t n, const VT* v, int64_t vs, int64_t D) {
+inline void pv_row(float* acc, float alpha, const float* p, int64_t pjs, int64_t n, const VT* v, int64_t vs,
+                   int64_t D) {
 #if defined(NX_ATTN_AVX512)
   for (int64_t c = 0; c < D; c += 16) {
     const bool tail = c + 16 > D;
@@ -384,27 +422,27 @@ inline void pv_row(float* acc, float alpha, const float* p, int64_t n, const VT*
     int64_t j = 0;
     if (!tail) {  // four independent FMA chains hide the FMA latency
       for (; j + 4 <= n; j += 4) {
-        a0 = _mm512_fmadd_ps(_mm512_set1_ps(p[j]), load16(vc + j * vs), a0);
-        a1 = _mm512_fmadd_ps(_mm512_set1_ps(p[j + 1]), load16(vc + (j + 1) * vs), a1);
-        a2 = _mm512_fmadd_ps(_mm512_set1_ps(p[j + 2]), load16(vc + (j + 2) * vs), a2);
-        a3 = _mm512_fmadd_ps(_mm512_set1_ps(p[j + 3]), load16(vc + (j + 3) * vs), a3);
+        a0 = _mm512_fmadd_ps(_mm512_set1_ps(p[j * pjs]), load16(vc + j * vs), a0);
+        a1 = _mm512_fmadd_ps(_mm512_set1_ps(p[(j + 1) * pjs]), load16(vc + (j + 1) * vs), a1);
+        a2 = _mm512_fmadd_ps(_mm512_set1_ps(p[(j + 2) * pjs]), load16(vc + (j + 2) * vs), a2);
+        a3 = _mm512_fmadd_ps(_mm512_set1_ps(p[(j + 3) * pjs]), load16(vc + (j + 3) * vs), a3);
       }
-      for (; j < n; j++) a0 = _mm512_fmadd_ps(_mm512_set1_ps(p[j]), load16(vc + j * vs), a0);
+      for (; j < n; j++) a0 = _mm512_fmadd_ps(_mm512_set1_ps(p[j * pjs]), load16(vc + j * vs), a0);
     } else {
       for (; j + 4 <= n; j += 4) {
-        a0 = _mm512_fmadd_ps(_mm512_set1_ps(p[j]), load16(vc + j * vs, m), a0);
-        a1 = _mm512_fmadd_ps(_mm512_set1_ps(p[j + 1]), load16(vc + (j + 1) * vs, m), a1);
-        a2 = _mm512_fmadd_ps(_mm512_set1_ps(p[j + 2]), load16(vc + (j + 2) * vs, m), a2);
-        a3 = _mm512_fmadd_ps(_mm512_set1_ps(p[j + 3]), load16(vc + (j + 3) * vs, m), a3);
+        a0 = _mm512_fmadd_ps(_mm512_set1_ps(p[j * pjs]), load16(vc + j * vs, m), a0);
+        a1 = _mm512_fmadd_ps(_mm512_set1_ps(p[(j + 1) * pjs]), load16(vc + (j + 1) * vs, m), a1);
+        a2 = _mm512_fmadd_ps(_mm512_set1_ps(p[(j + 2) * pjs]), load16(vc + (j + 2) * vs, m), a2);
+        a3 = _mm512_fmadd_ps(_mm512_set1_ps(p[(j + 3) * pjs]), load16(vc + (j + 3) * vs, m), a3);
       }
-      for (; j < n; j++) a0 = _mm512_fmadd_ps(_mm512_set1_ps(p[j]), load16(vc + j * vs, m), a0);
+      for (; j < n; j++) a0 = _mm512_fmadd_ps(_mm512_set1_ps(p[j * pjs]), load16(vc + j * vs, m), a0);
     }
     _mm512_storeu_ps(acc + c, _mm512_add_ps(_mm512_add_ps(a0, a1), _mm512_add_ps(a2, a3)));
   }
 #else
   for (int64_t d = 0; d < D; d++) acc[d] *= alpha;
   for (int64_t j = 0; j < n; j++) {
-    const float pj = p[j];
+    const float pj = p[j * pjs];
     if (pj == 0.0f) continue;
     const VT* vr = v + j * vs;
     for (int64_t d = 0; d < D; d++) acc[d] += pj * to_f(vr[d]);
@@ -414,10 +452,10 @@ inline void pv_row(float* acc, float alpha, const float* p, int64_t n, const VT*
 
 #if defined(NX_ATTN_AVX512)
 // NR rows at once with the whole acc (NC chunks of 16) in registers: each V row is loaded once for all
-// NR rows. acc[r * Dp + (0, D)] = acc * alpha[r] + sum_{j < n} p[r * pst + j] * v[j * vs + (0, D)].
+// NR rows. acc[r * Dp + (0, D)] = acc * alpha[r] + sum_{j < n} p[r * pst + j * pjs] * v[j * vs + (0, D)].
 template <int NC, int NR, typename VT>
-inline void pv_tile(float* acc, int64_t Dp, const float* alpha, const float* p, int64_t pst, int64_t n, const VT* v,
-                    int64_t vs, int64_t D) {
+NX_NOINLINE void pv_tile(float* acc, int64_t Dp, const float* alpha, const float* p, int64_t pst, int64_t pjs,
+                         int64_t n, const VT* v, int64_t vs, int64_t D) {
   const __mmask16 tm = (D % 16) ? simd::tail_mask(D % 16) : static_cast<__mmask16>(0xFFFF);
   __m512 a[NR][NC];
 #pragma GCC unroll 4
@@ -432,9 +470,11 @@ inline void pv_tile(float* acc, int64_t Dp, const float* alpha, const float* p, 
 #pragma GCC unroll 8
     for (int c = 0; c < NC - 1; c++) vv[c] = load16(vr + c * 16);
     vv[NC - 1] = load16(vr + (NC - 1) * 16, tm);
+#pragma GCC unroll 8
+    for (int c = 0; c < NC; c++) keep_in_register(vv[c]);
 #pragma GCC unroll 4
     for (int r = 0; r < NR; r++) {
-      const __m512 pr = _mm512_set1_ps(p[r * pst + j]);
+      const __m512 pr = _mm512_set1_ps(p[r * pst + j * pjs]);
 #pragma GCC unroll 8
       for (int c = 0; c < NC; c++) a[r][c] = _mm512_fmadd_ps(pr, vv[c], a[r][c]);
     }
@@ -446,21 +486,21 @@ inline void pv_tile(float* acc, int64_t Dp, const float* alpha, const float* p, 
 }
 
 template <int NR, typename VT>
-inline bool pv_tile_dispatch(float* acc, int64_t Dp, const float* alpha, const float* p, int64_t pst, int64_t n,
-                             const VT* v, int64_t vs, int64_t D) {
+inline bool pv_tile_dispatch(float* acc, int64_t Dp, const float* alpha, const float* p, int64_t pst, int64_t pjs,
+                             int64_t n, const VT* v, int64_t vs, int64_t D) {
   switch (Dp / 16) {
-    case 1: pv_tile<1, NR>(acc, Dp, alpha, p, pst, n, v, vs, D); return true;
-    case 2: pv_tile<2, NR>(acc, Dp, alpha, p, pst, n, v, vs, D); return true;
-    case 3: pv_tile<3, NR>(acc, Dp, alpha, p, pst, n, v, vs, D); return true;
-    case 4: pv_tile<4, NR>(acc, Dp, alpha, p, pst, n, v, vs, D); return true;
+    case 1: pv_tile<1, NR>(acc, Dp, alpha, p, pst, pjs, n, v, vs, D); return true;
+    case 2: pv_tile<2, NR>(acc, Dp, alpha, p, pst, pjs, n, v, vs, D); return true;
+    case 3: pv_tile<3, NR>(acc, Dp, alpha, p, pst, pjs, n, v, vs, D); return true;
+    case 4: pv_tile<4, NR>(acc, Dp, alpha, p, pst, pjs, n, v, vs, D); return true;
     default: break;
   }
   if (NR > 2) return false;  // keep NR * NC <= 16 accumulators in registers
   switch (Dp / 16) {
-    case 5: pv_tile<5, NR>(acc, Dp, alpha, p, pst, n, v, vs, D); return true;
-    case 6: pv_tile<6, NR>(acc, Dp, alpha, p, pst, n, v, vs, D); return true;
-    case 7: pv_tile<7, NR>(acc, Dp, alpha, p, pst, n, v, vs, D); return true;
-    case 8: pv_tile<8, NR>(acc, Dp, alpha, p, pst, n, v, vs, D); return true;
+    case 5: pv_tile<5, NR>(acc, Dp, alpha, p, pst, pjs, n, v, vs, D); return true;
+    case 6: pv_tile<6, NR>(acc, Dp, alpha, p, pst, pjs, n, v, vs, D); return true;
+    case 7: pv_tile<7, NR>(acc, Dp, alpha, p, pst, pjs, n, v, vs, D); return true;
+    case 8: pv_tile<8, NR>(acc, Dp, alpha, p, pst, pjs, n, v, vs, D); return true;
     default: return false;
   }
 }
@@ -468,21 +508,43 @@ inline bool pv_tile_dispatch(float* acc, int64_t Dp, const float* alpha, const f
 
 // P.V for NR rows: the register tile when D <= 128 (D <= 64 for 4 rows at once), else row by row.
 template <int NR, typename VT>
-inline void pv_rows(float* acc, int64_t Dp, const float* alpha, const float* p, int64_t pst, int64_t n, const VT* v,
-                    int64_t vs, int64_t D) {
+inline void pv_rows(float* acc, int64_t Dp, const float* alpha, const float* p, int64_t pst, int64_t pjs, int64_t n,
+                    const VT* v, int64_t vs, int64_t D) {
 #if defined(NX_ATTN_AVX512)
-  if (pv_tile_dispatch<NR>(acc, Dp, alpha, p, pst, n, v, vs, D)) return;
+  if (pv_tile_dispatch<NR>(acc, Dp, alpha, p, pst, pjs, n, v, vs, D)) return;
   if (NR == 4 && Dp <= 128) {
-    pv_tile_dispatch<2>(acc, Dp, alpha, p, pst, n, v, vs, D);
-    pv_tile_dispatch<2>(acc + 2 * Dp, Dp, alpha + 2, p + 2 * pst, pst, n, v, vs, D);
+    pv_tile_dispatch<2>(acc, Dp, alpha, p, pst, pjs, n, v, vs, D);
+    pv_tile_dispatch<2>(acc + 2 * Dp, Dp, alpha + 2, p + 2 * pst, pst, pjs, n, v, vs, D);
     return;
   }
 #endif
-  for (int r = 0; r < NR; r++) pv_row(acc + r * Dp, alpha[r], p + r * pst, n, v, vs, D);
+  for (int r = 0; r < NR; r++) pv_row(acc + r * Dp, alpha[r], p + r * pst, pjs, n, v, vs, D);
 }
+
+// Tasks with at least this many rows take the lane path (attn_task_lanes); fewer rows would leave lanes
+// empty (4 rows in 8 lanes measured slower than the 4-row tiles).
+constexpr int64_t kLaneRows = 8;
 
 inline uint32_t low_bits(int64_t n) {  // n clamped to [0, 16]
   return n <= 0 ? 0u : n >= 16 ? 0xFFFFu : ((1u << n) - 1u);
+}
+
+// Last-level cache size in bytes: Linux's sysfs entry for the L3 of cpu0 (as bench/kernels.mjs reads it;
+// glibc's sysconf(_SC_LEVEL3_CACHE_SIZE) said 320 MiB for this 32 MiB Zen 4 VM), else 32 MiB.
+int64_t llc_bytes() {
+  static const int64_t bytes = [] {
+    int64_t b = 0;
+    if (FILE* f = std::fopen("/sys/devices/system/cpu/cpu0/cache/index3/size", "r")) {
+      long long n = 0;
+      char unit = 0;
+      if (std::fscanf(f, "%lld%c", &n, &unit) >= 1)
+        b = static_cast<int64_t>(n) * (unit == 'K' ? int64_t{1} << 10 : unit == 'M' ? int64_t{1} << 20
+                                       : unit == 'G' ? int64_t{1} << 30 : 1);
+      std::fclose(f);
+    }
+    return b > 0 ? b : int64_t{32} << 20;
+  }();
+  return bytes;
 }
 
 struct AttnPlan {
@@ -492,26 +554,52 @@ struct AttnPlan {
   int64_t nsplit, slen;  // key splits per (b, kv head, query block), keys per split (multiple of 16)
   int64_t NG;            // 16-key groups in Tk
   float scale;
+  bool prefetch;         // K + V larger than the last-level cache: prefetch the next key block (tile path)
 };
 
 // Scratch for one task: scaled q rows, a score block, and the running (m, l, acc) of every row.
+// The lane path (attn_task_lanes) keeps R rounded up to whole groups of 8 lanes for m / l / alpha and
+// uses qs as the transposed q (qT), s as [row group][key][8 lanes] scores, kw for widened / tail keys.
 struct Scratch {
-  std::vector<float> qs, s, m, l, acc;
+  std::vector<float> qs, s, m, l, acc, alpha, kw;
+  std::vector<int64_t> qpos;
   void ensure(int64_t R, const AttnPlan& P) {
-    qs.resize(static_cast<size_t>(R * P.Dp));
-    s.resize(static_cast<size_t>(R * P.KB));
-    m.resize(static_cast<size_t>(R));
-    l.resize(static_cast<size_t>(R));
-    acc.resize(static_cast<size_t>(R * P.Dp));
+    const int64_t R8 = R >= kLaneRows ? (R + 7) / 8 * 8 : R;
+    qs.resize(static_cast<size_t>(R8 * P.Dp));
+    s.resize(static_cast<size_t>(R8 * P.KB));
+    m.resize(static_cast<size_t>(R8));
+    l.resize(static_cast<size_t>(R8));
+    alpha.resize(static_cast<size_t>(R8));
+    acc.resize(static_cast<size_t>(R8 * P.Dp));
   }
 };
 
+// Prefetch the K and V rows [j0, j1) (the next key block) into L2. Only for calls whose K/V cannot be
+// cache-resident (AttnPlan::prefetch): there the hardware prefetcher alone left the DRAM stream short
+// of bandwidth (dram-sized decode [8, 12, 12, 1, 2048, 64]: 0.82x the time with these prefetches),
+// while for K/V already in L3 the extra instructions cost ~7% (gpt2-like decode, 6 MB).
+template <typename KT>
+inline void prefetch_rows(const KT* kb, int64_t ks, const KT* vb, int64_t vs, int64_t j0, int64_t j1, int64_t D) {
+  const int64_t rb = D * static_cast<int64_t>(sizeof(KT));
+  for (int64_t j = j0; j < j1; j++) {
+    const char* kr = reinterpret_cast<const char*>(kb + j * ks);
+    const char* vr = reinterpret_cast<const char*>(vb + j * vs);
+    for (int64_t o = 0; o < rb; o += 64) {
+#if defined(__GNUC__)
+      __builtin_prefetch(kr + o, 0, 1);
+      __builtin_prefetch(vr + o, 0, 1);
+#else
+      (void)kr, (void)vr;
+#endif
+    }
+  }
+}
+
 // Rows r0..r0+NR of a task against key block [j0, j0 + nk): scores, masks, online-softmax update and
-// P.V. (No software prefetch: K/V rows are read in sequence and the hardware prefetcher keeps up;
-// explicit prefetches of the next block measured slower, 0.41 vs 0.26 ms for cold decode.)
+// P.V. (attn_task prefetches the next block only for calls larger than the LLC, see prefetch_rows.)
 template <int NR, typename KT>
-void block_rows(const AttnPlan& P, const KT* kb, int64_t ks, const KT* vb, int64_t vs, const uint16_t* mbits,
-                int64_t i0, int64_t j0, int64_t nk, int64_t r0, Scratch& sc) {
+NX_ALWAYS_INLINE void block_rows(const AttnPlan& P, const KT* kb, int64_t ks, const KT* vb, int64_t vs,
+                                 const uint16_t* mbits, int64_t i0, int64_t j0, int64_t nk, int64_t r0, Scratch& sc) {
   constexpr int NK = 16 / NR;
   const int64_t G = P.G, D = P.D, Dp = P.Dp;
   int64_t vis[NR], vmax = 0;
@@ -559,15 +647,15 @@ void block_rows(const AttnPlan& P, const KT* kb, int64_t ks, const KT* vb, int64
     sc.l[row] = sc.l[row] * alpha[r] + psum;
     sc.m[row] = mnew;
   }
-  pv_rows<NR>(sc.acc.data() + r0 * Dp, Dp, alpha, s0, P.KB, vmax, vb + j0 * vs, vs, D);
+  pv_rows<NR>(sc.acc.data() + r0 * Dp, Dp, alpha, s0, P.KB, 1, vmax, vb + j0 * vs, vs, D);
 }
 
 // One task: rows (query position i0 + ii, head g of the group) for ii < nq, g < G, keys [jb, je).
 // Leaves the unnormalised state in sc.m / sc.l / sc.acc.
 template <typename KT>
-void attn_task(const AttnPlan& P, const KView& q, const KT* kb, int64_t ks, const KT* vb, int64_t vs,
-               const uint16_t* mbits, int64_t b, int64_t kh, int64_t i0, int64_t nq, int64_t jb, int64_t je,
-               Scratch& sc) {
+NX_NOINLINE void attn_task(const AttnPlan& P, const KView& q, const KT* kb, int64_t ks, const KT* vb, int64_t vs,
+                           const uint16_t* mbits, int64_t b, int64_t kh, int64_t i0, int64_t nq, int64_t jb,
+                           int64_t je, Scratch& sc) {
   const int64_t G = P.G, D = P.D, Dp = P.Dp, R = nq * G;
   sc.ensure(R, P);
   // q rows, scaled, zero-padded to Dp
@@ -590,6 +678,7 @@ void attn_task(const AttnPlan& P, const KView& q, const KT* kb, int64_t ks, cons
   je = std::min(je, P.Tk - P.Tq + i0 + nq);
   for (int64_t j0 = jb; j0 < je; j0 += P.KB) {
     const int64_t nk = std::min(P.KB, je - j0);
+    if (P.prefetch) prefetch_rows(kb, ks, vb, vs, j0 + P.KB, std::min(j0 + 2 * P.KB, je), D);
     for (int64_t r0 = 0; r0 < R;) {
       const int64_t rem = R - r0;
       const int nr = rem >= 4 ? 4 : rem >= 2 ? 2 : 1;
@@ -598,6 +687,217 @@ void attn_task(const AttnPlan& P, const KView& q, const KT* kb, int64_t ks, cons
       else block_rows<1>(P, kb, ks, vb, vs, mbits, i0, j0, nk, r0, sc);
       r0 += nr;
     }
+  }
+}
+
+// ---- lane path: query rows in SIMD lanes --------------------------------------------------------------
+// For tasks with at least 8 rows (GQA decode: the G query heads of one kv head) scores are computed with
+// the rows of a group of 8 in the 8 lanes of a vector: s[key][lane] = sum_d k[key][d] * qT[d][lane], one
+// FMA per (key, d) with k[key][d] broadcast. No horizontal reductions at all, and the softmax statistics
+// (max, sum, rescale factor) of 8 rows are one vector. P.V then runs the register tiles above with the
+// probabilities read at key stride 8.
+
+// dst[0, D) = f32 of a K row stored as bf16 / f16.
+template <typename KT>
+inline void widen_row(const KT* src, float* dst, int64_t D) {
+  int64_t d = 0;
+#if defined(NX_ATTN_AVX512)
+  for (; d + 16 <= D; d += 16) _mm512_storeu_ps(dst + d, load16(src + d));
+  if (d < D) _mm512_mask_storeu_ps(dst + d, simd::tail_mask(D - d), load16(src + d, simd::tail_mask(D - d)));
+#else
+  for (; d < D; d++) dst[d] = to_f(src[d]);
+#endif
+}
+
+// s[kk * 8 + lane] = sum_{d < D} k[kk * ks + d] * qT[d * 8 + lane] for kk < NKEY (f32 key rows).
+// Kept out of line: inlined into the task loop, GCC ran short of registers and reloaded qT for every FMA.
+template <int NKEY>
+NX_NOINLINE void lane_scores(const float* qT, const float* k, int64_t ks, int64_t D, float* s) {
+#if defined(NX_ATTN_AVX512)
+  __m256 acc[NKEY];
+#pragma GCC unroll 16
+  for (int kk = 0; kk < NKEY; kk++) acc[kk] = _mm256_setzero_ps();
+  int64_t d0 = 0;
+  for (; d0 + 16 <= D; d0 += 16) {
+    __m256 qv[16];
+#pragma GCC unroll 16
+    for (int i = 0; i < 16; i++) qv[i] = _mm256_loadu_ps(qT + (d0 + i) * 8);
+#pragma GCC unroll 16
+    for (int i = 0; i < 16; i++)
+#pragma GCC unroll 16
+      for (int kk = 0; kk < NKEY; kk++)
+        acc[kk] = _mm256_fmadd_ps(_mm256_set1_ps(k[kk * ks + d0 + i]), qv[i], acc[kk]);
+  }
+  for (; d0 < D; d0++) {
+    const __m256 qv = _mm256_loadu_ps(qT + d0 * 8);
+#pragma GCC unroll 16
+    for (int kk = 0; kk < NKEY; kk++) acc[kk] = _mm256_fmadd_ps(_mm256_set1_ps(k[kk * ks + d0]), qv, acc[kk]);
+  }
+#pragma GCC unroll 16
+  for (int kk = 0; kk < NKEY; kk++) _mm256_storeu_ps(s + kk * 8, acc[kk]);
+#else
+  for (int kk = 0; kk < NKEY; kk++) {
+    float a[8] = {0, 0, 0, 0, 0, 0, 0, 0};
+    for (int64_t d = 0; d < D; d++) {
+      const float kd = k[kk * ks + d];
+      for (int l = 0; l < 8; l++) a[l] += kd * qT[d * 8 + l];
+    }
+    for (int l = 0; l < 8; l++) s[kk * 8 + l] = a[l];
+  }
+#endif
+}
+
+#if defined(NX_ATTN_AVX512)
+inline __m256 hi256(__m512 v) { return _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(v), 1)); }
+#endif
+
+// Softmax update of one row group over n8 keys (a multiple of 8) of s (8 lanes per key, -inf = not
+// visible): m, l, alpha (8 lanes each) updated in place as in block_rows, s overwritten with p.
+inline void lane_softmax(float* s, int64_t n8, float* m, float* l, float* alpha) {
+#if defined(NX_ATTN_AVX512)
+  const __m512 ninf = _mm512_set1_ps(kNegInf);
+  __m512 mx = ninf;
+  for (int64_t j = 0; j < n8; j += 2) mx = _mm512_max_ps(mx, _mm512_loadu_ps(s + j * 8));
+  const __m256 bm = _mm256_max_ps(_mm512_castps512_ps256(mx), hi256(mx));
+  const __m256 mold = _mm256_loadu_ps(m);
+  const __m256 mnew = _mm256_max_ps(mold, bm);
+  // alpha = e^(mold - mnew); 0 where nothing was seen before (the state is all zeros then)
+  const __mmask8 seen = _mm256_cmp_ps_mask(mold, _mm256_set1_ps(kNegInf), _CMP_NEQ_OQ);
+  const __m256 e = _mm512_castps512_ps256(simd::v_exp(_mm512_castps256_ps512(_mm256_sub_ps(mold, mnew))));
+  const __m256 al = _mm256_maskz_mov_ps(seen, e);
+  const __m512 mn2 = _mm512_insertf32x8(_mm512_castps256_ps512(mnew), mnew, 1);
+  __m512 sum = _mm512_setzero_ps();
+  for (int64_t j = 0; j < n8; j += 2) {
+    const __m512 x = _mm512_loadu_ps(s + j * 8);
+    const __mmask16 valid = _mm512_cmp_ps_mask(x, ninf, _CMP_NEQ_OQ);
+    const __m512 p = _mm512_maskz_mov_ps(valid, simd::v_exp(_mm512_sub_ps(x, mn2)));
+    _mm512_storeu_ps(s + j * 8, p);
+    sum = _mm512_add_ps(sum, p);
+  }
+  const __m256 ps = _mm256_add_ps(_mm512_castps512_ps256(sum), hi256(sum));
+  _mm256_storeu_ps(l, _mm256_fmadd_ps(_mm256_loadu_ps(l), al, ps));
+  _mm256_storeu_ps(m, mnew);
+  _mm256_storeu_ps(alpha, al);
+#else
+  for (int lane = 0; lane < 8; lane++) {
+    float bm = kNegInf;
+    for (int64_t j = 0; j < n8; j++) bm = std::max(bm, s[j * 8 + lane]);
+    const float mold = m[lane], mnew = std::max(mold, bm);
+    const float al = mold == kNegInf ? 0.0f : std::exp(mold - mnew);
+    float sum = 0;
+    for (int64_t j = 0; j < n8; j++) {
+      float& x = s[j * 8 + lane];
+      x = x == kNegInf ? 0.0f : std::exp(x - mnew);
+      sum += x;
+    }
+    l[lane] = l[lane] * al + sum;
+    m[lane] = mnew;
+    alpha[lane] = al;
+  }
+#endif
+}
+
+template <typename KT>
+NX_NOINLINE void attn_task_lanes(const AttnPlan& P, const KView& q, const KT* kb, int64_t ks, const KT* vb,
+                                 int64_t vs, const uint16_t* mbits, int64_t b, int64_t kh, int64_t i0, int64_t nq,
+                                 int64_t jb, int64_t je, Scratch& sc) {
+  const int64_t G = P.G, D = P.D, Dp = P.Dp, R = nq * G, RG = (R + 7) / 8, KB = P.KB;
+  sc.ensure(R, P);
+  constexpr bool kF32 = std::is_same<KT, float>::value;
+  if (!kF32) sc.kw.resize(static_cast<size_t>(KB * D));
+  else sc.kw.resize(static_cast<size_t>(8 * D));
+  // qT[rg][d][lane] = scale * q[row rg * 8 + lane][d]; padded lanes 0
+  float* qT = sc.qs.data();
+  std::fill(qT, qT + RG * 8 * D, 0.0f);
+  for (int64_t r = 0; r < R; r++) {
+    const int64_t ii = r / G, g = r % G;
+    const int64_t qo = b * q.strides[0] + (kh * G + g) * q.strides[1] + (i0 + ii) * q.strides[2];
+    float* dst = qT + (r / 8) * 8 * D + r % 8;
+    if (q.dtype == DType::F32 && q.strides[3] == 1) {
+      const float* src = q.ptr<float>() + qo;
+      for (int64_t d = 0; d < D; d++) dst[d * 8] = src[d] * P.scale;
+    } else {
+      for (int64_t d = 0; d < D; d++) dst[d * 8] = load_f32(q.data, q.dtype, qo + d * q.strides[3]) * P.scale;
+    }
+  }
+  // query position of every lane (padded lanes: the last row's, they are never written out)
+  std::vector<int64_t>& qpos = sc.qpos;
+  qpos.resize(static_cast<size_t>(RG * 8));
+  for (int64_t r = 0; r < RG * 8; r++) qpos[r] = P.Tk - P.Tq + i0 + std::min(r, R - 1) / G;
+  const int64_t qmin = qpos[0], qmax = qpos[R - 1];
+  std::fill(sc.m.begin(), sc.m.begin() + RG * 8, kNegInf);
+  std::fill(sc.l.begin(), sc.l.begin() + RG * 8, 0.0f);
+  std::fill(sc.acc.begin(), sc.acc.begin() + R * Dp, 0.0f);
+  je = std::min(je, qmax + 1);  // causal: no row of this task sees a later key
+  auto scores_softmax = [&](int64_t j0, int64_t n) {
+    const int64_t n8 = (n + 7) / 8 * 8;
+    float* s = sc.s.data();
+    // f32 key rows of this block: the cache itself, or widened into kw (rows past Tk zero)
+    const float* kf;
+    int64_t kfs;
+    if constexpr (kF32) {
+      kf = kb + j0 * ks;
+      kfs = ks;
+    } else {
+      for (int64_t j = 0; j < n8; j++) {
+        float* dst = sc.kw.data() + j * D;
+        if (j0 + j < P.Tk) widen_row(kb + (j0 + j) * ks, dst, D);
+        else std::fill(dst, dst + D, 0.0f);
+      }
+      kf = sc.kw.data();
+      kfs = D;
+    }
+    for (int64_t g8 = 0; g8 < n8; g8 += 8) {
+      const float* kg = kf + g8 * kfs;
+      int64_t kgs = kfs;
+      if (kF32 && j0 + g8 + 8 > P.Tk) {  // the last keys of the cache: copy, zero the missing rows
+        const int64_t avail = P.Tk - j0 - g8;
+        for (int64_t j = 0; j < 8; j++) {
+          float* dst = sc.kw.data() + j * D;
+          if (j < avail) std::memcpy(dst, kg + j * kfs, static_cast<size_t>(D) * sizeof(float));
+          else std::fill(dst, dst + D, 0.0f);
+        }
+        kg = sc.kw.data();
+        kgs = D;
+      }
+      for (int64_t rg = 0; rg < RG; rg++) lane_scores<8>(qT + rg * 8 * D, kg, kgs, D, s + (rg * KB + g8) * 8);
+    }
+    // masks: padding / past Tk (mbits) for every row, causal limit per lane (j0 is a multiple of 16)
+    for (int64_t j = 0; j < n8; j++) {
+      const int64_t jj = j0 + j;
+      if (j % 16 == 0 && jj + 15 <= qmin && mbits[jj / 16] == 0xFFFFu) {  // 16 keys every row sees
+        j += 15;
+        continue;
+      }
+      const bool key_ok = jj < P.Tk && (mbits[jj / 16] >> (jj % 16) & 1u);
+      if (key_ok && jj <= qmin) continue;
+      for (int64_t rg = 0; rg < RG; rg++) {
+        float* sr = s + (rg * KB + j) * 8;
+        for (int lane = 0; lane < 8; lane++)
+          if (!key_ok || jj > qpos[rg * 8 + lane]) sr[lane] = kNegInf;
+      }
+    }
+    for (int64_t rg = 0; rg < RG; rg++)
+      lane_softmax(s + rg * KB * 8, n8, sc.m.data() + rg * 8, sc.l.data() + rg * 8, sc.alpha.data() + rg * 8);
+  };
+  // P.V: tiles of 4 (2, 1) rows inside a row group; p of row r, key j at s[(r / 8 * KB + j) * 8 + r % 8]
+  auto pv_block = [&](int64_t j0, int64_t n) {
+    for (int64_t r0 = 0; r0 < R;) {
+      const int64_t rem = std::min(R - r0, 8 - r0 % 8);
+      const int nr = rem >= 4 ? 4 : rem >= 2 ? 2 : 1;
+      const float* p = sc.s.data() + (r0 / 8) * KB * 8 + r0 % 8;
+      float* acc = sc.acc.data() + r0 * Dp;
+      const float* al = sc.alpha.data() + r0;
+      if (nr == 4) pv_rows<4>(acc, Dp, al, p, 1, 8, n, vb + j0 * vs, vs, D);
+      else if (nr == 2) pv_rows<2>(acc, Dp, al, p, 1, 8, n, vb + j0 * vs, vs, D);
+      else pv_rows<1>(acc, Dp, al, p, 1, 8, n, vb + j0 * vs, vs, D);
+      r0 += nr;
+    }
+  };
+  for (int64_t j0 = jb; j0 < je; j0 += KB) {
+    const int64_t n = std::min(KB, je - j0);  // keys some row may see
+    scores_softmax(j0, n);
+    pv_block(j0, n);
   }
 }
 
@@ -611,67 +911,99 @@ void write_out_row(const KView& out, int64_t b, int64_t h, int64_t i, const floa
   }
 }
 
+// A cursor over one range of consecutive tasks (own cache line: the threads claim from them concurrently).
+struct alignas(64) TaskRange {
+  std::atomic<int64_t> next{0};
+  int64_t end = 0;
+};
+
 template <typename KT>
 void attention_impl(const AttnPlan& P, const KView& q, const KT* kb, const int64_t* kstr, const KT* vb,
                     const int64_t* vstr, const std::vector<uint16_t>& mbits, const KView& out) {
   const int64_t base_tasks = P.B * P.Hkv * P.nqb;
   const int64_t ntasks = base_tasks * P.nsplit;
   const int64_t Rmax = P.QB * P.G, Dp = P.Dp;
-  // partial results of split tasks: per task and row, (m, l, acc[Dp])
+  // partial results of split tasks: per task and row, (m, l, acc[Dp]); per (b, kv head, query block) the
+  // number of its splits finished so far: the task that finishes the last one merges them
   std::vector<float> part;
-  if (P.nsplit > 1) part.resize(static_cast<size_t>(ntasks * Rmax * (Dp + 2)));
-  parallel_for(0, ntasks, 1, [&](int64_t lo, int64_t hi) {
-    Scratch sc;
-    for (int64_t task = lo; task < hi; task++) {
-      const int64_t split = task % P.nsplit;
-      const int64_t bt = task / P.nsplit;
-      const int64_t qb = bt % P.nqb, kh = (bt / P.nqb) % P.Hkv, b = bt / (P.nqb * P.Hkv);
-      const int64_t i0 = qb * P.QB, nq = std::min(P.QB, P.Tq - i0);
-      const int64_t jb = split * P.slen, je = std::min(P.Tk, jb + P.slen);
-      const KT* kp = kb + b * kstr[0] + kh * kstr[1];
-      const KT* vp = vb + b * vstr[0] + kh * vstr[1];
+  std::unique_ptr<std::atomic<int32_t>[]> done;
+  if (P.nsplit > 1) {
+    part.resize(static_cast<size_t>(ntasks * Rmax * (Dp + 2)));
+    done.reset(new std::atomic<int32_t>[static_cast<size_t>(base_tasks)]);
+    for (int64_t i = 0; i < base_tasks; i++) done[i].store(0, std::memory_order_relaxed);
+  }
+  // merge: M = max m_s, out = sum_s e^(m_s - M) acc_s / sum_s e^(m_s - M) l_s
+  auto merge = [&](int64_t bt, std::vector<float>& acc) {
+    acc.resize(static_cast<size_t>(Dp));
+    const int64_t qb = bt % P.nqb, kh = (bt / P.nqb) % P.Hkv, b = bt / (P.nqb * P.Hkv);
+    const int64_t i0 = qb * P.QB, nq = std::min(P.QB, P.Tq - i0), R = nq * P.G;
+    for (int64_t r = 0; r < R; r++) {
+      float M = kNegInf;
+      for (int64_t s = 0; s < P.nsplit; s++) M = std::max(M, part[((bt * P.nsplit + s) * Rmax + r) * (Dp + 2)]);
+      std::fill(acc.begin(), acc.end(), 0.0f);
+      float L = 0;
+      if (M != kNegInf) {
+        for (int64_t s = 0; s < P.nsplit; s++) {
+          const float* pr = part.data() + ((bt * P.nsplit + s) * Rmax + r) * (Dp + 2);
+          if (pr[0] == kNegInf) continue;
+          const float w = std::exp(pr[0] - M);
+          L += w * pr[1];
+          for (int64_t d = 0; d < P.D; d++) acc[d] += w * pr[2 + d];
+        }
+      }
+      write_out_row(out, b, kh * P.G + r % P.G, i0 + r / P.G, acc.data(), L > 0 ? 1.0f / L : 0.0f, P.D);
+    }
+  };
+  auto run = [&](int64_t task, Scratch& sc, std::vector<float>& macc) {
+    const int64_t split = task % P.nsplit;
+    const int64_t bt = task / P.nsplit;
+    const int64_t qb = bt % P.nqb, kh = (bt / P.nqb) % P.Hkv, b = bt / (P.nqb * P.Hkv);
+    const int64_t i0 = qb * P.QB, nq = std::min(P.QB, P.Tq - i0);
+    const int64_t jb = split * P.slen, je = std::min(P.Tk, jb + P.slen);
+    const KT* kp = kb + b * kstr[0] + kh * kstr[1];
+    const KT* vp = vb + b * vstr[0] + kh * vstr[1];
+    if (nq * P.G >= kLaneRows)
+      attn_task_lanes(P, q, kp, kstr[2], vp, vstr[2], mbits.data() + b * P.NG, b, kh, i0, nq, jb, je, sc);
+    else
       attn_task(P, q, kp, kstr[2], vp, vstr[2], mbits.data() + b * P.NG, b, kh, i0, nq, jb, je, sc);
-      const int64_t R = nq * P.G;
-      if (P.nsplit == 1) {
-        for (int64_t r = 0; r < R; r++) {
-          const float l = sc.l[r];
-          write_out_row(out, b, kh * P.G + r % P.G, i0 + r / P.G, sc.acc.data() + r * Dp, l > 0 ? 1.0f / l : 0.0f, P.D);
-        }
-      } else {
-        float* pp = part.data() + task * Rmax * (Dp + 2);
-        for (int64_t r = 0; r < R; r++) {
-          float* pr = pp + r * (Dp + 2);
-          pr[0] = sc.m[r];
-          pr[1] = sc.l[r];
-          std::memcpy(pr + 2, sc.acc.data() + r * Dp, static_cast<size_t>(Dp) * sizeof(float));
-        }
-      }
-    }
-  });
-  if (P.nsplit == 1) return;
-  // merge splits: M = max m_s, out = sum_s e^(m_s - M) acc_s / sum_s e^(m_s - M) l_s
-  parallel_for(0, base_tasks, 1, [&](int64_t lo, int64_t hi) {
-    std::vector<float> acc(static_cast<size_t>(Dp));
-    for (int64_t bt = lo; bt < hi; bt++) {
-      const int64_t qb = bt % P.nqb, kh = (bt / P.nqb) % P.Hkv, b = bt / (P.nqb * P.Hkv);
-      const int64_t i0 = qb * P.QB, nq = std::min(P.QB, P.Tq - i0), R = nq * P.G;
+    const int64_t R = nq * P.G;
+    if (P.nsplit == 1) {
       for (int64_t r = 0; r < R; r++) {
-        float M = kNegInf;
-        for (int64_t s = 0; s < P.nsplit; s++) M = std::max(M, part[((bt * P.nsplit + s) * Rmax + r) * (Dp + 2)]);
-        std::fill(acc.begin(), acc.end(), 0.0f);
-        float L = 0;
-        if (M != kNegInf) {
-          for (int64_t s = 0; s < P.nsplit; s++) {
-            const float* pr = part.data() + ((bt * P.nsplit + s) * Rmax + r) * (Dp + 2);
-            if (pr[0] == kNegInf) continue;
-            const float w = std::exp(pr[0] - M);
-            L += w * pr[1];
-            for (int64_t d = 0; d < P.D; d++) acc[d] += w * pr[2 + d];
-          }
-        }
-        write_out_row(out, b, kh * P.G + r % P.G, i0 + r / P.G, acc.data(), L > 0 ? 1.0f / L : 0.0f, P.D);
+        const float l = sc.l[r];
+        write_out_row(out, b, kh * P.G + r % P.G, i0 + r / P.G, sc.acc.data() + r * Dp, l > 0 ? 1.0f / l : 0.0f, P.D);
       }
+      return;
     }
+    float* pp = part.data() + task * Rmax * (Dp + 2);
+    for (int64_t r = 0; r < R; r++) {
+      float* pr = pp + r * (Dp + 2);
+      pr[0] = sc.m[r];
+      pr[1] = sc.l[r];
+      std::memcpy(pr + 2, sc.acc.data() + r * Dp, static_cast<size_t>(Dp) * sizeof(float));
+    }
+    if (done[bt].fetch_add(1, std::memory_order_acq_rel) == P.nsplit - 1) merge(bt, macc);
+  };
+  // Tasks are claimed, not dealt: one range of consecutive tasks per thread, each with an atomic cursor.
+  // A thread drains its own range first (the same K/V rows every call, so they stay in its L2), then
+  // helps with the others, so a worker that wakes late or is descheduled does not hold the call up.
+  const int64_t nr = std::max<int64_t>(1, std::min<int64_t>(num_threads(), ntasks));
+  std::vector<TaskRange> ranges(static_cast<size_t>(nr));
+  for (int64_t c = 0; c < nr; c++) {
+    ranges[c].next.store(ntasks * c / nr, std::memory_order_relaxed);
+    ranges[c].end = ntasks * (c + 1) / nr;
+  }
+  parallel_for(0, nr, 1, [&](int64_t lo, int64_t hi) {
+    Scratch sc;
+    std::vector<float> macc;
+    for (int64_t c0 = lo; c0 < hi; c0++)
+      for (int64_t k = 0; k < nr; k++) {
+        TaskRange& tr = ranges[(c0 + k) % nr];
+        for (;;) {
+          const int64_t task = tr.next.fetch_add(1, std::memory_order_relaxed);
+          if (task >= tr.end) break;
+          run(task, sc, macc);
+        }
+      }
   });
 }
 
@@ -694,6 +1026,7 @@ void attention(const KView& q, const KView& k, const KView& v, const KView* mask
   P.nqb = (P.Tq + P.QB - 1) / P.QB;
   P.KB = std::max<int64_t>(16, std::min<int64_t>(128, (4096 / P.D) / 16 * 16));
   P.NG = (P.Tk + 15) / 16;
+  P.prefetch = 2 * P.B * P.Hkv * P.Tk * P.D * static_cast<int64_t>(dtype_size(k.dtype)) > llc_bytes();
   // split the keys when there are too few tasks to keep every thread busy (decode with few kv heads)
   const int64_t base = P.B * P.Hkv * P.nqb;
   const int64_t want = 4 * static_cast<int64_t>(num_threads());

@@ -395,7 +395,70 @@ NX_TEST(attention_fast_vs_ref_long_decode_splits) {
   run_case({1, 4, 1, 2, 900, 64, DType::F32, Layout::Contiguous, true, 2, 0.125f});    // gap + splits
   run_case({2, 8, 8, 1, 1024, 64, DType::F32, Layout::Contiguous, true, 1, 0.125f});   // many tasks
   run_case({1, 32, 8, 1, 1024, 64, DType::F16, Layout::Contiguous, true, 0, 0.125f});  // bench shape
+  // K + V = 41 MB, more than a 32 MiB last-level cache: the tile path prefetches the next key block
+  // (a hint only: the results must be those of the plain path, within the same bound)
+  run_case({1, 4, 4, 1, 20000, 64, DType::F32, Layout::Contiguous, true, 1, 0.125f});
   // D beyond the register tiles (D > 128 takes the row-by-row P.V path), with a ragged tail
   run_case({1, 4, 2, 3, 40, 256, DType::F32, Layout::Contiguous, true, 1, 0.0625f});
   run_case({1, 4, 1, 5, 33, 200, DType::BF16, Layout::Strided, false, 2, 0.07f});
+}
+
+NX_TEST(attention_fast_vs_ref_lane_path) {
+  // Tasks with at least 8 query rows (query positions x heads of one kv head) take the lane path: 8 rows
+  // in the lanes of a vector, one FMA per (key, dim) with the key element broadcast, softmax statistics
+  // of 8 rows as one vector, P.V reading p at key stride 8. Covered here:
+  //  - GQA decode with G = 8 (one row group), 16 (two), 12 (a half-filled second group, padded lanes);
+  //  - G = 1, 2, 3, 4 with Tq large enough for >= 8 rows: rows of one task at different query positions,
+  //    so the causal limit differs between lanes (and Tk - Tq not a multiple of 8 or 16);
+  //  - Tk = 1, 7 (fewer keys than one group of 8: the copied, zero-padded last group), 8, 9, 31, 130;
+  //  - padding masks (B = 3: unpadded, left-padded and fully padded rows -> zeros) and a masked gap;
+  //  - f32 / bf16 / f16 K/V (bf16 / f16 widened into scratch), windows of a bigger cache (unaligned
+  //    rows), strided V (copied to dense f32 first), q in every layout;
+  //  - D = 8 (only the per-dim tail loop of the score kernel), 64, 80 (16-wide loop + tail), 200
+  //    (row-by-row P.V).
+  // Tolerance: run_case's (atol 2e-5, 2e-4 for scale 1; rtol 1e-4). The lane path sums each dot product
+  // in one f32 accumulator in d order instead of 16 partial sums; its rounding grows like
+  // sqrt(D) * eps * scale * sum_d |q_d k_d| ~ 1e-6 for these inputs (|q|, |k| <= 1), far inside the
+  // bound, and the softmax and P.V arithmetic is the same f32 as the tile path's.
+  const DType dts[3] = {DType::F32, DType::BF16, DType::F16};
+  int n = 0;
+  for (int64_t G : {8, 16, 12})
+    for (int64_t Tk : {1, 7, 8, 9, 31, 130}) {
+      const bool cache = n % 2 == 0;
+      const int mask = Tk > 128 ? (n % 3) : (n % 3 == 0 ? 1 : 0);
+      run_case({mask == 1 ? 3 : 1, G * (n % 2 ? 2 : 1), n % 2 ? 2 : 1, 1, Tk, 64, dts[n % 3],
+                n % 4 == 1 ? Layout::Strided : Layout::Contiguous, cache, mask, 0.125f});
+      n++;
+    }
+  for (auto gt : std::vector<std::pair<int64_t, int64_t>>{{1, 8}, {1, 13}, {2, 4}, {2, 5}, {3, 3}, {4, 2}, {4, 3}})
+    for (int64_t extra : {0, 5, 40})
+      for (int64_t D : {8, 64, 80}) {
+        const int64_t G = gt.first, Tq = gt.second, Tk = Tq + extra;
+        run_case({n % 3 == 0 ? 3 : 1, 2 * G, 2, Tq, Tk, D, dts[n % 3],
+                  n % 3 == 1 ? Layout::Transposed : Layout::Contiguous, n % 2 == 0, n % 3 == 0 ? 1 : 0,
+                  1.0f / std::sqrt(static_cast<float>(D))});
+        n++;
+      }
+  run_case({2, 8, 1, 1, 40, 200, DType::F32, Layout::Contiguous, true, 1, 0.07f});     // D > 128
+  run_case({1, 16, 2, 2, 50, 200, DType::BF16, Layout::Strided, false, 0, 0.07f});
+  run_case({3, 8, 1, 1, 40, 64, DType::F32, Layout::Contiguous, true, 1, 1.0f});       // sharp softmax
+  run_case({1, 12, 1, 3, 150, 64, DType::F16, Layout::Contiguous, false, 2, 1.0f});    // gap, sharp
+}
+
+NX_TEST(attention_fast_vs_ref_lane_path_splits_and_threads) {
+  // Long decode with few (b, kv head) tasks: keys split across tasks, the last task of a group to finish
+  // merges the partial (m, l, acc) triples. Tasks are claimed from per-thread ranges, so with 1, 2 and 3
+  // threads (3 > cores: oversubscribed, a thread can be descheduled mid-call and have its range finished
+  // by another) the merge happens in a different order and thread each time; results must not change
+  // beyond run_case's tolerance (same reasoning as attention_fast_vs_ref_lane_path).
+  const int restore = nx::num_threads();
+  for (int t : {1, 2, 3}) {
+    nx::set_num_threads(t);
+    run_case({1, 8, 1, 1, 1000, 64, DType::F32, Layout::Contiguous, true, 0, 0.125f});   // llama-like, one kv head
+    run_case({1, 32, 4, 1, 1024, 64, DType::F32, Layout::Contiguous, true, 0, 0.125f});  // the bench shape
+    run_case({3, 16, 2, 1, 777, 80, DType::BF16, Layout::Contiguous, true, 1, 0.11f});   // padding + splits
+    run_case({1, 8, 1, 2, 900, 64, DType::F16, Layout::Contiguous, true, 2, 0.125f});    // causal, gap, splits
+    run_case({1, 24, 2, 1, 513, 64, DType::F32, Layout::Contiguous, false, 0, 0.125f});  // G = 12, odd Tk
+  }
+  nx::set_num_threads(restore);
 }

@@ -66,6 +66,32 @@ DType dtype_from(double v, const char* op) {
   NX_CHECK(i >= 0 && i < kNumDTypes && i == v, "DTYPE", op << ": unknown dtype id " << v);
   return static_cast<DType>(i);
 }
+// The profile label of an op call (executor.h; built only while profiling): the op name and a shape
+// class. matmul: "matmul MxKxN" per 2-D product (batch dims as "B*"), the weight's dtype when not f32,
+// "bT" for a transposed b (nn.Linear weights), "+bias"; other ops: the first input's shape and dtype when not f32.
+std::string profile_label(Op op, const char* name, const std::vector<const Tensor*>& in, const std::vector<double>& at) {
+  std::string s = name;
+  if (in.empty() || in[0] == nullptr) return s;
+  const Tensor& a = *in[0];
+  s += ' ';
+  if (op == Op::MATMUL && in.size() > 1 && in[1] != nullptr && a.ndim() >= 1) {
+    const Tensor& b = *in[1];
+    int64_t nb = 1;
+    for (int i = 0; i + 2 < a.ndim(); i++) nb *= a.shape[i];
+    const int64_t M = a.ndim() >= 2 ? a.shape[a.ndim() - 2] : 1, K = a.shape.back();
+    const int64_t N = b.ndim() >= 2 ? b.shape.back() : 1;
+    if (nb > 1) s += std::to_string(nb) + "*";
+    s += std::to_string(M) + "x" + std::to_string(K) + "x" + std::to_string(N);
+    if (b.dtype != DType::F32) s += std::string(" ") + dtype_name(b.dtype);
+    if (b.ndim() >= 2 && b.strides[b.ndim() - 2] == 1 && b.shape.back() > 1) s += " bT";
+    if (in.size() > 2 && in[2] != nullptr) s += " +bias";
+    return s;
+  }
+  s += shape_str(a.shape);
+  if (a.dtype != DType::F32) s += std::string(" ") + dtype_name(a.dtype);
+  return s;
+}
+
 Shape keepdim_shape(const Shape& s, int dim) {
   Shape r = s;
   if (!r.empty()) r[dim] = 1;
@@ -118,7 +144,7 @@ std::vector<Tensor> run_op(Op op, const std::vector<const Tensor*>& in, const st
   auto queue = [&](std::function<void()> fn, const std::vector<Tensor>& outs) {
     Storages os;
     for (auto& o : outs) os.push_back(o.storage);
-    executor().submit(std::move(fn), ins, os);
+    executor().submit(std::move(fn), ins, os, Executor::profiling() ? profile_label(op, name, in, at) : std::string());
   };
 
   switch (op) {

@@ -10,6 +10,7 @@
 // to the host (read / readSync); toDevice moves them (see core/ops_cuda.h).
 #include <napi.h>
 
+#include <algorithm>
 #include <atomic>
 #include <cstring>
 
@@ -508,6 +509,31 @@ Napi::Value SetMetaMode(const Napi::CallbackInfo& info) {
   return info.Env().Undefined();
 }
 
+// Per-op profile of the executor (NX_PROFILE=1 or setProfiling(true); see core/executor.h).
+Napi::Value SetProfiling(const Napi::CallbackInfo& info) {
+  nx::executor().set_profiling(info[0].ToBoolean().Value());
+  return info.Env().Undefined();
+}
+
+// profile(reset?): [{label, calls, ms, maxMs}] since the last reset, heaviest first; waits for the
+// queued work first. With reset = true the table is cleared after it was read.
+Napi::Value Profile(const Napi::CallbackInfo& info) {
+  Napi::Env env = info.Env();
+  auto rows = nx::executor().profile_snapshot();
+  if (info.Length() > 0 && info[0].ToBoolean().Value()) nx::executor().profile_reset();
+  std::sort(rows.begin(), rows.end(), [](const nx::ProfileRow& a, const nx::ProfileRow& b) { return a.total_ms > b.total_ms; });
+  Napi::Array out = Napi::Array::New(env, rows.size());
+  for (size_t i = 0; i < rows.size(); i++) {
+    Napi::Object o = Napi::Object::New(env);
+    o.Set("label", Napi::String::New(env, rows[i].label));
+    o.Set("calls", Napi::Number::New(env, static_cast<double>(rows[i].calls)));
+    o.Set("ms", Napi::Number::New(env, rows[i].total_ms));
+    o.Set("maxMs", Napi::Number::New(env, rows[i].max_ms));
+    out[i] = o;
+  }
+  return out;
+}
+
 Napi::Value ProbeFma(const Napi::CallbackInfo& info) {
   nx::executor().sync();
   return Napi::Number::New(info.Env(), nx::probe_fma_peak_gflops(info[0].As<Napi::Number>().Int32Value(),
@@ -562,6 +588,8 @@ Napi::Object Init(Napi::Env env, Napi::Object exports) {
   exports.Set("releaseCachedMemory", Napi::Function::New(env, ReleaseCachedMemory));
   exports.Set("setMaxAllocation", Napi::Function::New(env, SetMaxAllocation));
   exports.Set("probeFmaPeak", Napi::Function::New(env, ProbeFma));
+  exports.Set("setProfiling", Napi::Function::New(env, SetProfiling));
+  exports.Set("profile", Napi::Function::New(env, Profile));
   exports.Set("probeTriad", Napi::Function::New(env, ProbeTriad));
   return exports;
 }

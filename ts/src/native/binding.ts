@@ -84,6 +84,10 @@ export interface NativeAddon {
   setMaxAllocation(bytes: number): void;
   probeFmaPeak(threads: number, isa: 512 | 256): number;
   probeTriad(threads: number, bytesPerArray: number): number;
+  /** turn the executor's per-op profile on or off (also NX_PROFILE=1 at startup) */
+  setProfiling(on: boolean): void;
+  /** the per-op profile since the last reset, heaviest first (waits for queued work); reset clears it after */
+  profile(reset?: boolean): Array<{ label: string; calls: number; ms: number; maxMs: number }>;
 }
 
 function packageRoot(): string {

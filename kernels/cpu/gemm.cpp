@@ -21,6 +21,20 @@
 //       4 < M <= 8: the same kernels over groups of rows of a, walking the weights in L2-sized chunks
 //       so each chunk is read from memory once for all groups (stream_part).
 //     * anything else (b with no unit stride) packs / loads through load_f32: correct, not fast.
+//   fast::gemm_packed  b packed once by fast::pack_weight into the micro-kernel's panel layout (gemm.h):
+//     * GEMM (M > MR): threads split the panels (or the rows, when there are few panels); per K block a
+//       thread packs its rows of a once, then each panel sweeps them through micro_kernel_pf, which also
+//       prefetches the thread's next panel, spread over the sweep. No B packing at all: at M = 128 that
+//       was ~15% of the time (a read of every weight from memory, a write and a re-read of the packed
+//       copy), and the panel's first use waited on memory. Measured on the GPT-2 124M matmuls (12 layers
+//       of distinct weights, so weights come from DRAM as in a forward pass), 2 threads: 172 -> 145 ms at
+//       M = 128 (0.78 -> 0.93 of the FMA peak).
+//     * streaming (M <= MR, decode): a packed once for all of K; stream_kernel walks 4 (1-2 rows), 2 (3-4)
+//       or 1 (5-8) consecutive panels at once, front to back: 4 streams per core keep more lines in
+//       flight than one (with one stream it was 5-15% slower than the matvec path below; with 4, on par
+//       at M = 1 and 1.5x faster at M = 4..8).
+//     * the K blocking (k_block) depends on K alone and every path sums a row's terms in the same order,
+//       so a row's result does not depend on M, the path or the thread count.
 //   Non-contiguous a is handled by the packing (GEMM) or a dense copy (matvec); out with a column
 //   stride != 1 is computed into a dense scratch and then copied.
 //
@@ -34,7 +48,9 @@
 #include "gemm.h"
 
 #include <algorithm>
+#include "elementwise.h"
 #include <cstdlib>
+#include <string>
 #include <vector>
 
 #if defined(__AVX512F__) || defined(__AVX2__) || defined(__SSE2__)
@@ -292,6 +308,74 @@ struct MakeTable<0, R...> {
   using type = MicroTable<R...>;
 };
 inline MicroFn micro_for_rows(int rows) { return MakeTable<MR>::type::fns[rows - 1]; }
+
+// The full-height micro-kernel of the prepacked path: the same arithmetic as micro_kernel<MR> (every
+// accumulator sums its k terms in the same order, so results are bit-identical), plus software
+// prefetch of the panel the thread multiplies next: every 4 k steps, q lines from pf on (pf advances,
+// up to pf_end). Spread over the sweep of A micro-panels, the next panel is in cache before it is used;
+// the hardware prefetchers alone leave its first use waiting on memory.
+template <int ROWS>
+void micro_kernel_pf(int64_t kc, const float* __restrict ap, const float* __restrict bp, float* c, int64_t ldc,
+                     int ncols, int mode, const float* bias, const char*& pf, const char* pf_end, int q) {
+  vf acc[ROWS][NV];
+#pragma GCC unroll 16
+  for (int r = 0; r < ROWS; r++)
+#pragma GCC unroll 4
+    for (int j = 0; j < NV; j++) acc[r][j] = vzero();
+  for (int r = 0; r < ROWS; r++) __builtin_prefetch(c + r * ldc, 1);
+  auto step = [&]() __attribute__((always_inline)) {
+    vf bv[NV];
+#pragma GCC unroll 4
+    for (int j = 0; j < NV; j++) bv[j] = vload(bp + j * VL);
+#pragma GCC unroll 16
+    for (int r = 0; r < ROWS; r++) {
+      vf av = vbcast(ap[r]);
+#pragma GCC unroll 4
+      for (int j = 0; j < NV; j++) acc[r][j] = vfma(av, bv[j], acc[r][j]);
+    }
+    ap += MR;
+    bp += NR;
+  };
+  int64_t k = 0;
+  for (; k + 4 <= kc; k += 4) {
+    if (pf < pf_end) {
+      for (int i = 0; i < q; i++) __builtin_prefetch(pf + 64 * i, 0, 3);
+      pf += 64 * q;
+    }
+    step();
+    step();
+    step();
+    step();
+  }
+  for (; k < kc; k++) step();
+  if (ncols == NR) {
+#pragma GCC unroll 16
+    for (int r = 0; r < ROWS; r++) {
+      float* cr = c + r * ldc;
+#pragma GCC unroll 4
+      for (int j = 0; j < NV; j++) {
+        vf v = acc[r][j];
+        if (mode == 2) v = vadd(v, vload(cr + j * VL));
+        else if (mode == 1) v = vadd(v, vload(bias + j * VL));
+        vstore(cr + j * VL, v);
+      }
+    }
+  } else {
+    alignas(64) float tile[ROWS][NR];
+    for (int r = 0; r < ROWS; r++)
+      for (int j = 0; j < NV; j++) vstore(&tile[r][j * VL], acc[r][j]);
+    for (int r = 0; r < ROWS; r++) {
+      float* cr = c + r * ldc;
+      for (int j = 0; j < ncols; j++) {
+        float v = tile[r][j];
+        if (mode == 2) v += cr[j];
+        else if (mode == 1) v += bias[j];
+        cr[j] = v;
+      }
+    }
+  }
+}
+
 
 // ---- packing ----
 // A block rows [0, mc) x k [0, kc) of a (element strides sa0, sa1) into MR-row panels:
@@ -853,6 +937,198 @@ void matvec_path(int64_t M, const float* a, int64_t lda, const KView& b, BLayout
   }
 }
 
+// ---- prepacked B (gemm.h: pack_weight / gemm_packed) ----
+// Streaming kernel (M <= MR rows): NP consecutive panels at once, so NP streams of weights are in flight
+// (one stream per core leaves DRAM bandwidth unused). Full panels only (ncols == NR). Each output
+// element is summed exactly as micro_kernel sums it (its k terms in order into one accumulator lane,
+// then the bias or the previous K blocks added once), so the results are the same bits.
+template <int ROWS, int NP>
+void stream_kernel(int64_t kc, const float* __restrict ap, const float* __restrict bp, int64_t panel_stride, float* c,
+                   int64_t ldc, int mode, const float* bias) {
+  vf acc[ROWS][NP][NV];
+#pragma GCC unroll 8
+  for (int r = 0; r < ROWS; r++)
+#pragma GCC unroll 4
+    for (int i = 0; i < NP; i++)
+#pragma GCC unroll 4
+      for (int j = 0; j < NV; j++) acc[r][i][j] = vzero();
+  for (int64_t k = 0; k < kc; k++) {
+    vf bv[NP][NV];
+#pragma GCC unroll 4
+    for (int i = 0; i < NP; i++)
+#pragma GCC unroll 4
+      for (int j = 0; j < NV; j++) bv[i][j] = ROWS > 1 ? pin(vload(bp + i * panel_stride + j * VL)) : vload(bp + i * panel_stride + j * VL);
+#pragma GCC unroll 8
+    for (int r = 0; r < ROWS; r++) {
+      const vf av = vbcast(ap[r]);
+#pragma GCC unroll 4
+      for (int i = 0; i < NP; i++)
+#pragma GCC unroll 4
+        for (int j = 0; j < NV; j++) acc[r][i][j] = vfma(av, bv[i][j], acc[r][i][j]);
+    }
+    ap += MR;
+    bp += NR;
+  }
+#pragma GCC unroll 8
+  for (int r = 0; r < ROWS; r++)
+#pragma GCC unroll 4
+    for (int i = 0; i < NP; i++) {
+      float* cr = c + r * ldc + i * NR;
+#pragma GCC unroll 4
+      for (int j = 0; j < NV; j++) {
+        vf v = acc[r][i][j];
+        if (mode == 2) v = vadd(v, vload(cr + j * VL));
+        else if (mode == 1) v = vadd(v, vload(bias + i * NR + j * VL));
+        vstore(cr + j * VL, v);
+      }
+    }
+}
+
+using StreamFn = void (*)(int64_t, const float*, const float*, int64_t, float*, int64_t, int, const float*);
+// panels per pass by rows: 4 while the accumulators (ROWS * NP * NV) and loads fit the registers
+constexpr int stream_np(int rows) { return NV * VL >= 32 ? (rows <= 2 ? 4 : rows <= 4 ? 2 : 1) : (rows <= 2 ? 2 : 1); }
+template <int... R>
+struct StreamTable {
+  static constexpr StreamFn fns[sizeof...(R)] = {&stream_kernel<R + 1, stream_np(R + 1)>...};
+};
+template <int... R>
+constexpr StreamFn StreamTable<R...>::fns[sizeof...(R)];
+template <int N, int... R>
+struct MakeStreamTable : MakeStreamTable<N - 1, N - 1, R...> {};
+template <int... R>
+struct MakeStreamTable<0, R...> {
+  using type = StreamTable<R...>;
+};
+inline StreamFn stream_for_rows(int rows) { return MakeStreamTable<MR>::type::fns[rows - 1]; }
+
+// Blocking of K as in gemm_block (an even split in blocks of <= KC_MAX, multiples of 8): it depends on
+// K alone, so every M sums the same blocks in the same order.
+
+inline int64_t k_block(int64_t K) {
+  const int64_t nkb = ceil_div(K, KC_MAX);
+  return ceil_div(ceil_div(K, nkb), 8) * 8;
+}
+
+void apply_epilogue(Epilogue act, float* c, int64_t ldc, int64_t rows, int64_t ncols) {
+  if (act == Epilogue::NONE) return;
+  const UnaryOp op = act == Epilogue::GELU_TANH ? UnaryOp::GELU_TANH : UnaryOp::GELU_ERF;
+  for (int64_t r = 0; r < rows; r++) fast::unary_f32(op, c + r * ldc, c + r * ldc, ncols);
+}
+
+struct PackedArgs {
+  const float* a;
+  int64_t sa0, sa1;
+  const float* packed;
+  const float* bias;  // f32 [N] or nullptr
+  Epilogue act;
+  float* c;
+  int64_t ldc;
+  int64_t M, N, K;
+};
+
+// One thread's block: rows [m0, m1) x panels [p0, p1).
+void packed_block(const PackedArgs& g, int64_t m0, int64_t m1, int64_t p0, int64_t p1) {
+  if (m0 >= m1 || p0 >= p1) return;
+  const int64_t K = g.K, KC = k_block(K), Mt = m1 - m0;
+  const float* a = g.a + m0 * g.sa0;
+  float* c = g.c + m0 * g.ldc;
+  if (Mt <= MR) {
+    // Streaming (decode-sized M): a packed once for all of K (one MR-row panel, [k][MR]); each weight
+    // panel is then read once, front to back, K block after K block.
+    float* ap = t_apack.get(static_cast<size_t>(K * MR));
+    pack_a(a, g.sa0, g.sa1, Mt, K, ap);
+    const int rows = static_cast<int>(Mt);
+    const int np = stream_np(rows);
+    const StreamFn sfn = stream_for_rows(rows);
+    const MicroFn fn = micro_for_rows(rows);
+    for (int64_t j = p0; j < p1;) {
+      const float* panel = g.packed + j * K * NR;
+      const float* bias = g.bias != nullptr ? g.bias + j * NR : nullptr;
+      const int64_t cols_left = g.N - j * NR;
+      if (j + np <= p1 && cols_left >= np * NR) {  // np full panels at once
+        for (int64_t pc = 0; pc < K; pc += KC) {
+          const int64_t kc = std::min(KC, K - pc);
+          sfn(kc, ap + pc * MR, panel + pc * NR, K * NR, c + j * NR, g.ldc, pc > 0 ? 2 : (bias != nullptr ? 1 : 0), bias);
+        }
+        apply_epilogue(g.act, c + j * NR, g.ldc, Mt, np * NR);
+        j += np;
+        continue;
+      }
+      const int ncols = static_cast<int>(std::min<int64_t>(NR, cols_left));
+      for (int64_t pc = 0; pc < K; pc += KC) {
+        const int64_t kc = std::min(KC, K - pc);
+        fn(kc, ap + pc * MR, panel + pc * NR, c + j * NR, g.ldc, ncols, pc > 0 ? 2 : (bias != nullptr ? 1 : 0), bias);
+      }
+      apply_epilogue(g.act, c + j * NR, g.ldc, Mt, ncols);
+      j++;
+    }
+    return;
+  }
+  // GEMM: per K block, this thread's rows of a are packed once; then every panel of the block sweeps
+  // them (the panel stays in L2 across the sweep, the A micro-panels come from L2/L3) while the next
+  // panel is prefetched.
+  const int64_t Mp = ceil_div(Mt, MR);
+  float* ap = t_apack.get(static_cast<size_t>(KC * Mp * MR));
+  for (int64_t pc = 0; pc < K; pc += KC) {
+    const int64_t kc = std::min(KC, K - pc);
+    const bool last = pc + kc >= K;
+    pack_a(a + pc * g.sa1, g.sa0, g.sa1, Mt, kc, ap);
+    // next panel's K block, spread over this sweep: q lines per 4 k steps of the full-height tiles
+    const int64_t lines = kc * NR * static_cast<int64_t>(sizeof(float)) / 64;
+    const int64_t steps = std::max<int64_t>(1, (Mt / MR) * (kc / 4));
+    const int q = static_cast<int>(std::min<int64_t>(8, ceil_div(lines, steps)));
+    for (int64_t j = p0; j < p1; j++) {
+      const float* panel = g.packed + j * K * NR + pc * NR;
+      const float* next = j + 1 < p1 ? panel + K * NR : (last ? nullptr : g.packed + p0 * K * NR + (pc + KC) * NR);
+      const char* pf = reinterpret_cast<const char*>(next);
+      const char* pf_end = next != nullptr ? pf + lines * 64 : pf;
+      const int ncols = static_cast<int>(std::min<int64_t>(NR, g.N - j * NR));
+      const float* bias = g.bias != nullptr ? g.bias + j * NR : nullptr;
+      const int mode = pc > 0 ? 2 : (bias != nullptr ? 1 : 0);
+      for (int64_t ir = 0; ir < Mt; ir += MR) {
+        const int rows = static_cast<int>(std::min<int64_t>(MR, Mt - ir));
+        float* cblk = c + ir * g.ldc + j * NR;
+        if (rows == MR)
+          micro_kernel_pf<MR>(kc, ap + ir * kc, panel, cblk, g.ldc, ncols, mode, bias, pf, pf_end, q);
+        else
+          micro_for_rows(rows)(kc, ap + ir * kc, panel, cblk, g.ldc, ncols, mode, bias);
+        if (last) apply_epilogue(g.act, cblk, g.ldc, rows, ncols);
+      }
+    }
+  }
+}
+
+void packed_path(const PackedArgs& g) {
+  const int64_t Mp = ceil_div(g.M, MR), P = ceil_div(g.N, NR);
+  int T = num_threads();
+  // below ~10 us of work (GEMM) or 64K weights (streaming) a fork/join costs more than it saves
+  if (g.M <= MR ? g.K * g.N < 65536 : 2.0 * g.M * g.N * g.K < 2e6) T = 1;
+  // tm x tn = T minimising a thread's tiles plus its A packing (no B packing here: every thread
+  // reads only its own panels)
+  int best_tm = 1;
+  double best = 1e300;
+  for (int tm = 1; tm <= T; tm++) {
+    if (T % tm != 0) continue;
+    const int tn = T / tm;
+    const double rows = static_cast<double>(ceil_div(Mp, tm)) * MR, cols = static_cast<double>(ceil_div(P, tn)) * NR;
+    const double cost = rows * cols + 16.0 * rows;
+    if (cost < best) { best = cost; best_tm = tm; }
+  }
+  const int tm = best_tm, tn = T / tm;
+  auto run = [&](int64_t t) {
+    const int64_t ti = t / tn, tj = t % tn;
+    const int64_t m0 = std::min(g.M, Mp * ti / tm * MR), m1 = std::min(g.M, Mp * (ti + 1) / tm * MR);
+    packed_block(g, m0, m1, P * tj / tn, P * (tj + 1) / tn);
+  };
+  if (T == 1) {
+    run(0);
+  } else {
+    parallel_for(0, T, 1, [&](int64_t lo, int64_t hi) {
+      for (int64_t t = lo; t < hi; t++) run(t);
+    });
+  }
+}
+
 }  // namespace
 
 namespace fast {
@@ -919,6 +1195,120 @@ void gemm(const KView& a, const KView& b, const KView* bias, const KView& out) {
         store_f32(out.data, out.dtype, i * out.stride(0) + j * out.stride(1), c[i * N + j]);
   }
 }
+
+void pack_weight(const KView& b, float* dst) {
+  const int64_t K = b.size(0), N = b.size(1), P = ceil_div(N, NR);
+  if (P == 0) return;
+  if (K == 0) return;
+  const BLayout lay = classify_b(b);
+  const int T = static_cast<double>(K) * N < 65536.0 ? 1 : num_threads();
+  parallel_for(0, P, std::max<int64_t>(1, ceil_div(P, 8 * T)), [&](int64_t lo, int64_t hi) {
+    for (int64_t j = lo; j < hi; j++) pack_b(b, lay, 0, j * NR, K, std::min<int64_t>(NR, N - j * NR), dst + j * K * NR);
+  });
+}
+
+void gemm_packed(const KView& a, const float* packed, int64_t N, const KView* bias, Epilogue act, const KView& out) {
+  const int64_t M = a.size(0), K = a.size(1);
+  if (M == 0 || N == 0) return;
+  std::vector<float> bias_buf;
+  const float* biasf = nullptr;
+  if (bias != nullptr) {
+    if (bias->dtype == DType::F32 && (bias->stride(0) == 1 || N == 1)) {
+      biasf = bias->ptr<const float>();
+    } else {
+      bias_buf.resize(static_cast<size_t>(N));
+      for (int64_t j = 0; j < N; j++) bias_buf[j] = load_f32(bias->data, bias->dtype, j * bias->stride(0));
+      biasf = bias_buf.data();
+    }
+  }
+  std::vector<float> out_buf;
+  float* c;
+  int64_t ldc;
+  const bool out_direct = out.dtype == DType::F32 && (out.stride(1) == 1 || N == 1);
+  if (out_direct) {
+    c = out.ptr<float>();
+    ldc = out.stride(0);
+  } else {
+    out_buf.resize(static_cast<size_t>(M * N));
+    c = out_buf.data();
+    ldc = N;
+  }
+  if (K == 0) {
+    for (int64_t i = 0; i < M; i++) {
+      for (int64_t j = 0; j < N; j++) c[i * ldc + j] = biasf != nullptr ? biasf[j] : 0.0f;
+      apply_epilogue(act, c + i * ldc, ldc, 1, N);
+    }
+  } else {
+    std::vector<float> a_buf;
+    const float* ap = a.ptr<const float>();
+    int64_t sa0 = a.stride(0), sa1 = a.stride(1);
+    if (a.dtype != DType::F32) {
+      a_buf.resize(static_cast<size_t>(M * K));
+      for (int64_t i = 0; i < M; i++)
+        for (int64_t k = 0; k < K; k++) a_buf[i * K + k] = load_f32(a.data, a.dtype, i * sa0 + k * sa1);
+      ap = a_buf.data();
+      sa0 = K;
+      sa1 = 1;
+    }
+    packed_path(PackedArgs{ap, sa0, sa1, packed, biasf, act, c, ldc, M, N, K});
+  }
+  if (!out_direct) {
+    for (int64_t i = 0; i < M; i++)
+      for (int64_t j = 0; j < N; j++)
+        store_f32(out.data, out.dtype, i * out.stride(0) + j * out.stride(1), c[i * N + j]);
+  }
+}
 }  // namespace fast
+
+int64_t packed_width() { return NR; }
+int64_t packed_numel(int64_t K, int64_t N) { return ceil_div(N, NR) * NR * K; }
+
+void packed_columns(const float* packed, int64_t K, int64_t N, const KView& ids, const KView& out) {
+  std::vector<int64_t> id(static_cast<size_t>(ids.numel()));
+  for_each_index(ids.ndim, ids.shape, [&](int64_t lin, const int64_t* idx) {
+    const int64_t v = load_i64(ids.data, ids.dtype, ids.offset_of(idx));
+    if (v < 0 || v >= N)
+      throw Error("INDEX", "embedding: id " + std::to_string(v) + " out of range [0, " + std::to_string(N) + ")");
+    id[static_cast<size_t>(lin)] = v;
+  });
+  const int64_t sk = out.strides[out.ndim - 1];
+  for_each_index(ids.ndim, ids.shape, [&](int64_t lin, const int64_t* idx) {
+    int64_t oo = 0;
+    for (int i = 0; i < ids.ndim; i++) oo += idx[i] * out.strides[i];
+    const int64_t v = id[static_cast<size_t>(lin)];
+    const float* col = packed + (v / NR) * K * NR + v % NR;  // stride NR down the column
+    if (out.dtype == DType::F32) {
+      float* o = out.ptr<float>() + oo;
+      for (int64_t k = 0; k < K; k++) o[k * sk] = col[k * NR];
+    } else {
+      for (int64_t k = 0; k < K; k++) store_f32(out.data, out.dtype, oo + k * sk, col[k * NR]);
+    }
+  });
+}
+
+namespace ref {
+void pack_weight(const KView& b, float* dst) {
+  const int64_t K = b.size(0), N = b.size(1), P = ceil_div(N, NR);
+  for (int64_t j = 0; j < P; j++)
+    for (int64_t k = 0; k < K; k++)
+      for (int64_t c = 0; c < NR; c++) {
+        const int64_t n = j * NR + c;
+        dst[(j * K + k) * NR + c] = n < N ? load_f32(b.data, b.dtype, k * b.stride(0) + n * b.stride(1)) : 0.0f;
+      }
+}
+
+void gemm_packed(const KView& a, const float* packed, int64_t N, const KView* bias, Epilogue act, const KView& out) {
+  const int64_t M = a.size(0), K = a.size(1);
+  for (int64_t i = 0; i < M; i++)
+    for (int64_t n = 0; n < N; n++) {
+      float acc = 0.0f;
+      for (int64_t k = 0; k < K; k++)
+        acc += load_f32(a.data, a.dtype, i * a.stride(0) + k * a.stride(1)) * packed[((n / NR) * K + k) * NR + n % NR];
+      if (bias != nullptr) acc += load_f32(bias->data, bias->dtype, n * bias->stride(0));
+      store_f32(out.data, out.dtype, i * out.stride(0) + n * out.stride(1), acc);
+    }
+  if (act != Epilogue::NONE) ref::unary(act == Epilogue::GELU_TANH ? UnaryOp::GELU_TANH : UnaryOp::GELU_ERF, out, out);
+}
+}  // namespace ref
 
 }  // namespace nx

@@ -12,6 +12,7 @@
 
 #include <algorithm>
 #include <atomic>
+#include <cstdlib>
 #include <cstring>
 
 #include "../../../kernels/cpu/elementwise.h"
@@ -111,6 +112,25 @@ Napi::Value SameStorage(const Napi::CallbackInfo& info) {
   const nx::Tensor& a = AddonTensor::Get(info.Env(), info[0], "tensor");
   const nx::Tensor& b = AddonTensor::Get(info.Env(), info[1], "other");
   return Napi::Boolean::New(info.Env(), a.storage == b.storage);
+}
+// Whether pack_weight(t, release) can replace t's memory rather than add to it: a 2-D f32 host tensor
+// viewing a read-only file mapping (its pages are dropped once packed), outside meta mode (scan: no
+// kernels run, so a packed copy made then would hold no values). NX_PACK_WEIGHTS=0 turns packing off
+// (models then multiply by the mapped weights as they are: A/B comparisons, debugging).
+const bool g_pack_weights = [] {
+  const char* e = std::getenv("NX_PACK_WEIGHTS");
+  return e == nullptr || e[0] != '0';
+}();
+Napi::Value CanPackWeight(const Napi::CallbackInfo& info) {
+  const nx::Tensor& t = AddonTensor::Get(info.Env(), info[0], "tensor");
+  const bool ok = g_pack_weights && !nx::meta_mode() && t.storage && !t.storage->meta && t.storage->mapped &&
+                  t.device() < 0 && t.dtype == nx::DType::F32 && t.ndim() == 2;
+  return Napi::Boolean::New(info.Env(), ok);
+}
+// Whether t views a read-only file mapping (a weight loaded in place from safetensors).
+Napi::Value IsMapped(const Napi::CallbackInfo& info) {
+  const nx::Tensor& t = AddonTensor::Get(info.Env(), info[0], "tensor");
+  return Napi::Boolean::New(info.Env(), t.storage && t.storage->mapped);
 }
 Napi::Value SetMetaBuffer(const Napi::CallbackInfo& info) {
   Napi::Env env = info.Env();
@@ -551,6 +571,8 @@ Napi::Object Init(Napi::Env env, Napi::Object exports) {
   exports.Set("dispose", Napi::Function::New(env, Dispose));
   exports.Set("isDisposed", Napi::Function::New(env, IsDisposed));
   exports.Set("sameStorage", Napi::Function::New(env, SameStorage));
+  exports.Set("canPackWeight", Napi::Function::New(env, CanPackWeight));
+  exports.Set("isMapped", Napi::Function::New(env, IsMapped));
   exports.Set("setMetaBuffer", Napi::Function::New(env, SetMetaBuffer));
   exports.Set("metaStride", Napi::Number::New(env, kMetaStride));
   exports.Set("maxDims", Napi::Number::New(env, nx::kMaxDims));

@@ -11,6 +11,7 @@
 import { NNsightError } from "../errors.js";
 import { keep, scope } from "../tensor/index.js";
 import { untracked } from "../tensor/scope.js";
+import { dtypeSize } from "../tensor/dtype.js";
 import { Tensor, fromArray } from "../tensor/tensor.js";
 import type { ModelConfig } from "./config.js";
 import { KVCache } from "./kv-cache.js";
@@ -45,6 +46,9 @@ export interface ForwardOptions {
 
 type W = Map<string, Tensor>;
 
+/** 1-D weights smaller than this are copied out of the mapped file at construction (see the constructor). */
+const SMALL_WEIGHT_BYTES = 256 * 1024;
+
 export class TransformerLM {
   readonly config: ModelConfig;
   /** @internal weights by HF name (views over mapped files where the dtype allows) */
@@ -55,6 +59,17 @@ export class TransformerLM {
     this.config = config;
     this.weights = weights;
     this.invFreq = invFreq ? keep(fromArray(invFreq, "float32", [invFreq.length])) : null;
+    // Small 1-D host weights (norm weights, biases) are copied out of the mapped file: once the matrices
+    // around them are packed and their pages dropped (linear()), a read of a small weight would map the
+    // file pages around it again (the kernel maps whole page-cache folios: measured ~1.8 MB per small
+    // tensor on ext4), so the RSS would grow back by megabytes per layer. Matrices stay mapped (packed
+    // on first use, or read in place).
+    for (const [name, t] of weights) {
+      if (t.device === "cpu" && t.ndim === 1 && t.numel * dtypeSize(t.dtype) < SMALL_WEIGHT_BYTES && t.isMapped()) {
+        weights.set(name, keep(untracked(() => t.clone())));
+        t.dispose();
+      }
+    }
   }
 
   /** @internal */
@@ -242,8 +257,16 @@ export class TransformerLM {
   private gpt2Mlp(p: string, v: Tensor, ctx?: Ctx): Tensor {
     const run = ctx ? ctx.run : noHooks;
     const conv = (n: string) => (u: Tensor[]) => linear(u[0]!, this.w(`${p}.mlp.${n}.weight`), this.w(`${p}.mlp.${n}.bias`), "in_out");
-    const f = run(`${p}.mlp.c_fc`, [v], conv("c_fc"));
-    const a = run(`${p}.mlp.source.act_0`, [f], ([u]) => u!.gelu({ approximate: this.config.hiddenAct === "gelu" ? "none" : "tanh" }));
+    const exact = this.config.hiddenAct === "gelu";
+    const fcPath = `${p}.mlp.c_fc`, actPath = `${p}.mlp.source.act_0`;
+    let a: Tensor;
+    if (!ctx || !ctx.hooked || (ctx.wants !== null && !ctx.wants(fcPath) && !ctx.wants(actPath))) {
+      // nothing observes c_fc's output apart from the activation: fused into the GEMM (same bits)
+      a = linear(v, this.w(`${fcPath}.weight`), this.w(`${fcPath}.bias`), "in_out", exact ? "gelu" : "gelu_tanh");
+    } else {
+      const f = run(fcPath, [v], conv("c_fc"));
+      a = run(actPath, [f], ([u]) => u!.gelu({ approximate: exact ? "none" : "tanh" }));
+    }
     return run(`${p}.mlp.c_proj`, [a], conv("c_proj"));
   }
 
@@ -308,6 +331,9 @@ function embed(weight: Tensor, ids: Tensor): Tensor {
   if (!(ids.dtype === "int32" || ids.dtype === "int64")) {
     throw new NNsightError("DTYPE", `embedding lookup needs integer ids, got ${ids.dtype}`);
   }
+  // a table tied to the LM head was packed for it, and its mapped pages dropped: read the rows there
+  const p = packedWeights.get(weight);
+  if (p && !p.isDisposed) return p.embeddingPacked(ids, weight.shape[0]!);
   return weight.embedding(ids);
 }
 
@@ -326,15 +352,44 @@ function transposeOf(w: Tensor): Tensor {
   return t;
 }
 
-/** Free the cached transposed views of these weights (when a model is disposed). */
+/**
+ * Weights packed once into the GEMM's panel layout (kernels/cpu/gemm.h: pack_weight / linear_packed), by
+ * weight, made on first use. Only f32 weights viewing a memory-mapped file are packed: the packing drops
+ * their mapped pages, so the packed copy replaces them in memory instead of adding to it (reading the
+ * original again maps it back in). `false`: this weight is never packed (another dtype, another device,
+ * or a tensor the model owns in memory).
+ */
+const packedWeights = new WeakMap<Tensor, Tensor | false>();
+function packedOf(w: Tensor, wt: Tensor): Tensor | null {
+  const p = packedWeights.get(w);
+  if (p === false) return null;
+  if (p && !p.isDisposed) return p;
+  if (w.dtype !== "float32" || w.device !== "cpu") {
+    packedWeights.set(w, false);
+    return null;
+  }
+  if (!wt.canPackWeight()) return null; // not mapped, or in scan (meta) mode: asked again next time
+  const q = untracked(() => wt.packWeight(true));
+  packedWeights.set(w, q);
+  return q;
+}
+
+/** Free the cached transposed views and packed forms of these weights (when a model is disposed). */
 export function disposeTransposes(weights: Iterable<Tensor>): void {
   for (const w of weights) {
     transposed.get(w)?.dispose();
     transposed.delete(w);
+    const p = packedWeights.get(w);
+    if (p) p.dispose();
+    packedWeights.delete(w);
   }
 }
 
-export function linear(x: Tensor, w: Tensor, b: Tensor | null, layout: "out_in" | "in_out"): Tensor {
+/**
+ * y = act(x @ W + b): `act` "gelu_tanh" / "gelu" fuses that activation into the GEMM (bit-identical to
+ * applying it after; only with a packed weight, else it runs as its own op).
+ */
+export function linear(x: Tensor, w: Tensor, b: Tensor | null, layout: "out_in" | "in_out", act: "none" | "gelu_tanh" | "gelu" = "none"): Tensor {
   const wt = layout === "out_in" ? transposeOf(w) : w;
   const K = wt.shape[0]!, N = wt.shape[1]!;
   if (x.shape[x.ndim - 1] !== K) {
@@ -342,6 +397,13 @@ export function linear(x: Tensor, w: Tensor, b: Tensor | null, layout: "out_in" 
   }
   const lead = x.shape.slice(0, -1);
   const x2 = x.reshape([-1, K]);
-  const y = x2.linear(wt, b);
+  const packed = packedOf(w, wt);
+  let y: Tensor;
+  if (packed) {
+    y = x2.linearPacked(packed, b, N, act === "gelu_tanh" ? 1 : act === "gelu" ? 2 : 0);
+  } else {
+    y = x2.linear(wt, b);
+    if (act !== "none") y = y.gelu({ approximate: act === "gelu" ? "none" : "tanh" });
+  }
   return y.reshape([...lead, N]);
 }

@@ -1009,22 +1009,36 @@ inline int64_t k_block(int64_t K) {
   return ceil_div(ceil_div(K, nkb), 8) * 8;
 }
 
-void apply_epilogue(Epilogue act, float* c, int64_t ldc, int64_t rows, int64_t ncols) {
-  if (act == Epilogue::NONE) return;
-  const UnaryOp op = act == Epilogue::GELU_TANH ? UnaryOp::GELU_TANH : UnaryOp::GELU_ERF;
-  for (int64_t r = 0; r < rows; r++) fast::unary_f32(op, c + r * ldc, c + r * ldc, ncols);
-}
-
 struct PackedArgs {
   const float* a;
   int64_t sa0, sa1;
   const float* packed;
   const float* bias;  // f32 [N] or nullptr
   Epilogue act;
+  const float* res;   // f32 rows of the residual (row stride ldr, unit column stride) or nullptr
+  int64_t ldr;
   float* c;
   int64_t ldc;
   int64_t M, N, K;
 };
+
+// The finished tile out[i0:i0+rows, j0:j0+ncols] (c points at its first element): the activation, then
+// the residual added (out = res + act(..), one f32 add per element: the same bits as a separate add op).
+void apply_epilogue(const PackedArgs& g, float* c, int64_t i0, int64_t j0, int64_t rows, int64_t ncols) {
+  if (g.act != Epilogue::NONE) {
+    const UnaryOp op = g.act == Epilogue::GELU_TANH ? UnaryOp::GELU_TANH : UnaryOp::GELU_ERF;
+    for (int64_t r = 0; r < rows; r++) fast::unary_f32(op, c + r * g.ldc, c + r * g.ldc, ncols);
+  }
+  if (g.res != nullptr) {
+    for (int64_t r = 0; r < rows; r++) {
+      float* cr = c + r * g.ldc;
+      const float* rr = g.res + (i0 + r) * g.ldr + j0;
+      int64_t j = 0;
+      for (; j + VL <= ncols; j += VL) vstore(cr + j, vadd(vload(rr + j), vload(cr + j)));
+      for (; j < ncols; j++) cr[j] = rr[j] + cr[j];
+    }
+  }
+}
 
 // One thread's block: rows [m0, m1) x panels [p0, p1).
 void packed_block(const PackedArgs& g, int64_t m0, int64_t m1, int64_t p0, int64_t p1) {
@@ -1050,7 +1064,7 @@ void packed_block(const PackedArgs& g, int64_t m0, int64_t m1, int64_t p0, int64
           const int64_t kc = std::min(KC, K - pc);
           sfn(kc, ap + pc * MR, panel + pc * NR, K * NR, c + j * NR, g.ldc, pc > 0 ? 2 : (bias != nullptr ? 1 : 0), bias);
         }
-        apply_epilogue(g.act, c + j * NR, g.ldc, Mt, np * NR);
+        apply_epilogue(g, c + j * NR, m0, j * NR, Mt, np * NR);
         j += np;
         continue;
       }
@@ -1059,7 +1073,7 @@ void packed_block(const PackedArgs& g, int64_t m0, int64_t m1, int64_t p0, int64
         const int64_t kc = std::min(KC, K - pc);
         fn(kc, ap + pc * MR, panel + pc * NR, c + j * NR, g.ldc, ncols, pc > 0 ? 2 : (bias != nullptr ? 1 : 0), bias);
       }
-      apply_epilogue(g.act, c + j * NR, g.ldc, Mt, ncols);
+      apply_epilogue(g, c + j * NR, m0, j * NR, Mt, ncols);
       j++;
     }
     return;
@@ -1092,7 +1106,7 @@ void packed_block(const PackedArgs& g, int64_t m0, int64_t m1, int64_t p0, int64
           micro_kernel_pf<MR>(kc, ap + ir * kc, panel, cblk, g.ldc, ncols, mode, bias, pf, pf_end, q);
         else
           micro_for_rows(rows)(kc, ap + ir * kc, panel, cblk, g.ldc, ncols, mode, bias);
-        if (last) apply_epilogue(g.act, cblk, g.ldc, rows, ncols);
+        if (last) apply_epilogue(g, cblk, m0 + ir, j * NR, rows, ncols);
       }
     }
   }
@@ -1207,9 +1221,25 @@ void pack_weight(const KView& b, float* dst) {
   });
 }
 
-void gemm_packed(const KView& a, const float* packed, int64_t N, const KView* bias, Epilogue act, const KView& out) {
+void gemm_packed(const KView& a, const float* packed, int64_t N, const KView* bias, const KView* residual, Epilogue act,
+                 const KView& out) {
   const int64_t M = a.size(0), K = a.size(1);
   if (M == 0 || N == 0) return;
+  std::vector<float> res_buf;
+  const float* resf = nullptr;
+  int64_t ldr = N;
+  if (residual != nullptr) {
+    if (residual->dtype == DType::F32 && (residual->stride(1) == 1 || N == 1)) {
+      resf = residual->ptr<const float>();
+      ldr = residual->stride(0);
+    } else {
+      res_buf.resize(static_cast<size_t>(M * N));
+      for (int64_t i = 0; i < M; i++)
+        for (int64_t j = 0; j < N; j++)
+          res_buf[i * N + j] = load_f32(residual->data, residual->dtype, i * residual->stride(0) + j * residual->stride(1));
+      resf = res_buf.data();
+    }
+  }
   std::vector<float> bias_buf;
   const float* biasf = nullptr;
   if (bias != nullptr) {
@@ -1233,10 +1263,11 @@ void gemm_packed(const KView& a, const float* packed, int64_t N, const KView* bi
     c = out_buf.data();
     ldc = N;
   }
+  PackedArgs g{nullptr, 0, 0, packed, biasf, act, resf, ldr, c, ldc, M, N, K};
   if (K == 0) {
     for (int64_t i = 0; i < M; i++) {
       for (int64_t j = 0; j < N; j++) c[i * ldc + j] = biasf != nullptr ? biasf[j] : 0.0f;
-      apply_epilogue(act, c + i * ldc, ldc, 1, N);
+      apply_epilogue(g, c + i * ldc, i, 0, 1, N);
     }
   } else {
     std::vector<float> a_buf;
@@ -1250,7 +1281,10 @@ void gemm_packed(const KView& a, const float* packed, int64_t N, const KView* bi
       sa0 = K;
       sa1 = 1;
     }
-    packed_path(PackedArgs{ap, sa0, sa1, packed, biasf, act, c, ldc, M, N, K});
+    g.a = ap;
+    g.sa0 = sa0;
+    g.sa1 = sa1;
+    packed_path(g);
   }
   if (!out_direct) {
     for (int64_t i = 0; i < M; i++)
@@ -1297,7 +1331,8 @@ void pack_weight(const KView& b, float* dst) {
       }
 }
 
-void gemm_packed(const KView& a, const float* packed, int64_t N, const KView* bias, Epilogue act, const KView& out) {
+void gemm_packed(const KView& a, const float* packed, int64_t N, const KView* bias, const KView* residual, Epilogue act,
+                 const KView& out) {
   const int64_t M = a.size(0), K = a.size(1);
   for (int64_t i = 0; i < M; i++)
     for (int64_t n = 0; n < N; n++) {
@@ -1308,6 +1343,7 @@ void gemm_packed(const KView& a, const float* packed, int64_t N, const KView* bi
       store_f32(out.data, out.dtype, i * out.stride(0) + n * out.stride(1), acc);
     }
   if (act != Epilogue::NONE) ref::unary(act == Epilogue::GELU_TANH ? UnaryOp::GELU_TANH : UnaryOp::GELU_ERF, out, out);
+  if (residual != nullptr) ref::binary(BinaryOp::ADD, *residual, out, out);
 }
 }  // namespace ref
 

@@ -20,7 +20,8 @@
 //
 //   packed[(j * K + k) * W + c] = b[k, j * W + c]   (f32 whatever b's dtype; columns past N are 0)
 //
-// gemm_packed(a, packed, N, bias, act, out) computes out = act(a @ b + bias): M > 8 reads every panel
+// gemm_packed(a, packed, N, bias, residual, act, out) computes out = residual + act(a @ b + bias)
+// (residual [M,N] or nullptr; added last with one f32 add, the same bits as an add op): M > 8 reads every panel
 // straight from memory (prefetching the next one) instead of packing it; M <= 8 (decode) streams the
 // panels once through the same micro-kernel. Every row of out is computed by the same sequence of
 // operations whatever M and the thread count (the K blocks, then the bias, in one order), so batched
@@ -45,11 +46,13 @@ void packed_columns(const float* packed, int64_t K, int64_t N, const KView& ids,
 namespace ref {
 void gemm(const KView& a, const KView& b, const KView* bias, const KView& out);
 void pack_weight(const KView& b, float* dst);    // dst: packed_numel(K, N) floats
-void gemm_packed(const KView& a, const float* packed, int64_t N, const KView* bias, Epilogue act, const KView& out);
+void gemm_packed(const KView& a, const float* packed, int64_t N, const KView* bias, const KView* residual, Epilogue act,
+                 const KView& out);
 }  // namespace ref
 namespace fast {
 void gemm(const KView& a, const KView& b, const KView* bias, const KView& out);
 void pack_weight(const KView& b, float* dst);    // dst 64-byte aligned
-void gemm_packed(const KView& a, const float* packed, int64_t N, const KView* bias, Epilogue act, const KView& out);
+void gemm_packed(const KView& a, const float* packed, int64_t N, const KView* bias, const KView* residual, Epilogue act,
+                 const KView& out);
 }  // namespace fast
 }  // namespace nx

@@ -247,7 +247,7 @@ void check_packed(const Spec& s, nx::Epilogue act = nx::Epilogue::NONE) {
   nx::ref::gemm(a->v, b->v, s.bias ? &bias->v : nullptr, want->v);
   if (act != nx::Epilogue::NONE)
     nx::ref::unary(act == nx::Epilogue::GELU_TANH ? nx::UnaryOp::GELU_TANH : nx::UnaryOp::GELU_ERF, want->v, want->v);
-  nx::fast::gemm_packed(a->v, pk.p.get(), s.N, s.bias ? &bias->v : nullptr, act, got->v);
+  nx::fast::gemm_packed(a->v, pk.p.get(), s.N, s.bias ? &bias->v : nullptr, nullptr, act, got->v);
   char what[256];
   std::snprintf(what, sizeof what, "packed M=%lld N=%lld K=%lld b=%s/%s a=%s out=%s bias=%s act=%s threads=%d",
                 static_cast<long long>(s.M), static_cast<long long>(s.N), static_cast<long long>(s.K),
@@ -353,8 +353,8 @@ NX_TEST(gemm_packed_epilogue) {
       nxt::fill_random(b->v);
       nxt::fill_random(bias->v);
       Packed pk = pack_of(b->v, false);
-      nx::fast::gemm_packed(a->v, pk.p.get(), s.N, &bias->v, act, fused->v);
-      nx::fast::gemm_packed(a->v, pk.p.get(), s.N, &bias->v, nx::Epilogue::NONE, plain->v);
+      nx::fast::gemm_packed(a->v, pk.p.get(), s.N, &bias->v, nullptr, act, fused->v);
+      nx::fast::gemm_packed(a->v, pk.p.get(), s.N, &bias->v, nullptr, nx::Epilogue::NONE, plain->v);
       nx::fast::unary(act == nx::Epilogue::GELU_TANH ? nx::UnaryOp::GELU_TANH : nx::UnaryOp::GELU_ERF, plain->v, after->v);
       NX_EXPECT(std::memcmp(fused->v.data, after->v.data, static_cast<size_t>(s.M * s.N) * sizeof(float)) == 0,
                 "fused %s differs from gemm_packed + unary: M=%lld N=%lld K=%lld", act_name(act),
@@ -390,7 +390,7 @@ NX_TEST(gemm_packed_threads_rows_independent) {
     Packed pk = pack_of(b->v, false);
     {
       ThreadScope ts(2);
-      nx::fast::gemm_packed(a->v, pk.p.get(), N, &bias->v, nx::Epilogue::NONE, all->v);
+      nx::fast::gemm_packed(a->v, pk.p.get(), N, &bias->v, nullptr, nx::Epilogue::NONE, all->v);
     }
     std::vector<float> one(static_cast<size_t>(N));
     int bad = 0;
@@ -404,10 +404,53 @@ NX_TEST(gemm_packed_threads_rows_independent) {
       orow.strides[0] = N;
       orow.strides[1] = 1;
       orow.data = one.data();
-      nx::fast::gemm_packed(ar, pk.p.get(), N, &bias->v, nx::Epilogue::NONE, orow);
+      nx::fast::gemm_packed(ar, pk.p.get(), N, &bias->v, nullptr, nx::Epilogue::NONE, orow);
       if (std::memcmp(one.data(), all->v.ptr<float>() + i * all->v.stride(0), static_cast<size_t>(N) * sizeof(float)) != 0) bad++;
     }
     NX_EXPECT(bad == 0, "row of a batched packed product differs from that row alone: M=%lld N=%lld K=%lld",
               static_cast<long long>(M), static_cast<long long>(N), static_cast<long long>(K));
   }
+}
+
+// The residual epilogue (out = residual + act(a @ b + bias)): against ref with the residual added in
+// the reference too (the add is exact up to one f32 rounding on each side: same tolerance as the
+// product), for residuals of every float dtype and layout, both paths (streaming M <= 8 and GEMM), with
+// and without an activation; and bit for bit equal to gemm_packed followed by fast::binary ADD.
+NX_TEST(gemm_packed_residual) {
+  const int64_t shapes[][3] = {{1, 100, 64}, {5, 97, 33}, {8, 49, 770}, {40, 150, 800}, {130, 50, 33}};
+  const Layout lays[] = {Layout::Contiguous, Layout::Transposed, Layout::Strided};
+  for (auto& sh : shapes)
+    for (DType rdt : kBDtypes)
+      for (Layout rl : lays)
+        for (nx::Epilogue act : {nx::Epilogue::NONE, nx::Epilogue::GELU_TANH}) {
+          const int64_t M = sh[0], N = sh[1], K = sh[2];
+          auto a = nxt::make({M, K}, DType::F32);
+          auto b = nxt::make({K, N}, DType::F32, Layout::Transposed);
+          auto bias = nxt::make({N}, DType::F32);
+          auto res = nxt::make({M, N}, rdt, rl);
+          auto want = nxt::make({M, N}, DType::F32), got = nxt::make({M, N}, DType::F32);
+          nxt::fill_random(a->v);
+          nxt::fill_random(b->v);
+          nxt::fill_random(bias->v);
+          nxt::fill_random(res->v, -5.0, 5.0);
+          nxt::fill_random(got->v, 100.0, 200.0);
+          Packed pk = pack_of(b->v, false);
+          nx::ref::gemm(a->v, b->v, &bias->v, want->v);
+          if (act != nx::Epilogue::NONE) nx::ref::unary(nx::UnaryOp::GELU_TANH, want->v, want->v);
+          nx::ref::binary(nx::BinaryOp::ADD, res->v, want->v, want->v);
+          nx::fast::gemm_packed(a->v, pk.p.get(), N, &bias->v, &res->v, act, got->v);
+          char what[200];
+          std::snprintf(what, sizeof what, "packed+residual M=%lld N=%lld K=%lld res=%s/%s act=%s", static_cast<long long>(M),
+                        static_cast<long long>(N), static_cast<long long>(K), nx::dtype_name(rdt), lay_name(rl), act_name(act));
+          // as check_packed, plus one f32 rounding of sums up to |res| + |product| ~ 5 + sqrt(K)
+          const double tol = (act == nx::Epilogue::NONE ? tol_for(K) : 1.13 * tol_for(K) + 1e-7 + 2e-6 * (1.0 + std::sqrt(static_cast<double>(K)))) +
+                             1.2e-7 * (5.0 + std::sqrt(static_cast<double>(K)));
+          nxt::allclose(got->v, want->v, tol, 0.0, what);
+          // bit identity with the unfused form
+          auto plain = nxt::make({M, N}, DType::F32), sum = nxt::make({M, N}, DType::F32);
+          nx::fast::gemm_packed(a->v, pk.p.get(), N, &bias->v, nullptr, act, plain->v);
+          nx::fast::binary(nx::BinaryOp::ADD, res->v, plain->v, sum->v);
+          NX_EXPECT(std::memcmp(got->v.data, sum->v.data, static_cast<size_t>(M * N) * sizeof(float)) == 0,
+                    "fused residual differs from gemm_packed + add: %s", what);
+        }
 }

@@ -104,4 +104,14 @@ describe("GPT-2 module tree", () => {
     expect(Array.from(plain.toFloat32Array())).toEqual(Array.from((split.l as Tensor).toFloat32Array()));
     plain.dispose();
   });
+
+  it("residual adds fused into attn.c_proj / mlp.c_proj equal the separate adds bit for bit", async () => {
+    // reading the block output alone fuses both residual adds into the output projections; reading the
+    // projections' outputs as well runs them as separate add ops
+    const h = model.transformer.h[1];
+    const fused = await model.trace(ids, () => ({ o: h.output, l: model.lm_head.output }));
+    const split = await model.trace(ids, () => ({ o: h.output, a: h.attn.c_proj.output, m: h.mlp.c_proj.output, l: model.lm_head.output }));
+    expect(Array.from((fused.o as Tensor).toFloat32Array())).toEqual(Array.from((split.o as Tensor).toFloat32Array()));
+    expect(Array.from((fused.l as Tensor).toFloat32Array())).toEqual(Array.from((split.l as Tensor).toFloat32Array()));
+  });
 });

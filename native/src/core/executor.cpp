@@ -129,7 +129,7 @@ void Executor::submit(std::function<void()> fn, std::vector<std::shared_ptr<Stor
   if (over && std::this_thread::get_id() != thread_.get_id()) {
     std::unique_lock<std::mutex> lk(mu_);
     throttled_++;
-    throttle_cv_.wait(lk, [&] { return inflight_ <= inflight_limit_ / 2 || completed_ == submitted_; });
+    throttle_cv_.wait(lk, [&] { return inflight_ <= inflight_limit_ / 2 || submitted_ - completed_ <= 1; });
     throttled_--;
   }
 }
@@ -183,7 +183,7 @@ void Executor::loop() {
       std::lock_guard<std::mutex> lk(mu_);
       completed_++;
       inflight_ -= bytes;
-      resume = throttled_ > 0 && (inflight_ <= inflight_limit_ / 2 || completed_ == submitted_);
+      resume = throttled_ > 0 && (inflight_ <= inflight_limit_ / 2 || submitted_ - completed_ <= 1);
     }
     done_cv_.notify_all();
     if (resume) throttle_cv_.notify_all();

@@ -18,8 +18,10 @@
 // task counts the host bytes Storage::allocate handed out on the submitting thread since its previous
 // submit (its fresh outputs; an in-place write into an existing tensor, such as a KV-cache append,
 // counts nothing). Once the tasks queued and not yet run hold more than NX_INFLIGHT_MB (default 16;
-// 0 = no bound), submit() waits until the executor has run them down to half of that. Waiting costs no
-// throughput: the queue still holds half the bound of work, far more than recording needs to refill it.
+// 0 = no bound), submit() waits until the executor has run them down to half of that, or down to the one
+// task it is running (outputs of several MB, as in a batched prefill, pass the bound one op at a time:
+// waiting for an empty queue left the executor idle while JS recorded the next op, ~1% of an 8x128
+// GPT-2 prefill). Waiting costs no throughput: the queue still holds work while recording refills it.
 // The executor thread itself is never made to wait.
 //
 // Profiling (NX_PROFILE=1, or set_profiling(true)): the executor times every task it runs and adds the

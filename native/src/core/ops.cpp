@@ -94,6 +94,7 @@ std::string profile_label(Op op, const char* name, const std::vector<const Tenso
     s += std::to_string(a.shape[0]) + "x" + std::to_string(a.shape[1]) + "x" + std::to_string(static_cast<int64_t>(at[0]));
     if (in.size() > 2 && in[2] != nullptr) s += " +bias";
     if (at.size() > 1 && at[1] != 0) s += at[1] == 1 ? " +gelu_tanh" : " +gelu";
+    if (in.size() > 3 && in[3] != nullptr) s += " +residual";
     return s;
   }
   s += shape_str(a.shape);
@@ -454,7 +455,8 @@ std::vector<Tensor> run_op(Op op, const std::vector<const Tensor*>& in, const st
       return {out};
     }
     case Op::LINEAR_PACKED: {
-      // out [M, N] = act(a [M, K] @ w + bias), w given by pack_weight; [N, act]: act 0 none, 1 gelu_tanh, 2 gelu (erf)
+      // out [M, N] = residual + act(a [M, K] @ w + bias), w given by pack_weight; [N, act]: act 0 none,
+      // 1 gelu_tanh, 2 gelu (erf); residual [M, N] optional (added last: the same bits as an add op)
       const Tensor &a = *in[0], &pk = *in[1];
       check_float(a, name, "a");
       NX_CHECK(a.ndim() == 2, "SHAPE", name << ": a must be [rows, in], got " << shape_str(a.shape));
@@ -471,13 +473,20 @@ std::vector<Tensor> run_op(Op op, const std::vector<const Tensor*>& in, const st
         check_float(*in[2], name, "bias");
         NX_CHECK(in[2]->ndim() == 1 && in[2]->shape[0] == N, "SHAPE", name << ": bias must be [" << N << "], got " << shape_str(in[2]->shape));
       }
+      const bool hr = n > 3 && in[3];
+      if (hr) {
+        check_float(*in[3], name, "residual");
+        NX_CHECK(in[3]->ndim() == 2 && in[3]->shape[0] == a.shape[0] && in[3]->shape[1] == N, "SHAPE",
+                 name << ": residual must be [" << a.shape[0] << ", " << N << "], got " << shape_str(in[3]->shape));
+      }
       Tensor out = Tensor::empty({a.shape[0], N}, DType::F32);
       KView av = a.kview(), pv = pk.kview(), ov = out.kview();
-      KView biasv = hb ? in[2]->kview() : KView{};
+      KView biasv = hb ? in[2]->kview() : KView{}, resv = hr ? in[3]->kview() : KView{};
       const Epilogue ep = static_cast<Epilogue>(act);
       queue([=] {
         const float* w = static_cast<const float*>(pv.data);
-        ref ? ref::gemm_packed(av, w, N, hb ? &biasv : nullptr, ep, ov) : fast::gemm_packed(av, w, N, hb ? &biasv : nullptr, ep, ov);
+        const KView *bp = hb ? &biasv : nullptr, *rp = hr ? &resv : nullptr;
+        ref ? ref::gemm_packed(av, w, N, bp, rp, ep, ov) : fast::gemm_packed(av, w, N, bp, rp, ep, ov);
       }, {out});
       return {out};
     }

@@ -112,7 +112,7 @@ export const OP_INFO: ReadonlyArray<{ name: NativeOpName; minInputs: number; max
   { name: "rope", minInputs: 3, maxInputs: 3, family: "LINALG" },
   { name: "attention", minInputs: 3, maxInputs: 4, family: "LINALG" },
   { name: "pack_weight", minInputs: 1, maxInputs: 1, family: "LINALG" },
-  { name: "linear_packed", minInputs: 2, maxInputs: 3, family: "LINALG" },
+  { name: "linear_packed", minInputs: 2, maxInputs: 4, family: "LINALG" },
   { name: "embedding", minInputs: 2, maxInputs: 2, family: "INDEX" },
   { name: "gather", minInputs: 2, maxInputs: 2, family: "INDEX" },
   { name: "scatter_", minInputs: 3, maxInputs: 3, family: "INDEX" },

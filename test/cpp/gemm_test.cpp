@@ -454,3 +454,62 @@ NX_TEST(gemm_packed_residual) {
                     "fused residual differs from gemm_packed + add: %s", what);
         }
 }
+
+// packed_columns: rows of an embedding table E [N, K] read from the packed form of E.t() (a tied LM
+// head) equal ref::embedding on E exactly (a copy), for N around the panel width, ids of both int
+// dtypes and non-contiguous, out strided, a size-1 table; an id out of range is INDEX before any write.
+#include "../../kernels/cpu/index.h"
+NX_TEST(gemm_packed_columns) {
+  const int64_t W = nx::packed_width();
+  const int64_t Ns[] = {1, W - 1, W, 2 * W + 3, 300};
+  const int64_t Ks[] = {1, 7, 64};
+  for (int64_t N : Ns)
+    for (int64_t K : Ks)
+      for (DType idt : {DType::I32, DType::I64})
+        for (Layout ol : {Layout::Contiguous, Layout::Strided}) {
+          auto e = nxt::make({N, K}, DType::F32);
+          nxt::fill_random(e->v);
+          nx::KView et = e->v;  // E.t(): [K, N], strides [1, K]
+          std::swap(et.shape[0], et.shape[1]);
+          std::swap(et.strides[0], et.strides[1]);
+          Packed pk = pack_of(et, false);
+          auto ids = nxt::make({3, 5}, idt, Layout::Transposed);  // a non-contiguous [3, 5] view
+          for (int64_t i = 0; i < 15; i++) {
+            int64_t idx[2] = {i / 5, i % 5};
+            nx::store_i64(ids->v.data, idt, ids->v.offset_of(idx), (i * 7919 + 3) % N);
+          }
+          auto want = nxt::make({3, 5, K}, DType::F32, ol), got = nxt::make({3, 5, K}, DType::F32, ol);
+          nxt::fill_random(got->v, 100.0, 200.0);
+          nx::ref::embedding(e->v, ids->v, want->v);
+          nx::packed_columns(pk.p.get(), K, N, ids->v, got->v);
+          char what[128];
+          std::snprintf(what, sizeof what, "packed_columns N=%lld K=%lld ids=%s out=%s", static_cast<long long>(N),
+                        static_cast<long long>(K), nx::dtype_name(idt), lay_name(ol));
+          nxt::allclose(got->v, want->v, 0.0, 0.0, what);  // a copy: exact
+        }
+  // out of range: INDEX, and nothing written
+  auto e = nxt::make({10, 4}, DType::F32);
+  nxt::fill_random(e->v);
+  nx::KView et = e->v;
+  std::swap(et.shape[0], et.shape[1]);
+  std::swap(et.strides[0], et.strides[1]);
+  Packed pk = pack_of(et, false);
+  for (int64_t bad : {-1, 10}) {
+    auto ids = nxt::make({3}, DType::I64);
+    nx::store_i64(ids->v.data, DType::I64, 0, 2);
+    nx::store_i64(ids->v.data, DType::I64, 1, bad);
+    nx::store_i64(ids->v.data, DType::I64, 2, 3);
+    auto out = nxt::make({3, 4}, DType::F32);
+    for (int i = 0; i < 12; i++) out->v.ptr<float>()[i] = 7.0f;
+    bool threw = false;
+    try {
+      nx::packed_columns(pk.p.get(), 4, 10, ids->v, out->v);
+    } catch (const nx::Error& err) {
+      threw = err.code == "INDEX" && std::string(err.what()).find(std::to_string(bad)) != std::string::npos;
+    }
+    NX_EXPECT(threw, "packed_columns: id %lld out of [0, 10) must throw INDEX naming it", static_cast<long long>(bad));
+    bool untouched = true;
+    for (int i = 0; i < 12; i++) untouched = untouched && out->v.ptr<float>()[i] == 7.0f;
+    NX_EXPECT(untouched, "packed_columns wrote before its index check");
+  }
+}

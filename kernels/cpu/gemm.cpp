@@ -22,15 +22,18 @@
 //       so each chunk is read from memory once for all groups (stream_part).
 //     * anything else (b with no unit stride) packs / loads through load_f32: correct, not fast.
 //   fast::gemm_packed  b packed once by fast::pack_weight into the micro-kernel's panel layout (gemm.h):
-//     * GEMM (M > MR): threads split the panels (or the rows, when there are few panels); per K block a
-//       thread packs its rows of a once, then each panel sweeps them through micro_kernel_pf, which also
-//       prefetches the thread's next panel, spread over the sweep. No B packing at all: at M = 128 that
+//     * GEMM (M > MR): per K block the rows of a are packed once into a shared buffer (threads split the
+//       row panels), then units (a run of panels x a block of rows, ~4 per thread) are claimed from a
+//       shared counter; each panel of a unit sweeps the unit's rows through micro_kernel_pf, which also
+//       prefetches the unit's next panel, spread over the sweep. Dynamic units keep a thread that lost
+//       its core to another process from holding the whole product back (a static half each made a
+//       contended GPT-2 prefill up to 2x slower; with units, 6-12% faster than static under load). No B packing at all: at M = 128 that
 //       was ~15% of the time (a read of every weight from memory, a write and a re-read of the packed
 //       copy), and the panel's first use waited on memory. Measured on the GPT-2 124M matmuls (12 layers
 //       of distinct weights, so weights come from DRAM as in a forward pass), 2 threads: 172 -> 145 ms at
 //       M = 128 (0.78 -> 0.93 of the FMA peak).
-//     * streaming (M <= MR, decode): a packed once for all of K; stream_kernel walks 4 (1-2 rows), 2 (3-4)
-//       or 1 (5-8) consecutive panels at once, front to back: 4 streams per core keep more lines in
+//     * streaming (M <= MR, decode): a packed once for all of K; units are runs of panels, claimed the
+//       same way; stream_kernel walks 4 (1-2 rows), 2 (3-4) or 1 (5-8) consecutive panels at once, front to back: 4 streams per core keep more lines in
 //       flight than one (with one stream it was 5-15% slower than the matvec path below; with 4, on par
 //       at M = 1 and 1.5x faster at M = 4..8).
 //     * the K blocking (k_block) depends on K alone and every path sums a row's terms in the same order,
@@ -48,6 +51,7 @@
 #include "gemm.h"
 
 #include <algorithm>
+#include <atomic>
 #include "elementwise.h"
 #include <cstdlib>
 #include <string>
@@ -1040,21 +1044,59 @@ void apply_epilogue(const PackedArgs& g, float* c, int64_t i0, int64_t j0, int64
   }
 }
 
-// One thread's block: rows [m0, m1) x panels [p0, p1).
-void packed_block(const PackedArgs& g, int64_t m0, int64_t m1, int64_t p0, int64_t p1) {
-  if (m0 >= m1 || p0 >= p1) return;
-  const int64_t K = g.K, KC = k_block(K), Mt = m1 - m0;
-  const float* a = g.a + m0 * g.sa0;
-  float* c = g.c + m0 * g.ldc;
-  if (Mt <= MR) {
-    // Streaming (decode-sized M): a packed once for all of K (one MR-row panel, [k][MR]); each weight
-    // panel is then read once, front to back, K block after K block.
-    float* ap = t_apack.get(static_cast<size_t>(K * MR));
-    pack_a(a, g.sa0, g.sa1, Mt, K, ap);
-    const int rows = static_cast<int>(Mt);
-    const int np = stream_np(rows);
-    const StreamFn sfn = stream_for_rows(rows);
-    const MicroFn fn = micro_for_rows(rows);
+// Work is handed out dynamically: the output is cut into units (a run of panels x a block of rows) that
+// the threads claim from a shared counter, several per thread, so a thread that loses its core to
+// another process (a shared machine) leaves its remaining units to the others instead of holding the
+// whole product back. With a static half each, one busy core made every GEMM take ~2x as long; measured
+// on the GPT-2 prefill, such runs took 360 ms instead of 160 ms at 1 x 128.
+struct Units {
+  int64_t rows_per = 0, panels_per = 0, nrb = 0, npc = 0;  // unit u: row block u % nrb, panel run u / nrb
+  int64_t count() const { return nrb * npc; }
+};
+
+Units make_units(int64_t M, int64_t P, int T, int64_t panel_align) {
+  Units u;
+  const int64_t want = T > 1 ? 4 * T : 1;  // units to aim for
+  // all rows in one block when the panels alone give enough units (A is shared: no reason to split M)
+  u.rows_per = ceil_div(M, MR) * MR;
+  if (P < want && M > MR) u.rows_per = std::max<int64_t>(MR, ceil_div(ceil_div(M, ceil_div(want, P)), MR) * MR);
+  u.nrb = ceil_div(M, u.rows_per);
+  const int64_t runs = std::max<int64_t>(1, want / u.nrb);
+  u.panels_per = std::max<int64_t>(1, ceil_div(ceil_div(P, runs), panel_align) * panel_align);
+  u.npc = ceil_div(P, u.panels_per);
+  return u;
+}
+
+// Runs fn(unit) for every unit, claimed dynamically by the pool's threads (all of them on one thread
+// when T == 1).
+template <class Fn>
+void for_units(int64_t count, int T, Fn&& fn) {
+  if (T <= 1 || count <= 1) {
+    for (int64_t u = 0; u < count; u++) fn(u);
+    return;
+  }
+  std::atomic<int64_t> next{0};
+  parallel_for(0, T, 1, [&](int64_t lo, int64_t hi) {
+    for (int64_t t = lo; t < hi; t++)
+      for (int64_t u = next.fetch_add(1, std::memory_order_relaxed); u < count; u = next.fetch_add(1, std::memory_order_relaxed)) fn(u);
+  });
+}
+
+// Streaming (decode-sized M <= MR): a packed once for all of K (one MR-row panel, [k][MR]) by the
+// caller; each weight panel is then read once, front to back, K block after K block, by whichever
+// thread claims its run.
+void packed_stream(const PackedArgs& g, int T) {
+  const int64_t K = g.K, KC = k_block(K), P = ceil_div(g.N, NR);
+  float* ap = t_apack.get(static_cast<size_t>(K * MR));
+  pack_a(g.a, g.sa0, g.sa1, g.M, K, ap);
+  const int rows = static_cast<int>(g.M);
+  const int np = stream_np(rows);
+  const StreamFn sfn = stream_for_rows(rows);
+  const MicroFn fn = micro_for_rows(rows);
+  const Units un = make_units(g.M, P, T, np);
+  float* c = g.c;
+  for_units(un.count(), T, [&](int64_t u) {
+    const int64_t p0 = u * un.panels_per, p1 = std::min(P, p0 + un.panels_per);
     for (int64_t j = p0; j < p1;) {
       const float* panel = g.packed + j * K * NR;
       const float* bias = g.bias != nullptr ? g.bias + j * NR : nullptr;
@@ -1064,7 +1106,7 @@ void packed_block(const PackedArgs& g, int64_t m0, int64_t m1, int64_t p0, int64
           const int64_t kc = std::min(KC, K - pc);
           sfn(kc, ap + pc * MR, panel + pc * NR, K * NR, c + j * NR, g.ldc, pc > 0 ? 2 : (bias != nullptr ? 1 : 0), bias);
         }
-        apply_epilogue(g, c + j * NR, m0, j * NR, Mt, np * NR);
+        apply_epilogue(g, c + j * NR, 0, j * NR, g.M, np * NR);
         j += np;
         continue;
       }
@@ -1073,76 +1115,69 @@ void packed_block(const PackedArgs& g, int64_t m0, int64_t m1, int64_t p0, int64
         const int64_t kc = std::min(KC, K - pc);
         fn(kc, ap + pc * MR, panel + pc * NR, c + j * NR, g.ldc, ncols, pc > 0 ? 2 : (bias != nullptr ? 1 : 0), bias);
       }
-      apply_epilogue(g, c + j * NR, m0, j * NR, Mt, ncols);
+      apply_epilogue(g, c + j * NR, 0, j * NR, g.M, ncols);
       j++;
     }
-    return;
-  }
-  // GEMM: per K block, this thread's rows of a are packed once; then every panel of the block sweeps
-  // them (the panel stays in L2 across the sweep, the A micro-panels come from L2/L3) while the next
-  // panel is prefetched.
-  const int64_t Mp = ceil_div(Mt, MR);
-  float* ap = t_apack.get(static_cast<size_t>(KC * Mp * MR));
+  });
+}
+
+// GEMM (M > MR), per K block: the rows of a are packed once into a shared buffer (the threads split
+// the row panels), then the units sweep them: each panel of a unit's run passes over the unit's rows
+// (the panel stays in L2 across the sweep, the A micro-panels come from L2/L3) while the next panel of
+// the run is prefetched. The K blocks run one after another (a block adds into what the previous one
+// wrote), so every element is summed in the same order whichever thread computes it.
+thread_local Scratch t_ashared;
+void packed_gemm_path(const PackedArgs& g, int T) {
+  const int64_t K = g.K, KC = k_block(K), P = ceil_div(g.N, NR), Mp = ceil_div(g.M, MR);
+  const Units un = make_units(g.M, P, T, 1);
+  float* ap = t_ashared.get(static_cast<size_t>(KC * Mp * MR));
   for (int64_t pc = 0; pc < K; pc += KC) {
     const int64_t kc = std::min(KC, K - pc);
     const bool last = pc + kc >= K;
-    pack_a(a + pc * g.sa1, g.sa0, g.sa1, Mt, kc, ap);
-    // next panel's K block, spread over this sweep: q lines per 4 k steps of the full-height tiles
+    // pack: row panel i (MR rows) at ap + i * MR * kc, as pack_a lays out consecutive panels
+    const int64_t pgrain = std::max<int64_t>(1, ceil_div(Mp, 2 * std::max(T, 1)));
+    auto pack_rows = [&](int64_t lo, int64_t hi) {
+      const int64_t r0 = lo * MR, r1 = std::min(g.M, hi * MR);
+      pack_a(g.a + r0 * g.sa0 + pc * g.sa1, g.sa0, g.sa1, r1 - r0, kc, ap + r0 * kc);
+    };
+    if (T > 1 && Mp > 1) parallel_for(0, Mp, pgrain, pack_rows);
+    else pack_rows(0, Mp);
+    // prefetch: the next panel's K block over this unit's sweep, q lines per 4 k steps of the full tiles
     const int64_t lines = kc * NR * static_cast<int64_t>(sizeof(float)) / 64;
-    const int64_t steps = std::max<int64_t>(1, (Mt / MR) * (kc / 4));
+    const int64_t steps = std::max<int64_t>(1, (std::min(un.rows_per, g.M) / MR) * (kc / 4));
     const int q = static_cast<int>(std::min<int64_t>(8, ceil_div(lines, steps)));
-    for (int64_t j = p0; j < p1; j++) {
-      const float* panel = g.packed + j * K * NR + pc * NR;
-      const float* next = j + 1 < p1 ? panel + K * NR : (last ? nullptr : g.packed + p0 * K * NR + (pc + KC) * NR);
-      const char* pf = reinterpret_cast<const char*>(next);
-      const char* pf_end = next != nullptr ? pf + lines * 64 : pf;
-      const int ncols = static_cast<int>(std::min<int64_t>(NR, g.N - j * NR));
-      const float* bias = g.bias != nullptr ? g.bias + j * NR : nullptr;
-      const int mode = pc > 0 ? 2 : (bias != nullptr ? 1 : 0);
-      for (int64_t ir = 0; ir < Mt; ir += MR) {
-        const int rows = static_cast<int>(std::min<int64_t>(MR, Mt - ir));
-        float* cblk = c + ir * g.ldc + j * NR;
-        if (rows == MR)
-          micro_kernel_pf<MR>(kc, ap + ir * kc, panel, cblk, g.ldc, ncols, mode, bias, pf, pf_end, q);
-        else
-          micro_for_rows(rows)(kc, ap + ir * kc, panel, cblk, g.ldc, ncols, mode, bias);
-        if (last) apply_epilogue(g, cblk, m0 + ir, j * NR, rows, ncols);
+    for_units(un.count(), T, [&](int64_t u) {
+      const int64_t m0 = (u % un.nrb) * un.rows_per, m1 = std::min(g.M, m0 + un.rows_per);
+      const int64_t p0 = (u / un.nrb) * un.panels_per, p1 = std::min(P, p0 + un.panels_per);
+      for (int64_t j = p0; j < p1; j++) {
+        const float* panel = g.packed + j * K * NR + pc * NR;
+        const float* next = j + 1 < p1 ? panel + K * NR : nullptr;
+        const char* pf = reinterpret_cast<const char*>(next);
+        const char* pf_end = next != nullptr ? pf + lines * 64 : pf;
+        const int ncols = static_cast<int>(std::min<int64_t>(NR, g.N - j * NR));
+        const float* bias = g.bias != nullptr ? g.bias + j * NR : nullptr;
+        const int mode = pc > 0 ? 2 : (bias != nullptr ? 1 : 0);
+        for (int64_t ir = m0; ir < m1; ir += MR) {
+          const int rows = static_cast<int>(std::min<int64_t>(MR, m1 - ir));
+          float* cblk = g.c + ir * g.ldc + j * NR;
+          const float* apan = ap + ir * kc;
+          if (rows == MR)
+            micro_kernel_pf<MR>(kc, apan, panel, cblk, g.ldc, ncols, mode, bias, pf, pf_end, q);
+          else
+            micro_for_rows(rows)(kc, apan, panel, cblk, g.ldc, ncols, mode, bias);
+          if (last) apply_epilogue(g, cblk, ir, j * NR, rows, ncols);
+        }
       }
-    }
+    });
   }
 }
 
 void packed_path(const PackedArgs& g) {
-  const int64_t Mp = ceil_div(g.M, MR), P = ceil_div(g.N, NR);
   int T = num_threads();
   // below ~10 us of work (GEMM) or 64K weights (streaming) a fork/join costs more than it saves
   if (g.M <= MR ? g.K * g.N < 65536 : 2.0 * g.M * g.N * g.K < 2e6) T = 1;
-  // tm x tn = T minimising a thread's tiles plus what it streams through its caches: its rows of A (packed
-  // per K block) and its panels of B (read from memory once per K block). With equal tiles this prefers
-  // splitting the panels, so no weight is read twice (splitting the rows of the GPT-2 matmuls at M = 1024
-  // measured the same, the two threads reading each panel close enough together to share it in L3).
-  int best_tm = 1;
-  double best = 1e300;
-  for (int tm = 1; tm <= T; tm++) {
-    if (T % tm != 0) continue;
-    const int tn = T / tm;
-    const double rows = static_cast<double>(ceil_div(Mp, tm)) * MR, cols = static_cast<double>(ceil_div(P, tn)) * NR;
-    const double cost = rows * cols + 16.0 * (rows + cols);
-    if (cost < best) { best = cost; best_tm = tm; }
-  }
-  const int tm = best_tm, tn = T / tm;
-  auto run = [&](int64_t t) {
-    const int64_t ti = t / tn, tj = t % tn;
-    const int64_t m0 = std::min(g.M, Mp * ti / tm * MR), m1 = std::min(g.M, Mp * (ti + 1) / tm * MR);
-    packed_block(g, m0, m1, P * tj / tn, P * (tj + 1) / tn);
-  };
-  if (T == 1) {
-    run(0);
-  } else {
-    parallel_for(0, T, 1, [&](int64_t lo, int64_t hi) {
-      for (int64_t t = lo; t < hi; t++) run(t);
-    });
-  }
+  if (g.M <= MR) packed_stream(g, T);
+  else packed_gemm_path(g, T);
 }
 
 }  // namespace

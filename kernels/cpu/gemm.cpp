@@ -23,17 +23,16 @@
 //     * anything else (b with no unit stride) packs / loads through load_f32: correct, not fast.
 //   fast::gemm_packed  b packed once by fast::pack_weight into the micro-kernel's panel layout (gemm.h):
 //     * GEMM (M > MR): per K block the rows of a are packed once into a shared buffer (threads split the
-//       row panels), then units (a run of panels x a block of rows, ~4 per thread) are claimed from a
-//       shared counter; each panel of a unit sweeps the unit's rows through micro_kernel_pf, which also
-//       prefetches the unit's next panel, spread over the sweep. Dynamic units keep a thread that lost
-//       its core to another process from holding the whole product back (a static half each made a
-//       contended GPT-2 prefill up to 2x slower; with units, 6-12% faster than static under load). No B packing at all: at M = 128 that
+//       row panels), then runs of panels (guided sizes, shrinking towards the end: for_panel_runs) or,
+//       with few panels, units of (row block, panel run) are claimed from a shared counter; each panel of
+//       a run sweeps the rows through micro_kernel_pf, which also prefetches the run's next panel, spread
+//       over the sweep. Dynamic claims keep a thread that lost its core to another process from holding
+//       the whole product back (a static half each: 6-12% slower on the GPT-2 matmuls under load). No B packing at all: at M = 128 that
 //       was ~15% of the time (a read of every weight from memory, a write and a re-read of the packed
 //       copy), and the panel's first use waited on memory. Measured on the GPT-2 124M matmuls (12 layers
 //       of distinct weights, so weights come from DRAM as in a forward pass), 2 threads: 172 -> 145 ms at
 //       M = 128 (0.78 -> 0.93 of the FMA peak).
-//     * streaming (M <= MR, decode): a packed once for all of K; units are runs of panels, claimed the
-//       same way; stream_kernel walks 4 (1-2 rows), 2 (3-4) or 1 (5-8) consecutive panels at once, front to back: 4 streams per core keep more lines in
+//     * streaming (M <= MR, decode): a packed once for all of K; runs of panels are claimed the same way; stream_kernel walks 4 (1-2 rows), 2 (3-4) or 1 (5-8) consecutive panels at once, front to back: 4 streams per core keep more lines in
 //       flight than one (with one stream it was 5-15% slower than the matvec path below; with 4, on par
 //       at M = 1 and 1.5x faster at M = 4..8).
 //     * the K blocking (k_block) depends on K alone and every path sums a row's terms in the same order,
@@ -1067,6 +1066,33 @@ Units make_units(int64_t M, int64_t P, int T, int64_t panel_align) {
   return u;
 }
 
+// Runs fn(p0, p1) over runs of panels covering [0, P), claimed by the pool's threads from a shared
+// counter with guided sizes: a claim takes ~1/(2T) of what is left (rounded up to `align` panels while
+// that many are left), so the claims shrink towards the end and the threads finish within about one
+// panel of each other (fixed-size units left up to a whole unit of imbalance: 12% on Llama's 43-panel
+// MLP projections in decode).
+template <class Fn>
+void for_panel_runs(int64_t P, int T, int64_t align, Fn&& fn) {
+  if (T <= 1 || P <= 1) {
+    if (P > 0) fn(int64_t{0}, P);
+    return;
+  }
+  std::atomic<int64_t> next{0};
+  parallel_for(0, T, 1, [&](int64_t lo, int64_t hi) {
+    for (int64_t t = lo; t < hi; t++)
+      for (;;) {
+        int64_t cur = next.load(std::memory_order_relaxed), take;
+        do {
+          const int64_t rem = P - cur;
+          if (rem <= 0) return;
+          take = ceil_div(rem, 2 * static_cast<int64_t>(T));
+          take = rem >= align ? std::min(rem, ceil_div(take, align) * align) : rem;
+        } while (!next.compare_exchange_weak(cur, cur + take, std::memory_order_relaxed));
+        fn(cur, cur + take);
+      }
+  });
+}
+
 // Runs fn(unit) for every unit, claimed dynamically by the pool's threads (all of them on one thread
 // when T == 1).
 template <class Fn>
@@ -1093,10 +1119,8 @@ void packed_stream(const PackedArgs& g, int T) {
   const int np = stream_np(rows);
   const StreamFn sfn = stream_for_rows(rows);
   const MicroFn fn = micro_for_rows(rows);
-  const Units un = make_units(g.M, P, T, np);
   float* c = g.c;
-  for_units(un.count(), T, [&](int64_t u) {
-    const int64_t p0 = u * un.panels_per, p1 = std::min(P, p0 + un.panels_per);
+  for_panel_runs(P, T, np, [&](int64_t p0, int64_t p1) {
     for (int64_t j = p0; j < p1;) {
       const float* panel = g.packed + j * K * NR;
       const float* bias = g.bias != nullptr ? g.bias + j * NR : nullptr;
@@ -1146,9 +1170,7 @@ void packed_gemm_path(const PackedArgs& g, int T) {
     const int64_t lines = kc * NR * static_cast<int64_t>(sizeof(float)) / 64;
     const int64_t steps = std::max<int64_t>(1, (std::min(un.rows_per, g.M) / MR) * (kc / 4));
     const int q = static_cast<int>(std::min<int64_t>(8, ceil_div(lines, steps)));
-    for_units(un.count(), T, [&](int64_t u) {
-      const int64_t m0 = (u % un.nrb) * un.rows_per, m1 = std::min(g.M, m0 + un.rows_per);
-      const int64_t p0 = (u / un.nrb) * un.panels_per, p1 = std::min(P, p0 + un.panels_per);
+    auto sweep = [&](int64_t m0, int64_t m1, int64_t p0, int64_t p1) {
       for (int64_t j = p0; j < p1; j++) {
         const float* panel = g.packed + j * K * NR + pc * NR;
         const float* next = j + 1 < p1 ? panel + K * NR : nullptr;
@@ -1168,7 +1190,16 @@ void packed_gemm_path(const PackedArgs& g, int T) {
           if (last) apply_epilogue(g, cblk, ir, j * NR, rows, ncols);
         }
       }
-    });
+    };
+    if (un.nrb == 1) {  // enough panels: guided runs of panels over all the rows
+      for_panel_runs(P, T, 1, [&](int64_t p0, int64_t p1) { sweep(0, g.M, p0, p1); });
+    } else {  // few panels, many rows: units of (row block, panel run)
+      for_units(un.count(), T, [&](int64_t u) {
+        const int64_t m0 = (u % un.nrb) * un.rows_per;
+        const int64_t p0 = (u / un.nrb) * un.panels_per;
+        sweep(m0, std::min(g.M, m0 + un.rows_per), p0, std::min(P, p0 + un.panels_per));
+      });
+    }
   }
 }
 

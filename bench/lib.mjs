@@ -28,6 +28,24 @@ export function addon() {
   return createRequire(import.meta.url)(found);
 }
 
+/**
+ * Print the executor's per-op profile (see native/src/core/executor.h) as JSON lines on stderr and
+ * clear it: one `profile` line per label (op name + shape class) with calls, total ms, ms per call and
+ * the fraction of the total, heaviest first, then one `profile.total` line. `tag` fields are added to
+ * every line. The profile covers the work since the last reset (profiling must be on: NX_PROFILE=1 or
+ * addon().setProfiling(true)).
+ */
+export function dumpProfile(native, tag = {}) {
+  const rows = native.profile(true);
+  const busy = rows.filter((r) => r.label !== "(idle)").reduce((s, r) => s + r.ms, 0);
+  for (const r of rows) {
+    const [op, ...rest] = r.label.split(" ");
+    process.stderr.write(JSON.stringify({ bench: "profile", ...tag, op, shape_class: rest.join(" ") || null, calls: r.calls, ms: round(r.ms, 3), ms_per_call: round(r.ms / r.calls, 4), max_ms: round(r.maxMs, 3), frac_busy: r.label === "(idle)" ? null : round(r.ms / busy, 4) }) + "\n");
+  }
+  process.stderr.write(JSON.stringify({ bench: "profile.total", ...tag, busy_ms: round(busy, 3), idle_ms: round(rows.find((r) => r.label === "(idle)")?.ms ?? 0, 3) }) + "\n");
+  return rows;
+}
+
 /** The command line that produced a result, relative to the repo root. */
 export function commandLine() {
   const [, script, ...args] = process.argv;

@@ -24,7 +24,7 @@ import { existsSync } from "node:fs";
 import { join, resolve } from "node:path";
 import { fileURLToPath } from "node:url";
 
-import { CACHE_DIR, ROOT, emit, flags, loadAvg, measureLimits, progress, progressDone, round, summarize, timeit } from "./lib.mjs";
+import { CACHE_DIR, ROOT, addon, dumpProfile, emit, flags, loadAvg, measureLimits, progress, progressDone, round, summarize, timeit } from "./lib.mjs";
 
 export const MODELS = {
   "gpt2-124m": { preset: "gpt2-124m", dtype: "float32", prefill: [[1, 128], [8, 128]], decode: true },
@@ -49,7 +49,10 @@ export function ensureCheckpoint(name) {
   return dir;
 }
 
-const opt = flags({ threads: 2, models: Object.keys(MODELS).join(","), steps: 32, reps: 5, one: "", fma: 0, triad: 0 });
+const opt = flags({ threads: 2, models: Object.keys(MODELS).join(","), steps: 32, reps: 5, one: "", fma: 0, triad: 0, profile: false });
+// --profile (or NX_PROFILE=1): after each timing, one more run with the executor's per-op profile on,
+// printed as JSON lines on stderr (lib.mjs dumpProfile); the timed runs are not profiled.
+const profiling = opt.profile || (!!process.env.NX_PROFILE && process.env.NX_PROFILE !== "0");
 
 if (opt.one) {
   await runOne(opt.one);
@@ -62,7 +65,7 @@ if (opt.one) {
       continue;
     }
     ensureCheckpoint(name);
-    const r = spawnSync(process.execPath, [process.argv[1], "--one", name, "--threads", String(opt.threads), "--steps", String(opt.steps), "--reps", String(opt.reps), "--fma", String(lim.fma_gflops), "--triad", String(lim.triad_gbps)], { cwd: ROOT, stdio: ["ignore", "inherit", "inherit"] });
+    const r = spawnSync(process.execPath, [process.argv[1], "--one", name, "--threads", String(opt.threads), "--steps", String(opt.steps), "--reps", String(opt.reps), "--fma", String(lim.fma_gflops), "--triad", String(lim.triad_gbps), ...(opt.profile ? ["--profile"] : [])], { cwd: ROOT, stdio: ["ignore", "inherit", "inherit"] });
     if (r.status !== 0) emit({ bench: "models.error", model: name, reason: `child exited ${r.status ?? r.signal}` });
   }
 }
@@ -91,6 +94,8 @@ async function runOne(name) {
   const m = MODELS[name];
   const dir = checkpointDir(name);
   const { LanguageModel } = await import("../dist/index.js");
+  const native = profiling ? addon() : null;
+  native?.setProfiling(false); // on only around the profiled runs
   const T = opt.threads;
   progress(`loading ${name}`);
   const t0 = performance.now();
@@ -118,6 +123,15 @@ async function runOne(name) {
     const flops = 2 * cost.matParams * tokens + 2 * cost.L * B * S * S * cost.heads * cost.hd; // causal attention: QK^T and AV over half the square
     const gflops = flops / r.median / 1e6;
     emit({ bench: "models.prefill", ...base, shape: [B, S], ms: round(r.median, 2), best_ms: round(r.best, 2), reps: r.reps, tokens_per_s: round((tokens / r.median) * 1e3, 1), gflops: round(gflops, 2), frac_fma_peak: opt.fma ? round(gflops / opt.fma, 3) : null, fma_peak_gflops: opt.fma || null, logits: "full [B, T, V]" });
+    if (native) {
+      native.setProfiling(true);
+      native.profile(true);
+      const a = performance.now();
+      (await model.forward(input)).dispose();
+      const wall = performance.now() - a;
+      native.setProfiling(false);
+      dumpProfile(native, { model: name, run: "prefill", shape: [B, S], wall_ms: round(wall, 2) });
+    }
   }
 
   if (m.decode) {
@@ -153,6 +167,16 @@ async function runOne(name) {
     const all = [];
     for (let rep = 0; rep < Math.max(1, Math.min(opt.reps, 3)); rep++) all.push(...(await runDecode()));
     const r = summarize(all);
+    if (native) {
+      // one more prompt + steps decode pass, profiled (the prompt's prefill is in it: lastOnly, with cache)
+      native.setProfiling(true);
+      native.profile(true);
+      const a = performance.now();
+      await runDecode();
+      const wall = performance.now() - a;
+      native.setProfiling(false);
+      dumpProfile(native, { model: name, run: "prompt+decode", shape: [1, P], steps, wall_ms: round(wall, 2) });
+    }
     // bytes per token: weights read (lookup tables excluded) + the KV cache at the mean context length
     const ctx = P + steps / 2;
     const kvBytes = 2 * cost.L * cost.kvHeads * ctx * cost.hd * 4;

@@ -697,6 +697,8 @@ void unary(UnaryOp op, const KView& x, const KView& out) {
   });
 }
 
+void unary_f32(UnaryOp op, const float* x, float* o, int64_t n) { un_block(op, x, o, n, false); }
+
 void cast(const KView& x, const KView& out) {
   const bool same = x.dtype == out.dtype;
   const bool floats = dtype_is_float(x.dtype) && dtype_is_float(out.dtype);

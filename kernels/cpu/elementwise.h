@@ -35,5 +35,9 @@ void unary(UnaryOp op, const KView& x, const KView& out);
 void cast(const KView& x, const KView& out);
 void fill(const KView& out, double value);
 void where(const KView& cond, const KView& a, const KView& b, const KView& out);
+// o[i] = op(x[i]) for i < n over dense f32 (o may be x), on the calling thread: the same per-element
+// code fast::unary runs on dense f32 rows (every element, tail included, takes the same vector path),
+// so an epilogue that calls it (gemm_packed's fused activation) is bit-identical to a separate op.
+void unary_f32(UnaryOp op, const float* x, float* o, int64_t n);
 }  // namespace fast
 }  // namespace nx

@@ -21,6 +21,22 @@
 //       4 < M <= 8: the same kernels over groups of rows of a, walking the weights in L2-sized chunks
 //       so each chunk is read from memory once for all groups (stream_part).
 //     * anything else (b with no unit stride) packs / loads through load_f32: correct, not fast.
+//   fast::gemm_packed  b packed once by fast::pack_weight into the micro-kernel's panel layout (gemm.h):
+//     * GEMM (M > MR): per K block the rows of a are packed once into a shared buffer (threads split the
+//       row panels), then runs of panels (guided sizes, shrinking towards the end: for_panel_runs) or,
+//       with few panels, units of (row block, panel run) are claimed from a shared counter; each panel of
+//       a run sweeps the rows through micro_kernel_pf, which also prefetches the run's next panel, spread
+//       over the sweep. Dynamic claims keep a thread that lost its core to another process from holding
+//       the whole product back (a static half each: 6-12% slower on the GPT-2 matmuls under load). No B packing at all: at M = 128 that
+//       was ~15% of the time (a read of every weight from memory, a write and a re-read of the packed
+//       copy), and the panel's first use waited on memory. Measured on the GPT-2 124M matmuls (12 layers
+//       of distinct weights, so weights come from DRAM as in a forward pass), 2 threads: 172 -> 145 ms at
+//       M = 128 (0.78 -> 0.93 of the FMA peak).
+//     * streaming (M <= MR, decode): a packed once for all of K; runs of panels are claimed the same way; stream_kernel walks 4 (1-2 rows), 2 (3-4) or 1 (5-8) consecutive panels at once, front to back: 4 streams per core keep more lines in
+//       flight than one (with one stream it was 5-15% slower than the matvec path below; with 4, on par
+//       at M = 1 and 1.5x faster at M = 4..8).
+//     * the K blocking (k_block) depends on K alone and every path sums a row's terms in the same order,
+//       so a row's result does not depend on M, the path or the thread count.
 //   Non-contiguous a is handled by the packing (GEMM) or a dense copy (matvec); out with a column
 //   stride != 1 is computed into a dense scratch and then copied.
 //
@@ -34,7 +50,10 @@
 #include "gemm.h"
 
 #include <algorithm>
+#include <atomic>
+#include "elementwise.h"
 #include <cstdlib>
+#include <string>
 #include <vector>
 
 #if defined(__AVX512F__) || defined(__AVX2__) || defined(__SSE2__)
@@ -292,6 +311,74 @@ struct MakeTable<0, R...> {
   using type = MicroTable<R...>;
 };
 inline MicroFn micro_for_rows(int rows) { return MakeTable<MR>::type::fns[rows - 1]; }
+
+// The full-height micro-kernel of the prepacked path: the same arithmetic as micro_kernel<MR> (every
+// accumulator sums its k terms in the same order, so results are bit-identical), plus software
+// prefetch of the panel the thread multiplies next: every 4 k steps, q lines from pf on (pf advances,
+// up to pf_end). Spread over the sweep of A micro-panels, the next panel is in cache before it is used;
+// the hardware prefetchers alone leave its first use waiting on memory.
+template <int ROWS>
+void micro_kernel_pf(int64_t kc, const float* __restrict ap, const float* __restrict bp, float* c, int64_t ldc,
+                     int ncols, int mode, const float* bias, const char*& pf, const char* pf_end, int q) {
+  vf acc[ROWS][NV];
+#pragma GCC unroll 16
+  for (int r = 0; r < ROWS; r++)
+#pragma GCC unroll 4
+    for (int j = 0; j < NV; j++) acc[r][j] = vzero();
+  for (int r = 0; r < ROWS; r++) __builtin_prefetch(c + r * ldc, 1);
+  auto step = [&]() __attribute__((always_inline)) {
+    vf bv[NV];
+#pragma GCC unroll 4
+    for (int j = 0; j < NV; j++) bv[j] = vload(bp + j * VL);
+#pragma GCC unroll 16
+    for (int r = 0; r < ROWS; r++) {
+      vf av = vbcast(ap[r]);
+#pragma GCC unroll 4
+      for (int j = 0; j < NV; j++) acc[r][j] = vfma(av, bv[j], acc[r][j]);
+    }
+    ap += MR;
+    bp += NR;
+  };
+  int64_t k = 0;
+  for (; k + 4 <= kc; k += 4) {
+    if (pf < pf_end) {
+      for (int i = 0; i < q; i++) __builtin_prefetch(pf + 64 * i, 0, 3);
+      pf += 64 * q;
+    }
+    step();
+    step();
+    step();
+    step();
+  }
+  for (; k < kc; k++) step();
+  if (ncols == NR) {
+#pragma GCC unroll 16
+    for (int r = 0; r < ROWS; r++) {
+      float* cr = c + r * ldc;
+#pragma GCC unroll 4
+      for (int j = 0; j < NV; j++) {
+        vf v = acc[r][j];
+        if (mode == 2) v = vadd(v, vload(cr + j * VL));
+        else if (mode == 1) v = vadd(v, vload(bias + j * VL));
+        vstore(cr + j * VL, v);
+      }
+    }
+  } else {
+    alignas(64) float tile[ROWS][NR];
+    for (int r = 0; r < ROWS; r++)
+      for (int j = 0; j < NV; j++) vstore(&tile[r][j * VL], acc[r][j]);
+    for (int r = 0; r < ROWS; r++) {
+      float* cr = c + r * ldc;
+      for (int j = 0; j < ncols; j++) {
+        float v = tile[r][j];
+        if (mode == 2) v += cr[j];
+        else if (mode == 1) v += bias[j];
+        cr[j] = v;
+      }
+    }
+  }
+}
+
 
 // ---- packing ----
 // A block rows [0, mc) x k [0, kc) of a (element strides sa0, sa1) into MR-row panels:
@@ -853,6 +940,277 @@ void matvec_path(int64_t M, const float* a, int64_t lda, const KView& b, BLayout
   }
 }
 
+// ---- prepacked B (gemm.h: pack_weight / gemm_packed) ----
+// Streaming kernel (M <= MR rows): NP consecutive panels at once, so NP streams of weights are in flight
+// (one stream per core leaves DRAM bandwidth unused). Full panels only (ncols == NR). Each output
+// element is summed exactly as micro_kernel sums it (its k terms in order into one accumulator lane,
+// then the bias or the previous K blocks added once), so the results are the same bits.
+template <int ROWS, int NP>
+void stream_kernel(int64_t kc, const float* __restrict ap, const float* __restrict bp, int64_t panel_stride, float* c,
+                   int64_t ldc, int mode, const float* bias) {
+  vf acc[ROWS][NP][NV];
+#pragma GCC unroll 8
+  for (int r = 0; r < ROWS; r++)
+#pragma GCC unroll 4
+    for (int i = 0; i < NP; i++)
+#pragma GCC unroll 4
+      for (int j = 0; j < NV; j++) acc[r][i][j] = vzero();
+  for (int64_t k = 0; k < kc; k++) {
+    vf bv[NP][NV];
+#pragma GCC unroll 4
+    for (int i = 0; i < NP; i++)
+#pragma GCC unroll 4
+      for (int j = 0; j < NV; j++) bv[i][j] = ROWS > 1 ? pin(vload(bp + i * panel_stride + j * VL)) : vload(bp + i * panel_stride + j * VL);
+#pragma GCC unroll 8
+    for (int r = 0; r < ROWS; r++) {
+      const vf av = vbcast(ap[r]);
+#pragma GCC unroll 4
+      for (int i = 0; i < NP; i++)
+#pragma GCC unroll 4
+        for (int j = 0; j < NV; j++) acc[r][i][j] = vfma(av, bv[i][j], acc[r][i][j]);
+    }
+    ap += MR;
+    bp += NR;
+  }
+#pragma GCC unroll 8
+  for (int r = 0; r < ROWS; r++)
+#pragma GCC unroll 4
+    for (int i = 0; i < NP; i++) {
+      float* cr = c + r * ldc + i * NR;
+#pragma GCC unroll 4
+      for (int j = 0; j < NV; j++) {
+        vf v = acc[r][i][j];
+        if (mode == 2) v = vadd(v, vload(cr + j * VL));
+        else if (mode == 1) v = vadd(v, vload(bias + i * NR + j * VL));
+        vstore(cr + j * VL, v);
+      }
+    }
+}
+
+using StreamFn = void (*)(int64_t, const float*, const float*, int64_t, float*, int64_t, int, const float*);
+// panels per pass by rows: 4 while the accumulators (ROWS * NP * NV) and loads fit the registers
+constexpr int stream_np(int rows) { return NV * VL >= 32 ? (rows <= 2 ? 4 : rows <= 4 ? 2 : 1) : (rows <= 2 ? 2 : 1); }
+template <int... R>
+struct StreamTable {
+  static constexpr StreamFn fns[sizeof...(R)] = {&stream_kernel<R + 1, stream_np(R + 1)>...};
+};
+template <int... R>
+constexpr StreamFn StreamTable<R...>::fns[sizeof...(R)];
+template <int N, int... R>
+struct MakeStreamTable : MakeStreamTable<N - 1, N - 1, R...> {};
+template <int... R>
+struct MakeStreamTable<0, R...> {
+  using type = StreamTable<R...>;
+};
+inline StreamFn stream_for_rows(int rows) { return MakeStreamTable<MR>::type::fns[rows - 1]; }
+
+// Blocking of K as in gemm_block (an even split in blocks of <= KC_MAX, multiples of 8): it depends on
+// K alone, so every M sums the same blocks in the same order.
+
+inline int64_t k_block(int64_t K) {
+  const int64_t nkb = ceil_div(K, KC_MAX);
+  return ceil_div(ceil_div(K, nkb), 8) * 8;
+}
+
+struct PackedArgs {
+  const float* a;
+  int64_t sa0, sa1;
+  const float* packed;
+  const float* bias;  // f32 [N] or nullptr
+  Epilogue act;
+  const float* res;   // f32 rows of the residual (row stride ldr, unit column stride) or nullptr
+  int64_t ldr;
+  float* c;
+  int64_t ldc;
+  int64_t M, N, K;
+};
+
+// The finished tile out[i0:i0+rows, j0:j0+ncols] (c points at its first element): the activation, then
+// the residual added (out = res + act(..), one f32 add per element: the same bits as a separate add op).
+void apply_epilogue(const PackedArgs& g, float* c, int64_t i0, int64_t j0, int64_t rows, int64_t ncols) {
+  if (g.act != Epilogue::NONE) {
+    const UnaryOp op = g.act == Epilogue::GELU_TANH ? UnaryOp::GELU_TANH : UnaryOp::GELU_ERF;
+    for (int64_t r = 0; r < rows; r++) fast::unary_f32(op, c + r * g.ldc, c + r * g.ldc, ncols);
+  }
+  if (g.res != nullptr) {
+    for (int64_t r = 0; r < rows; r++) {
+      float* cr = c + r * g.ldc;
+      const float* rr = g.res + (i0 + r) * g.ldr + j0;
+      int64_t j = 0;
+      for (; j + VL <= ncols; j += VL) vstore(cr + j, vadd(vload(rr + j), vload(cr + j)));
+      for (; j < ncols; j++) cr[j] = rr[j] + cr[j];
+    }
+  }
+}
+
+// Work is handed out dynamically: the output is cut into units (a run of panels x a block of rows) that
+// the threads claim from a shared counter, several per thread, so a thread that loses its core to
+// another process (a shared machine) leaves its remaining units to the others instead of holding the
+// whole product back. With a static half each, one busy core made every GEMM take ~2x as long; measured
+// on the GPT-2 prefill, such runs took 360 ms instead of 160 ms at 1 x 128.
+struct Units {
+  int64_t rows_per = 0, panels_per = 0, nrb = 0, npc = 0;  // unit u: row block u % nrb, panel run u / nrb
+  int64_t count() const { return nrb * npc; }
+};
+
+Units make_units(int64_t M, int64_t P, int T, int64_t panel_align) {
+  Units u;
+  const int64_t want = T > 1 ? 4 * T : 1;  // units to aim for
+  // all rows in one block when the panels alone give enough units (A is shared: no reason to split M)
+  u.rows_per = ceil_div(M, MR) * MR;
+  if (P < want && M > MR) u.rows_per = std::max<int64_t>(MR, ceil_div(ceil_div(M, ceil_div(want, P)), MR) * MR);
+  u.nrb = ceil_div(M, u.rows_per);
+  const int64_t runs = std::max<int64_t>(1, want / u.nrb);
+  u.panels_per = std::max<int64_t>(1, ceil_div(ceil_div(P, runs), panel_align) * panel_align);
+  u.npc = ceil_div(P, u.panels_per);
+  return u;
+}
+
+// Runs fn(p0, p1) over runs of panels covering [0, P), claimed by the pool's threads from a shared
+// counter with guided sizes: a claim takes ~1/(2T) of what is left (rounded up to `align` panels while
+// that many are left), so the claims shrink towards the end and the threads finish within about one
+// panel of each other (fixed-size units left up to a whole unit of imbalance: 12% on Llama's 43-panel
+// MLP projections in decode).
+template <class Fn>
+void for_panel_runs(int64_t P, int T, int64_t align, Fn&& fn) {
+  if (T <= 1 || P <= 1) {
+    if (P > 0) fn(int64_t{0}, P);
+    return;
+  }
+  std::atomic<int64_t> next{0};
+  parallel_for(0, T, 1, [&](int64_t lo, int64_t hi) {
+    for (int64_t t = lo; t < hi; t++)
+      for (;;) {
+        int64_t cur = next.load(std::memory_order_relaxed), take;
+        do {
+          const int64_t rem = P - cur;
+          if (rem <= 0) return;
+          take = ceil_div(rem, 2 * static_cast<int64_t>(T));
+          take = rem >= align ? std::min(rem, ceil_div(take, align) * align) : rem;
+        } while (!next.compare_exchange_weak(cur, cur + take, std::memory_order_relaxed));
+        fn(cur, cur + take);
+      }
+  });
+}
+
+// Runs fn(unit) for every unit, claimed dynamically by the pool's threads (all of them on one thread
+// when T == 1).
+template <class Fn>
+void for_units(int64_t count, int T, Fn&& fn) {
+  if (T <= 1 || count <= 1) {
+    for (int64_t u = 0; u < count; u++) fn(u);
+    return;
+  }
+  std::atomic<int64_t> next{0};
+  parallel_for(0, T, 1, [&](int64_t lo, int64_t hi) {
+    for (int64_t t = lo; t < hi; t++)
+      for (int64_t u = next.fetch_add(1, std::memory_order_relaxed); u < count; u = next.fetch_add(1, std::memory_order_relaxed)) fn(u);
+  });
+}
+
+// Streaming (decode-sized M <= MR): a packed once for all of K (one MR-row panel, [k][MR]) by the
+// caller; each weight panel is then read once, front to back, K block after K block, by whichever
+// thread claims its run.
+void packed_stream(const PackedArgs& g, int T) {
+  const int64_t K = g.K, KC = k_block(K), P = ceil_div(g.N, NR);
+  float* ap = t_apack.get(static_cast<size_t>(K * MR));
+  pack_a(g.a, g.sa0, g.sa1, g.M, K, ap);
+  const int rows = static_cast<int>(g.M);
+  const int np = stream_np(rows);
+  const StreamFn sfn = stream_for_rows(rows);
+  const MicroFn fn = micro_for_rows(rows);
+  float* c = g.c;
+  for_panel_runs(P, T, np, [&](int64_t p0, int64_t p1) {
+    for (int64_t j = p0; j < p1;) {
+      const float* panel = g.packed + j * K * NR;
+      const float* bias = g.bias != nullptr ? g.bias + j * NR : nullptr;
+      const int64_t cols_left = g.N - j * NR;
+      if (j + np <= p1 && cols_left >= np * NR) {  // np full panels at once
+        for (int64_t pc = 0; pc < K; pc += KC) {
+          const int64_t kc = std::min(KC, K - pc);
+          sfn(kc, ap + pc * MR, panel + pc * NR, K * NR, c + j * NR, g.ldc, pc > 0 ? 2 : (bias != nullptr ? 1 : 0), bias);
+        }
+        apply_epilogue(g, c + j * NR, 0, j * NR, g.M, np * NR);
+        j += np;
+        continue;
+      }
+      const int ncols = static_cast<int>(std::min<int64_t>(NR, cols_left));
+      for (int64_t pc = 0; pc < K; pc += KC) {
+        const int64_t kc = std::min(KC, K - pc);
+        fn(kc, ap + pc * MR, panel + pc * NR, c + j * NR, g.ldc, ncols, pc > 0 ? 2 : (bias != nullptr ? 1 : 0), bias);
+      }
+      apply_epilogue(g, c + j * NR, 0, j * NR, g.M, ncols);
+      j++;
+    }
+  });
+}
+
+// GEMM (M > MR), per K block: the rows of a are packed once into a shared buffer (the threads split
+// the row panels), then the units sweep them: each panel of a unit's run passes over the unit's rows
+// (the panel stays in L2 across the sweep, the A micro-panels come from L2/L3) while the next panel of
+// the run is prefetched. The K blocks run one after another (a block adds into what the previous one
+// wrote), so every element is summed in the same order whichever thread computes it.
+thread_local Scratch t_ashared;
+void packed_gemm_path(const PackedArgs& g, int T) {
+  const int64_t K = g.K, KC = k_block(K), P = ceil_div(g.N, NR), Mp = ceil_div(g.M, MR);
+  const Units un = make_units(g.M, P, T, 1);
+  float* ap = t_ashared.get(static_cast<size_t>(KC * Mp * MR));
+  for (int64_t pc = 0; pc < K; pc += KC) {
+    const int64_t kc = std::min(KC, K - pc);
+    const bool last = pc + kc >= K;
+    // pack: row panel i (MR rows) at ap + i * MR * kc, as pack_a lays out consecutive panels
+    const int64_t pgrain = std::max<int64_t>(1, ceil_div(Mp, 2 * std::max(T, 1)));
+    auto pack_rows = [&](int64_t lo, int64_t hi) {
+      const int64_t r0 = lo * MR, r1 = std::min(g.M, hi * MR);
+      pack_a(g.a + r0 * g.sa0 + pc * g.sa1, g.sa0, g.sa1, r1 - r0, kc, ap + r0 * kc);
+    };
+    if (T > 1 && Mp > 1) parallel_for(0, Mp, pgrain, pack_rows);
+    else pack_rows(0, Mp);
+    // prefetch: the next panel's K block over this unit's sweep, q lines per 4 k steps of the full tiles
+    const int64_t lines = kc * NR * static_cast<int64_t>(sizeof(float)) / 64;
+    const int64_t steps = std::max<int64_t>(1, (std::min(un.rows_per, g.M) / MR) * (kc / 4));
+    const int q = static_cast<int>(std::min<int64_t>(8, ceil_div(lines, steps)));
+    auto sweep = [&](int64_t m0, int64_t m1, int64_t p0, int64_t p1) {
+      for (int64_t j = p0; j < p1; j++) {
+        const float* panel = g.packed + j * K * NR + pc * NR;
+        const float* next = j + 1 < p1 ? panel + K * NR : nullptr;
+        const char* pf = reinterpret_cast<const char*>(next);
+        const char* pf_end = next != nullptr ? pf + lines * 64 : pf;
+        const int ncols = static_cast<int>(std::min<int64_t>(NR, g.N - j * NR));
+        const float* bias = g.bias != nullptr ? g.bias + j * NR : nullptr;
+        const int mode = pc > 0 ? 2 : (bias != nullptr ? 1 : 0);
+        for (int64_t ir = m0; ir < m1; ir += MR) {
+          const int rows = static_cast<int>(std::min<int64_t>(MR, m1 - ir));
+          float* cblk = g.c + ir * g.ldc + j * NR;
+          const float* apan = ap + ir * kc;
+          if (rows == MR)
+            micro_kernel_pf<MR>(kc, apan, panel, cblk, g.ldc, ncols, mode, bias, pf, pf_end, q);
+          else
+            micro_for_rows(rows)(kc, apan, panel, cblk, g.ldc, ncols, mode, bias);
+          if (last) apply_epilogue(g, cblk, ir, j * NR, rows, ncols);
+        }
+      }
+    };
+    if (un.nrb == 1) {  // enough panels: guided runs of panels over all the rows
+      for_panel_runs(P, T, 1, [&](int64_t p0, int64_t p1) { sweep(0, g.M, p0, p1); });
+    } else {  // few panels, many rows: units of (row block, panel run)
+      for_units(un.count(), T, [&](int64_t u) {
+        const int64_t m0 = (u % un.nrb) * un.rows_per;
+        const int64_t p0 = (u / un.nrb) * un.panels_per;
+        sweep(m0, std::min(g.M, m0 + un.rows_per), p0, std::min(P, p0 + un.panels_per));
+      });
+    }
+  }
+}
+
+void packed_path(const PackedArgs& g) {
+  int T = num_threads();
+  // below ~10 us of work (GEMM) or 64K weights (streaming) a fork/join costs more than it saves
+  if (g.M <= MR ? g.K * g.N < 65536 : 2.0 * g.M * g.N * g.K < 2e6) T = 1;
+  if (g.M <= MR) packed_stream(g, T);
+  else packed_gemm_path(g, T);
+}
+
 }  // namespace
 
 namespace fast {
@@ -919,6 +1277,147 @@ void gemm(const KView& a, const KView& b, const KView* bias, const KView& out) {
         store_f32(out.data, out.dtype, i * out.stride(0) + j * out.stride(1), c[i * N + j]);
   }
 }
+
+void pack_weight(const KView& b, float* dst) {
+  const int64_t K = b.size(0), N = b.size(1), P = ceil_div(N, NR);
+  if (P == 0) return;
+  if (K == 0) return;
+  const BLayout lay = classify_b(b);
+  const int T = static_cast<double>(K) * N < 65536.0 ? 1 : num_threads();
+  parallel_for(0, P, std::max<int64_t>(1, ceil_div(P, 8 * T)), [&](int64_t lo, int64_t hi) {
+    for (int64_t j = lo; j < hi; j++) pack_b(b, lay, 0, j * NR, K, std::min<int64_t>(NR, N - j * NR), dst + j * K * NR);
+  });
+}
+
+void gemm_packed(const KView& a, const float* packed, int64_t N, const KView* bias, const KView* residual, Epilogue act,
+                 const KView& out) {
+  const int64_t M = a.size(0), K = a.size(1);
+  if (M == 0 || N == 0) return;
+  std::vector<float> res_buf;
+  const float* resf = nullptr;
+  int64_t ldr = N;
+  if (residual != nullptr) {
+    if (residual->dtype == DType::F32 && (residual->stride(1) == 1 || N == 1)) {
+      resf = residual->ptr<const float>();
+      ldr = residual->stride(0);
+    } else {
+      res_buf.resize(static_cast<size_t>(M * N));
+      for (int64_t i = 0; i < M; i++)
+        for (int64_t j = 0; j < N; j++)
+          res_buf[i * N + j] = load_f32(residual->data, residual->dtype, i * residual->stride(0) + j * residual->stride(1));
+      resf = res_buf.data();
+    }
+  }
+  std::vector<float> bias_buf;
+  const float* biasf = nullptr;
+  if (bias != nullptr) {
+    if (bias->dtype == DType::F32 && (bias->stride(0) == 1 || N == 1)) {
+      biasf = bias->ptr<const float>();
+    } else {
+      bias_buf.resize(static_cast<size_t>(N));
+      for (int64_t j = 0; j < N; j++) bias_buf[j] = load_f32(bias->data, bias->dtype, j * bias->stride(0));
+      biasf = bias_buf.data();
+    }
+  }
+  std::vector<float> out_buf;
+  float* c;
+  int64_t ldc;
+  const bool out_direct = out.dtype == DType::F32 && (out.stride(1) == 1 || N == 1);
+  if (out_direct) {
+    c = out.ptr<float>();
+    ldc = out.stride(0);
+  } else {
+    out_buf.resize(static_cast<size_t>(M * N));
+    c = out_buf.data();
+    ldc = N;
+  }
+  PackedArgs g{nullptr, 0, 0, packed, biasf, act, resf, ldr, c, ldc, M, N, K};
+  if (K == 0) {
+    for (int64_t i = 0; i < M; i++) {
+      for (int64_t j = 0; j < N; j++) c[i * ldc + j] = biasf != nullptr ? biasf[j] : 0.0f;
+      apply_epilogue(g, c + i * ldc, i, 0, 1, N);
+    }
+  } else {
+    std::vector<float> a_buf;
+    const float* ap = a.ptr<const float>();
+    int64_t sa0 = a.stride(0), sa1 = a.stride(1);
+    if (a.dtype != DType::F32) {
+      a_buf.resize(static_cast<size_t>(M * K));
+      for (int64_t i = 0; i < M; i++)
+        for (int64_t k = 0; k < K; k++) a_buf[i * K + k] = load_f32(a.data, a.dtype, i * sa0 + k * sa1);
+      ap = a_buf.data();
+      sa0 = K;
+      sa1 = 1;
+    }
+    g.a = ap;
+    g.sa0 = sa0;
+    g.sa1 = sa1;
+    packed_path(g);
+  }
+  if (!out_direct) {
+    for (int64_t i = 0; i < M; i++)
+      for (int64_t j = 0; j < N; j++)
+        store_f32(out.data, out.dtype, i * out.stride(0) + j * out.stride(1), c[i * N + j]);
+  }
+}
 }  // namespace fast
+
+int64_t packed_width() { return NR; }
+int64_t packed_numel(int64_t K, int64_t N) { return ceil_div(N, NR) * NR * K; }
+
+void packed_columns(const float* packed, int64_t K, int64_t N, const KView& ids, const KView& out) {
+  const size_t n = static_cast<size_t>(ids.numel());
+  std::vector<int64_t> id(n), off(n);  // per lookup: the id, and where its row of out starts
+  for_each_index(ids.ndim, ids.shape, [&](int64_t lin, const int64_t* idx) {
+    const int64_t v = load_i64(ids.data, ids.dtype, ids.offset_of(idx));
+    if (v < 0 || v >= N)
+      throw Error("INDEX", "embedding: id " + std::to_string(v) + " out of range [0, " + std::to_string(N) + ")");
+    int64_t oo = 0;
+    for (int i = 0; i < ids.ndim; i++) oo += idx[i] * out.strides[i];
+    id[static_cast<size_t>(lin)] = v;
+    off[static_cast<size_t>(lin)] = oo;
+  });
+  const int64_t sk = out.strides[out.ndim - 1];
+  // a column is K loads NR floats apart (a cache line each): spread the lookups over the threads
+  parallel_for(0, static_cast<int64_t>(n), std::max<int64_t>(1, 16384 / std::max<int64_t>(K, 1)), [&](int64_t lo, int64_t hi) {
+    for (int64_t i = lo; i < hi; i++) {
+      const int64_t v = id[static_cast<size_t>(i)], oo = off[static_cast<size_t>(i)];
+      const float* col = packed + (v / NR) * K * NR + v % NR;  // stride NR down the column
+      if (out.dtype == DType::F32) {
+        float* o = out.ptr<float>() + oo;
+        for (int64_t k = 0; k < K; k++) o[k * sk] = col[k * NR];
+      } else {
+        for (int64_t k = 0; k < K; k++) store_f32(out.data, out.dtype, oo + k * sk, col[k * NR]);
+      }
+    }
+  });
+}
+
+namespace ref {
+void pack_weight(const KView& b, float* dst) {
+  const int64_t K = b.size(0), N = b.size(1), P = ceil_div(N, NR);
+  for (int64_t j = 0; j < P; j++)
+    for (int64_t k = 0; k < K; k++)
+      for (int64_t c = 0; c < NR; c++) {
+        const int64_t n = j * NR + c;
+        dst[(j * K + k) * NR + c] = n < N ? load_f32(b.data, b.dtype, k * b.stride(0) + n * b.stride(1)) : 0.0f;
+      }
+}
+
+void gemm_packed(const KView& a, const float* packed, int64_t N, const KView* bias, const KView* residual, Epilogue act,
+                 const KView& out) {
+  const int64_t M = a.size(0), K = a.size(1);
+  for (int64_t i = 0; i < M; i++)
+    for (int64_t n = 0; n < N; n++) {
+      float acc = 0.0f;
+      for (int64_t k = 0; k < K; k++)
+        acc += load_f32(a.data, a.dtype, i * a.stride(0) + k * a.stride(1)) * packed[((n / NR) * K + k) * NR + n % NR];
+      if (bias != nullptr) acc += load_f32(bias->data, bias->dtype, n * bias->stride(0));
+      store_f32(out.data, out.dtype, i * out.stride(0) + n * out.stride(1), acc);
+    }
+  if (act != Epilogue::NONE) ref::unary(act == Epilogue::GELU_TANH ? UnaryOp::GELU_TANH : UnaryOp::GELU_ERF, out, out);
+  if (residual != nullptr) ref::binary(BinaryOp::ADD, *residual, out, out);
+}
+}  // namespace ref
 
 }  // namespace nx

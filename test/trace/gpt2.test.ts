@@ -91,4 +91,27 @@ describe("GPT-2 module tree", () => {
     const gelu = fc.gelu({ approximate: model.spec.hiddenAct === "gelu" ? "none" : "tanh" });
     expect(Array.from(act.toFloat32Array())).toEqual(Array.from(gelu.toFloat32Array()));
   });
+
+  it("the MLP with its GELU fused into c_fc (nothing reads c_fc) equals the unfused one bit for bit", async () => {
+    // reading mlp.output alone leaves c_fc + GELU fused (linear_packed with the activation epilogue);
+    // reading c_fc.output as well runs them as two ops. Both must give the same bits downstream.
+    const mlp = model.transformer.h[1].mlp;
+    const fused = await model.trace(ids, () => ({ m: mlp.output, l: model.lm_head.output }));
+    const split = await model.trace(ids, () => ({ m: mlp.output, fc: mlp.c_fc.output, l: model.lm_head.output }));
+    expect(Array.from((fused.m as Tensor).toFloat32Array())).toEqual(Array.from((split.m as Tensor).toFloat32Array()));
+    expect(Array.from((fused.l as Tensor).toFloat32Array())).toEqual(Array.from((split.l as Tensor).toFloat32Array()));
+    const plain = await model.forward([ids]);
+    expect(Array.from(plain.toFloat32Array())).toEqual(Array.from((split.l as Tensor).toFloat32Array()));
+    plain.dispose();
+  });
+
+  it("residual adds fused into attn.c_proj / mlp.c_proj equal the separate adds bit for bit", async () => {
+    // reading the block output alone fuses both residual adds into the output projections; reading the
+    // projections' outputs as well runs them as separate add ops
+    const h = model.transformer.h[1];
+    const fused = await model.trace(ids, () => ({ o: h.output, l: model.lm_head.output }));
+    const split = await model.trace(ids, () => ({ o: h.output, a: h.attn.c_proj.output, m: h.mlp.c_proj.output, l: model.lm_head.output }));
+    expect(Array.from((fused.o as Tensor).toFloat32Array())).toEqual(Array.from((split.o as Tensor).toFloat32Array()));
+    expect(Array.from((fused.l as Tensor).toFloat32Array())).toEqual(Array.from((split.l as Tensor).toFloat32Array()));
+  });
 });

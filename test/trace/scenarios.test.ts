@@ -665,3 +665,16 @@ describe("cache during generation (T51)", () => {
     expect(outs.map((t) => t.shape)).toEqual([[1, 5, 64], [1, 1, 64], [1, 1, 64]]);
   });
 });
+
+describe("fused residual adds (Llama)", () => {
+  it("o_proj / down_proj with the residual fused equal the separate adds bit for bit", async () => {
+    const l1 = (model as any).model.layers[1];
+    const fused = await model.trace(P1, () => ({ o: l1.output, l: model.lm_head.output }));
+    const split = await model.trace(P1, () => ({ o: l1.output, a: l1.self_attn.o_proj.output, m: l1.mlp.down_proj.output, l: model.lm_head.output }));
+    expect(arr(fused.o as Tensor)).toEqual(arr(split.o as Tensor));
+    expect(arr(fused.l as Tensor)).toEqual(arr(split.l as Tensor));
+    const plain = await model.forward(P1);
+    expect(arr(plain)).toEqual(arr(split.l as Tensor));
+    plain.dispose();
+  });
+});

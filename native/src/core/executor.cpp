@@ -1,9 +1,22 @@
 // executor.cpp: see executor.h.
 #include "executor.h"
 
+#include <chrono>
 #include <cstdlib>
 
 namespace nx {
+
+std::atomic<bool> Executor::profiling_{[] {
+  const char* p = std::getenv("NX_PROFILE");
+  return p != nullptr && p[0] != '\0' && p[0] != '0';
+}()};
+
+namespace {
+using Clock = std::chrono::steady_clock;
+double ms_between(Clock::time_point a, Clock::time_point b) {
+  return std::chrono::duration<double, std::milli>(b - a).count();
+}
+}  // namespace
 
 Executor::Executor() {
   const char* s = std::getenv("NX_SYNC");
@@ -46,17 +59,59 @@ thread_local size_t t_allocated = 0;  // host bytes allocated on this thread sin
 
 void note_host_allocation(size_t bytes) { t_allocated += bytes; }
 
+void Executor::profile_add(const std::string& label, double ms) {
+  std::lock_guard<std::mutex> lk(prof_mu_);
+  auto it = prof_index_.find(label);
+  size_t i;
+  if (it == prof_index_.end()) {
+    i = prof_rows_.size();
+    prof_index_.emplace(label, i);
+    prof_rows_.push_back(ProfileRow{label.empty() ? std::string("(unlabelled)") : label, 0, 0.0, 0.0});
+  } else {
+    i = it->second;
+  }
+  ProfileRow& r = prof_rows_[i];
+  r.calls++;
+  r.total_ms += ms;
+  if (ms > r.max_ms) r.max_ms = ms;
+}
+
+void Executor::run_timed(Task& t) {
+  const auto t0 = Clock::now();
+  run_task(t);
+  profile_add(t.label, ms_between(t0, Clock::now()));
+}
+
+void Executor::set_profiling(bool on) {
+  sync();
+  profiling_.store(on, std::memory_order_relaxed);
+}
+
+std::vector<ProfileRow> Executor::profile_snapshot() {
+  sync();
+  std::lock_guard<std::mutex> lk(prof_mu_);
+  return prof_rows_;
+}
+
+void Executor::profile_reset() {
+  sync();
+  std::lock_guard<std::mutex> lk(prof_mu_);
+  prof_rows_.clear();
+  prof_index_.clear();
+}
+
 void Executor::submit(std::function<void()> fn, std::vector<std::shared_ptr<Storage>> inputs,
-                      std::vector<std::shared_ptr<Storage>> outputs) {
+                      std::vector<std::shared_ptr<Storage>> outputs, std::string label) {
   const size_t bytes = t_allocated;
   t_allocated = 0;
   for (auto& s : outputs)
     if (s && s->meta) return;  // shape-only tensors: nothing to compute
   for (auto& s : inputs)
     if (s && s->meta) return;
-  Task t{std::move(fn), std::move(inputs), std::move(outputs)};
+  Task t{std::move(fn), std::move(inputs), std::move(outputs), 0, std::move(label)};
   if (inline_) {
-    run_task(t);
+    if (profiling()) run_timed(t);
+    else run_task(t);
     inline_ran_++;
     return;
   }
@@ -75,12 +130,12 @@ void Executor::submit(std::function<void()> fn, std::vector<std::shared_ptr<Stor
   if (over && std::this_thread::get_id() != thread_.get_id()) {
     std::unique_lock<std::mutex> lk(mu_);
     throttled_++;
-    throttle_cv_.wait(lk, [&] { return inflight_ <= inflight_limit_ / 2 || completed_ == submitted_; });
+    throttle_cv_.wait(lk, [&] { return inflight_ <= inflight_limit_ / 2 || submitted_ - completed_ <= 1; });
     throttled_--;
   }
 }
 
-void Executor::after(std::function<void()> fn) { submit(std::move(fn), {}, {}); }
+void Executor::after(std::function<void()> fn) { submit(std::move(fn), {}, {}, profiling() ? "(after)" : ""); }
 
 void Executor::sync() {
   bool epoch;
@@ -104,6 +159,9 @@ size_t Executor::pending() {
 void Executor::loop() {
   for (;;) {
     Task t;
+    const bool prof = profiling();
+    Clock::time_point idle0;
+    if (prof) idle0 = Clock::now();
     // Spin briefly for the next op (JS records ops a few microseconds apart), then sleep.
     for (int spin = 0; spin < 1000 && queued_.load(std::memory_order_acquire) == taken_; spin++) {
 #if defined(__x86_64__)
@@ -120,7 +178,12 @@ void Executor::loop() {
       queue_.pop_front();
       taken_++;
     }
-    run_task(t);
+    if (prof) profile_add("(idle)", ms_between(idle0, Clock::now()));  // waited with nothing queued
+    if (profiling()) {  // re-read: set_profiling may have switched it on while this thread waited
+      run_timed(t);
+    } else {
+      run_task(t);
+    }
     const size_t bytes = t.bytes;
     t = Task{};  // drop storage references before reporting completion
     bool resume;
@@ -128,7 +191,7 @@ void Executor::loop() {
       std::lock_guard<std::mutex> lk(mu_);
       completed_++;
       inflight_ -= bytes;
-      resume = throttled_ > 0 && (inflight_ <= inflight_limit_ / 2 || completed_ == submitted_);
+      resume = throttled_ > 0 && (inflight_ <= inflight_limit_ / 2 || submitted_ - completed_ <= 1);
     }
     done_cv_.notify_all();
     if (resume) throttle_cv_.notify_all();

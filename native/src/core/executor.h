@@ -18,9 +18,17 @@
 // task counts the host bytes Storage::allocate handed out on the submitting thread since its previous
 // submit (its fresh outputs; an in-place write into an existing tensor, such as a KV-cache append,
 // counts nothing). Once the tasks queued and not yet run hold more than NX_INFLIGHT_MB (default 16;
-// 0 = no bound), submit() waits until the executor has run them down to half of that. Waiting costs no
-// throughput: the queue still holds half the bound of work, far more than recording needs to refill it.
+// 0 = no bound), submit() waits until the executor has run them down to half of that, or down to the one
+// task it is running (outputs of several MB, as in a batched prefill, pass the bound one op at a time:
+// waiting for an empty queue left the executor idle while JS recorded the next op, ~1% of an 8x128
+// GPT-2 prefill). Waiting costs no throughput: the queue still holds work while recording refills it.
 // The executor thread itself is never made to wait.
+//
+// Profiling (NX_PROFILE=1, or set_profiling(true)): the executor times every task it runs and adds the
+// wall time to a table keyed by the label the submitter gave (op name and shape class, see ops.cpp),
+// plus "(idle)": time the executor waited for work with nothing queued (JS recording slower than the
+// kernels, or nothing to do). Off, it costs one branch per task; labels are built only when on.
+// profile_snapshot() returns the table; profile_reset() clears it.
 #pragma once
 #include <atomic>
 #include <condition_variable>
@@ -28,20 +36,30 @@
 #include <functional>
 #include <memory>
 #include <mutex>
+#include <string>
 #include <thread>
+#include <unordered_map>
 #include <vector>
 
 #include "tensor.h"
 
 namespace nx {
 
+// One row of the profile: a label, how many tasks had it, their total and longest wall time.
+struct ProfileRow {
+  std::string label;
+  uint64_t calls = 0;
+  double total_ms = 0, max_ms = 0;
+};
+
 class Executor {
  public:
   Executor();
   ~Executor();
   // Queue fn. Storages in `inputs` are checked for errors before fn runs; `outputs` receive errors.
+  // `label` names the task in the profile (only read while profiling is on; may be empty).
   void submit(std::function<void()> fn, std::vector<std::shared_ptr<Storage>> inputs,
-              std::vector<std::shared_ptr<Storage>> outputs);
+              std::vector<std::shared_ptr<Storage>> outputs, std::string label = {});
   // Queue a callback that runs on the executor thread once all earlier work finished.
   void after(std::function<void()> fn);
   // Block the caller until all work queued so far has run.
@@ -50,14 +68,28 @@ class Executor {
   bool inline_mode() const { return inline_; }
   size_t pending();
 
+  // Profiling (see the header comment). Reading and resetting sync() first, so the table is complete.
+  static bool profiling() { return profiling_.load(std::memory_order_relaxed); }
+  void set_profiling(bool on);
+  std::vector<ProfileRow> profile_snapshot();
+  void profile_reset();
+
  private:
   struct Task {
     std::function<void()> fn;
     std::vector<std::shared_ptr<Storage>> inputs, outputs;
     size_t bytes = 0;  // host bytes allocated for this task (in inflight_ until it completed)
+    std::string label;  // profile label (empty unless profiling)
   };
   void loop();
   static void run_task(Task& t);
+  void run_timed(Task& t);
+  void profile_add(const std::string& label, double ms);
+
+  static std::atomic<bool> profiling_;
+  std::mutex prof_mu_;
+  std::vector<ProfileRow> prof_rows_;
+  std::unordered_map<std::string, size_t> prof_index_;
 
   std::mutex mu_;
   std::condition_variable cv_, done_cv_;

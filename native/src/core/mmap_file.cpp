@@ -2,6 +2,7 @@
 #include "mmap_file.h"
 
 #include <cerrno>
+#include <cstdint>
 #include <cstring>
 #include <fcntl.h>
 #include <sys/mman.h>
@@ -41,6 +42,13 @@ std::shared_ptr<Storage> map_file(const std::string& path) {
     memory_stats().mapped_bytes -= static_cast<int64_t>(n);
   };
   return s;
+}
+
+void drop_mapped_pages(const void* p, size_t n) {
+  const uintptr_t page = static_cast<uintptr_t>(::sysconf(_SC_PAGESIZE));
+  const uintptr_t lo = (reinterpret_cast<uintptr_t>(p) + page - 1) / page * page;
+  const uintptr_t hi = (reinterpret_cast<uintptr_t>(p) + n) / page * page;
+  if (hi > lo) ::madvise(reinterpret_cast<void*>(lo), hi - lo, MADV_DONTNEED);  // advisory: errors ignored
 }
 
 }  // namespace nx

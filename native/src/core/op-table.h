@@ -64,8 +64,10 @@
   NX_OP(MATMUL, "matmul", 2, 3, LINALG)    /* (a [..,M,K], b [..,K,N], bias? [N]) */ \
   NX_OP(ROPE, "rope", 3, 3, LINALG)        /* (x [B,T,H,D], pos [B,T], inv_freq [R/2]) [interleaved] */ \
   NX_OP(ATTENTION, "attention", 3, 4, LINALG) /* (q, k, v, mask?) [scale] */ \
+  NX_OP(PACK_WEIGHT, "pack_weight", 1, 1, LINALG) /* (w [K,N]) [release] -> [P,K,W] (gemm.h) */ \
+  NX_OP(LINEAR_PACKED, "linear_packed", 2, 4, LINALG) /* (a [M,K], packed [P,K,W], bias? [N], residual? [M,N]) [N, act] */ \
   /* indexing */                                        \
-  NX_OP(EMBEDDING, "embedding", 2, 2, INDEX) /* (weight [V,D], ids) */ \
+  NX_OP(EMBEDDING, "embedding", 2, 2, INDEX) /* (weight [V,D], ids) or [V] (packed [P,D,W], ids) */ \
   NX_OP(GATHER, "gather", 2, 2, INDEX)     /* (x, index) [dim] */ \
   NX_OP(SCATTER_, "scatter_", 3, 3, INDEX) /* (dst, index, src) [dim] */ \
   NX_OP(INDEX_SELECT, "index_select", 2, 2, INDEX) /* (x, index) [dim] */ \

@@ -3,7 +3,8 @@
 //
 // Attributes by family:
 //   CAST [dtype]; FILL_ [value]; RANDN_ [seed, mean, std]; REDUCE and SCAN [dim];
-//   RMSNORM / LAYERNORM [eps]; ROPE [interleaved 0/1]; ATTENTION [scale]; GATHER / SCATTER_ /
+//   RMSNORM / LAYERNORM [eps]; ROPE [interleaved 0/1]; ATTENTION [scale]; PACK_WEIGHT [release 0/1];
+//   LINEAR_PACKED [N, act 0 none / 1 gelu_tanh / 2 gelu]; EMBEDDING [] or [V] (packed weight); GATHER / SCATTER_ /
 //   INDEX_SELECT [dim]; TOPK [k].
 #include "ops.h"
 
@@ -18,6 +19,7 @@
 #include "../../../kernels/cpu/norm.h"
 #include "../../../kernels/cpu/reduce.h"
 #include "executor.h"
+#include "mmap_file.h"
 #include "ops_cuda.h"
 
 namespace nx {
@@ -66,6 +68,40 @@ DType dtype_from(double v, const char* op) {
   NX_CHECK(i >= 0 && i < kNumDTypes && i == v, "DTYPE", op << ": unknown dtype id " << v);
   return static_cast<DType>(i);
 }
+// The profile label of an op call (executor.h; built only while profiling): the op name and a shape
+// class. matmul: "matmul MxKxN" per 2-D product (batch dims as "B*"), the weight's dtype when not f32,
+// "bT" for a transposed b (nn.Linear weights), "+bias"; linear_packed: "MxKxN", "+bias", the fused
+// activation; other ops: the first input's shape and dtype when not f32.
+std::string profile_label(Op op, const char* name, const std::vector<const Tensor*>& in, const std::vector<double>& at) {
+  std::string s = name;
+  if (in.empty() || in[0] == nullptr) return s;
+  const Tensor& a = *in[0];
+  s += ' ';
+  if (op == Op::MATMUL && in.size() > 1 && in[1] != nullptr && a.ndim() >= 1) {
+    const Tensor& b = *in[1];
+    int64_t nb = 1;
+    for (int i = 0; i + 2 < a.ndim(); i++) nb *= a.shape[i];
+    const int64_t M = a.ndim() >= 2 ? a.shape[a.ndim() - 2] : 1, K = a.shape.back();
+    const int64_t N = b.ndim() >= 2 ? b.shape.back() : 1;
+    if (nb > 1) s += std::to_string(nb) + "*";
+    s += std::to_string(M) + "x" + std::to_string(K) + "x" + std::to_string(N);
+    if (b.dtype != DType::F32) s += std::string(" ") + dtype_name(b.dtype);
+    if (b.ndim() >= 2 && b.strides[b.ndim() - 2] == 1 && b.shape.back() > 1) s += " bT";
+    if (in.size() > 2 && in[2] != nullptr) s += " +bias";
+    return s;
+  }
+  if (op == Op::LINEAR_PACKED && a.ndim() == 2 && !at.empty()) {
+    s += std::to_string(a.shape[0]) + "x" + std::to_string(a.shape[1]) + "x" + std::to_string(static_cast<int64_t>(at[0]));
+    if (in.size() > 2 && in[2] != nullptr) s += " +bias";
+    if (at.size() > 1 && at[1] != 0) s += at[1] == 1 ? " +gelu_tanh" : " +gelu";
+    if (in.size() > 3 && in[3] != nullptr) s += " +residual";
+    return s;
+  }
+  s += shape_str(a.shape);
+  if (a.dtype != DType::F32) s += std::string(" ") + dtype_name(a.dtype);
+  return s;
+}
+
 Shape keepdim_shape(const Shape& s, int dim) {
   Shape r = s;
   if (!r.empty()) r[dim] = 1;
@@ -118,7 +154,7 @@ std::vector<Tensor> run_op(Op op, const std::vector<const Tensor*>& in, const st
   auto queue = [&](std::function<void()> fn, const std::vector<Tensor>& outs) {
     Storages os;
     for (auto& o : outs) os.push_back(o.storage);
-    executor().submit(std::move(fn), ins, os);
+    executor().submit(std::move(fn), ins, os, Executor::profiling() ? profile_label(op, name, in, at) : std::string());
   };
 
   switch (op) {
@@ -376,11 +412,103 @@ std::vector<Tensor> run_op(Op op, const std::vector<const Tensor*>& in, const st
       }, {out});
       return {out};
     }
+    case Op::PACK_WEIGHT: {
+      // w [K, N] (any float dtype and strides) -> the GEMM panel layout [P, K, W], P = ceil(N / W) (gemm.h).
+      // [release] = 1: once packed, w's pages are dropped from this process when w lies in a read-only
+      // file mapping (the mapped weights then do not count twice; reading w maps them again).
+      const Tensor& w = *in[0];
+      check_float(w, name, "weight");
+      NX_CHECK(w.ndim() == 2, "SHAPE", name << ": weight must be [in, out], got " << shape_str(w.shape));
+      const bool release = !at.empty() && at[0] != 0 && w.storage->mapped;
+      const int64_t K = w.shape[0], N = w.shape[1], W = packed_width();
+      Tensor out = Tensor::empty({(N + W - 1) / W, K, W}, DType::F32);
+      KView wv = w.kview(), ov = out.kview();
+      NX_CHECK(w.strides[0] >= 0 && w.strides[1] >= 0, "BAD_INPUT", name << ": negative strides are not supported");
+      size_t span = 0;  // bytes from w's first element to just past its last
+      if (w.numel() > 0) {
+        int64_t last = 0;
+        for (int i = 0; i < 2; i++) last += (w.shape[i] - 1) * w.strides[i];
+        span = static_cast<size_t>(last + 1) * dtype_size(w.dtype);
+      }
+      queue([=] {
+        float* dst = static_cast<float*>(ov.data);
+        if (ref) {
+          ref::pack_weight(wv, dst);
+        } else if (release && wv.stride(0) == 1 && N > W) {
+          // W[N,K].t() (nn.Linear, tied embeddings): a run of panels reads a contiguous run of W rows, so
+          // pack ~8 MiB of them at a time and drop their pages at once; the source and the packed copy
+          // never coexist whole (the GPT-2 LM head is 154 MB).
+          const int64_t chunk = std::max<int64_t>(1, (int64_t{8} << 20) / std::max<int64_t>(1, K * W * 4)) * W;
+          for (int64_t j0 = 0; j0 < N; j0 += chunk) {
+            KView part = wv;
+            part.shape[1] = std::min(chunk, N - j0);
+            part.data = static_cast<char*>(wv.data) + j0 * wv.stride(1) * static_cast<int64_t>(dtype_size(wv.dtype));
+            fast::pack_weight(part, dst + j0 * K);
+            drop_mapped_pages(part.data, static_cast<size_t>(((part.shape[1] - 1) * wv.stride(1) + K) * dtype_size(wv.dtype)));
+          }
+          return;
+        } else {
+          fast::pack_weight(wv, dst);
+        }
+        if (release && span > 0) drop_mapped_pages(wv.data, span);
+      }, {out});
+      return {out};
+    }
+    case Op::LINEAR_PACKED: {
+      // out [M, N] = residual + act(a [M, K] @ w + bias), w given by pack_weight; [N, act]: act 0 none,
+      // 1 gelu_tanh, 2 gelu (erf); residual [M, N] optional (added last: the same bits as an add op)
+      const Tensor &a = *in[0], &pk = *in[1];
+      check_float(a, name, "a");
+      NX_CHECK(a.ndim() == 2, "SHAPE", name << ": a must be [rows, in], got " << shape_str(a.shape));
+      const int64_t N = static_cast<int64_t>(attr(at, 0, name, "N"));
+      const int act = at.size() > 1 ? static_cast<int>(at[1]) : 0;
+      NX_CHECK(act >= 0 && act <= 2, "BAD_INPUT", name << ": unknown activation " << act);
+      const int64_t K = a.shape[1], W = packed_width();
+      NX_CHECK(N >= 0 && pk.dtype == DType::F32 && pk.ndim() == 3 && pk.is_contiguous() && pk.shape[0] == (N + W - 1) / W &&
+                   pk.shape[1] == K && pk.shape[2] == W,
+               "SHAPE", name << ": packed weight " << shape_str(pk.shape) << " " << dtype_name(pk.dtype) << " is not the packed form of an ["
+                             << K << ", " << N << "] weight (pack_weight)");
+      const bool hb = n > 2 && in[2];
+      if (hb) {
+        check_float(*in[2], name, "bias");
+        NX_CHECK(in[2]->ndim() == 1 && in[2]->shape[0] == N, "SHAPE", name << ": bias must be [" << N << "], got " << shape_str(in[2]->shape));
+      }
+      const bool hr = n > 3 && in[3];
+      if (hr) {
+        check_float(*in[3], name, "residual");
+        NX_CHECK(in[3]->ndim() == 2 && in[3]->shape[0] == a.shape[0] && in[3]->shape[1] == N, "SHAPE",
+                 name << ": residual must be [" << a.shape[0] << ", " << N << "], got " << shape_str(in[3]->shape));
+      }
+      Tensor out = Tensor::empty({a.shape[0], N}, DType::F32);
+      KView av = a.kview(), pv = pk.kview(), ov = out.kview();
+      KView biasv = hb ? in[2]->kview() : KView{}, resv = hr ? in[3]->kview() : KView{};
+      const Epilogue ep = static_cast<Epilogue>(act);
+      queue([=] {
+        const float* w = static_cast<const float*>(pv.data);
+        const KView *bp = hb ? &biasv : nullptr, *rp = hr ? &resv : nullptr;
+        ref ? ref::gemm_packed(av, w, N, bp, rp, ep, ov) : fast::gemm_packed(av, w, N, bp, rp, ep, ov);
+      }, {out});
+      return {out};
+    }
     // ---------------- indexing ----------------
     case Op::EMBEDDING: {
       const Tensor &w = *in[0], &ids = *in[1];
       check_float(w, name, "weight");
       check_int(ids, name, "ids");
+      if (!at.empty()) {
+        // [V]: w is pack_weight's form of a [D, V] matrix (a tied LM head E.t()); row v of the table E
+        // is its column v (gemm.h packed_columns)
+        const int64_t V = static_cast<int64_t>(at[0]), W = packed_width();
+        NX_CHECK(V >= 0 && w.dtype == DType::F32 && w.ndim() == 3 && w.is_contiguous() && w.shape[0] == (V + W - 1) / W && w.shape[2] == W,
+                 "SHAPE", name << ": packed weight " << shape_str(w.shape) << " is not the packed form of a [dim, " << V << "] matrix");
+        const int64_t D = w.shape[1];
+        Shape os = ids.shape;
+        os.push_back(D);
+        Tensor out = Tensor::empty(os, DType::F32);
+        KView wv = w.kview(), iv = ids.kview(), ov = out.kview();
+        queue([=] { packed_columns(static_cast<const float*>(wv.data), D, V, iv, ov); }, {out});
+        return {out};
+      }
       NX_CHECK(w.ndim() == 2, "SHAPE", name << ": weight must be [vocab, dim]");
       Shape os = ids.shape;
       os.push_back(w.shape[1]);

@@ -11,7 +11,9 @@
 // to the host (read / readSync); toDevice moves them (see core/ops_cuda.h).
 #include <napi.h>
 
+#include <algorithm>
 #include <atomic>
+#include <cstdlib>
 #include <cstring>
 
 #include "../../../cluster/communicator.h"
@@ -112,6 +114,25 @@ Napi::Value SameStorage(const Napi::CallbackInfo& info) {
   const nx::Tensor& a = AddonTensor::Get(info.Env(), info[0], "tensor");
   const nx::Tensor& b = AddonTensor::Get(info.Env(), info[1], "other");
   return Napi::Boolean::New(info.Env(), a.storage == b.storage);
+}
+// Whether pack_weight(t, release) can replace t's memory rather than add to it: a 2-D f32 host tensor
+// viewing a read-only file mapping (its pages are dropped once packed), outside meta mode (scan: no
+// kernels run, so a packed copy made then would hold no values). NX_PACK_WEIGHTS=0 turns packing off
+// (models then multiply by the mapped weights as they are: A/B comparisons, debugging).
+const bool g_pack_weights = [] {
+  const char* e = std::getenv("NX_PACK_WEIGHTS");
+  return e == nullptr || e[0] != '0';
+}();
+Napi::Value CanPackWeight(const Napi::CallbackInfo& info) {
+  const nx::Tensor& t = AddonTensor::Get(info.Env(), info[0], "tensor");
+  const bool ok = g_pack_weights && !nx::meta_mode() && t.storage && !t.storage->meta && t.storage->mapped &&
+                  t.device() < 0 && t.dtype == nx::DType::F32 && t.ndim() == 2;
+  return Napi::Boolean::New(info.Env(), ok);
+}
+// Whether t views a read-only file mapping (a weight loaded in place from safetensors).
+Napi::Value IsMapped(const Napi::CallbackInfo& info) {
+  const nx::Tensor& t = AddonTensor::Get(info.Env(), info[0], "tensor");
+  return Napi::Boolean::New(info.Env(), t.storage && t.storage->mapped);
 }
 Napi::Value SetMetaBuffer(const Napi::CallbackInfo& info) {
   Napi::Env env = info.Env();
@@ -510,6 +531,31 @@ Napi::Value SetMetaMode(const Napi::CallbackInfo& info) {
   return info.Env().Undefined();
 }
 
+// Per-op profile of the executor (NX_PROFILE=1 or setProfiling(true); see core/executor.h).
+Napi::Value SetProfiling(const Napi::CallbackInfo& info) {
+  nx::executor().set_profiling(info[0].ToBoolean().Value());
+  return info.Env().Undefined();
+}
+
+// profile(reset?): [{label, calls, ms, maxMs}] since the last reset, heaviest first; waits for the
+// queued work first. With reset = true the table is cleared after it was read.
+Napi::Value Profile(const Napi::CallbackInfo& info) {
+  Napi::Env env = info.Env();
+  auto rows = nx::executor().profile_snapshot();
+  if (info.Length() > 0 && info[0].ToBoolean().Value()) nx::executor().profile_reset();
+  std::sort(rows.begin(), rows.end(), [](const nx::ProfileRow& a, const nx::ProfileRow& b) { return a.total_ms > b.total_ms; });
+  Napi::Array out = Napi::Array::New(env, rows.size());
+  for (size_t i = 0; i < rows.size(); i++) {
+    Napi::Object o = Napi::Object::New(env);
+    o.Set("label", Napi::String::New(env, rows[i].label));
+    o.Set("calls", Napi::Number::New(env, static_cast<double>(rows[i].calls)));
+    o.Set("ms", Napi::Number::New(env, rows[i].total_ms));
+    o.Set("maxMs", Napi::Number::New(env, rows[i].max_ms));
+    out[i] = o;
+  }
+  return out;
+}
+
 Napi::Value ProbeFma(const Napi::CallbackInfo& info) {
   nx::executor().sync();
   return Napi::Number::New(info.Env(), nx::probe_fma_peak_gflops(info[0].As<Napi::Number>().Int32Value(),
@@ -702,6 +748,8 @@ Napi::Object Init(Napi::Env env, Napi::Object exports) {
   exports.Set("dispose", Napi::Function::New(env, Dispose));
   exports.Set("isDisposed", Napi::Function::New(env, IsDisposed));
   exports.Set("sameStorage", Napi::Function::New(env, SameStorage));
+  exports.Set("canPackWeight", Napi::Function::New(env, CanPackWeight));
+  exports.Set("isMapped", Napi::Function::New(env, IsMapped));
   exports.Set("setMetaBuffer", Napi::Function::New(env, SetMetaBuffer));
   exports.Set("metaStride", Napi::Number::New(env, kMetaStride));
   exports.Set("maxDims", Napi::Number::New(env, nx::kMaxDims));
@@ -739,6 +787,8 @@ Napi::Object Init(Napi::Env env, Napi::Object exports) {
   exports.Set("releaseCachedMemory", Napi::Function::New(env, ReleaseCachedMemory));
   exports.Set("setMaxAllocation", Napi::Function::New(env, SetMaxAllocation));
   exports.Set("probeFmaPeak", Napi::Function::New(env, ProbeFma));
+  exports.Set("setProfiling", Napi::Function::New(env, SetProfiling));
+  exports.Set("profile", Napi::Function::New(env, Profile));
   exports.Set("probeTriad", Napi::Function::New(env, ProbeTriad));
   exports.Set("commJoinShm", Napi::Function::New(env, CommJoinShm));
   exports.Set("commJoinNccl", Napi::Function::New(env, CommJoinNccl));

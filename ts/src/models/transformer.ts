@@ -15,6 +15,7 @@
 import { NNsightError } from "../errors.js";
 import { keep, scope } from "../tensor/index.js";
 import { untracked } from "../tensor/scope.js";
+import { dtypeSize } from "../tensor/dtype.js";
 import { Tensor, fromArray } from "../tensor/tensor.js";
 import type { ModelConfig } from "./config.js";
 import { KVCache } from "./kv-cache.js";
@@ -54,6 +55,9 @@ export interface ForwardOptions {
 
 type W = Map<string, Tensor>;
 
+/** 1-D weights smaller than this are copied out of the mapped file at construction (see the constructor). */
+const SMALL_WEIGHT_BYTES = 256 * 1024;
+
 export class TransformerLM {
   readonly config: ModelConfig;
   /** @internal weights by HF name (views over mapped files where the dtype allows) */
@@ -72,6 +76,17 @@ export class TransformerLM {
     this.tp = tp;
     this.heads = tp ? tp.plan.heads : config.numHeads;
     this.kvHeads = tp ? tp.plan.kvHeads : config.numKvHeads;
+    // Small 1-D host weights (norm weights, biases) are copied out of the mapped file: once the matrices
+    // around them are packed and their pages dropped (linear()), a read of a small weight would map the
+    // file pages around it again (the kernel maps whole page-cache folios: measured ~1.8 MB per small
+    // tensor on ext4), so the RSS would grow back by megabytes per layer. Matrices stay mapped (packed
+    // on first use, or read in place).
+    for (const [name, t] of weights) {
+      if (t.device === "cpu" && t.ndim === 1 && t.numel * dtypeSize(t.dtype) < SMALL_WEIGHT_BYTES && t.isMapped()) {
+        weights.set(name, keep(untracked(() => t.clone())));
+        t.dispose();
+      }
+    }
   }
 
   /** @internal */
@@ -205,31 +220,46 @@ export class TransformerLM {
     const run = ctx.run;
     const lw = (n: string) => this.w(`${p}.${n}`);
     const hn = run(`${p}.input_layernorm`, [x], ([v]) => v!.rmsnormW(lw("input_layernorm.weight"), c.normEps));
-    const attn = run(`${p}.self_attn`, [hn], ([v]) => this.attnModule(l, p, v!, ctx));
-    const h1 = x.add(attn);
+    // the residual adds ride on the output projections when no hook reads those outputs (same bits)
+    const h1 = quiet(ctx, `${p}.self_attn`, `${p}.self_attn.o_proj`)
+      ? this.attnModule(l, p, hn, ctx, x)
+      : x.add(run(`${p}.self_attn`, [hn], ([v]) => this.attnModule(l, p, v!, ctx)));
     const hn2 = run(`${p}.post_attention_layernorm`, [h1], ([v]) => v!.rmsnormW(lw("post_attention_layernorm.weight"), c.normEps));
+    if (quiet(ctx, `${p}.mlp`, `${p}.mlp.down_proj`)) return this.llamaMlp(p, hn2, ctx, h1);
     const mlp = run(`${p}.mlp`, [hn2], ([v]) => this.llamaMlp(p, v!, ctx));
     return h1.add(mlp);
   }
 
-  private llamaMlp(p: string, v: Tensor, ctx: Ctx): Tensor {
+  /** With `residual`, returns residual + mlp(v) (the caller checked that no hook reads down_proj or the mlp). */
+  private llamaMlp(p: string, v: Tensor, ctx: Ctx, residual: Tensor | null = null): Tensor {
     const run = ctx.run;
     const lin = (n: string) => (u: Tensor[]) => linear(u[0]!, this.w(`${p}.mlp.${n}.weight`), this.wOpt(`${p}.mlp.${n}.bias`), "out_in");
     // HF order: down_proj(act_fn(gate_proj(x)) * up_proj(x))
     const g = run(`${p}.mlp.gate_proj`, [v], lin("gate_proj"));
     const a = run(`${p}.mlp.source.act_fn_0`, [g], ([u]) => u!.silu());
     const up = run(`${p}.mlp.up_proj`, [v], lin("up_proj"));
+    if (residual) {
+      if (this.tp) return this.rowLinear(a.mul(up), `${p}.mlp.down_proj`, "out_in").add(residual);
+      return linear(a.mul(up), this.w(`${p}.mlp.down_proj.weight`), this.wOpt(`${p}.mlp.down_proj.bias`), "out_in", "none", residual);
+    }
     return run(`${p}.mlp.down_proj`, [a.mul(up)], this.tp ? (u) => this.rowLinear(u[0]!, `${p}.mlp.down_proj`, "out_in") : lin("down_proj"));
   }
 
-  /** The attention module (projections, RoPE, attention, output projection) of layer l. */
-  private attnModule(l: number, p: string, v: Tensor, ctx: Ctx): Tensor {
+  /**
+   * The attention module (projections, RoPE, attention, output projection) of layer l. With `residual`,
+   * returns residual + attention(v) (the caller checked that no hook reads the output projection or the module).
+   */
+  private attnModule(l: number, p: string, v: Tensor, ctx: Ctx, residual: Tensor | null = null): Tensor {
     const run = ctx.run;
     if (this.config.modelType === "gpt2") {
       const D = this.heads * this.config.headDim; // the hidden size, or this rank's heads of it
       const conv = (n: string) => (u: Tensor[]) => linear(u[0]!, this.w(`${p}.attn.${n}.weight`), this.w(`${p}.attn.${n}.bias`), "in_out");
       const qkv = run(`${p}.attn.c_attn`, [v], conv("c_attn"));
       const o = this.attention(l, `${p}.attn`, qkv.slice(-1, 0, D), qkv.slice(-1, D, 2 * D), qkv.slice(-1, 2 * D, 3 * D), ctx);
+      if (residual) {
+        if (this.tp) return this.rowLinear(o, `${p}.attn.c_proj`, "in_out").add(residual);
+        return linear(o, this.w(`${p}.attn.c_proj.weight`), this.w(`${p}.attn.c_proj.bias`), "in_out", "none", residual);
+      }
       return run(`${p}.attn.c_proj`, [o], this.tp ? (u) => this.rowLinear(u[0]!, `${p}.attn.c_proj`, "in_out") : conv("c_proj"));
     }
     const lin = (n: string) => (u: Tensor[]) => linear(u[0]!, this.w(`${p}.self_attn.${n}.weight`), this.wOpt(`${p}.self_attn.${n}.bias`), "out_in");
@@ -237,6 +267,10 @@ export class TransformerLM {
     const k = run(`${p}.self_attn.k_proj`, [v], lin("k_proj"));
     const vv = run(`${p}.self_attn.v_proj`, [v], lin("v_proj"));
     const o = this.attention(l, `${p}.self_attn`, q, k, vv, ctx);
+    if (residual) {
+      if (this.tp) return this.rowLinear(o, `${p}.self_attn.o_proj`, "out_in").add(residual);
+      return linear(o, this.w(`${p}.self_attn.o_proj.weight`), this.wOpt(`${p}.self_attn.o_proj.bias`), "out_in", "none", residual);
+    }
     return run(`${p}.self_attn.o_proj`, [o], this.tp ? (u) => this.rowLinear(u[0]!, `${p}.self_attn.o_proj`, "out_in") : lin("o_proj"));
   }
 
@@ -264,18 +298,34 @@ export class TransformerLM {
     const run = ctx.run;
     const lw = (n: string) => this.w(`${p}.${n}`);
     const h1 = run(`${p}.ln_1`, [x], ([v]) => v!.layernormW(lw("ln_1.weight"), lw("ln_1.bias"), c.normEps));
-    const attn = run(`${p}.attn`, [h1], ([v]) => this.attnModule(l, p, v!, ctx));
-    const r1 = x.add(attn);
+    // the residual adds ride on the output projections when no hook reads those outputs (same bits)
+    const r1 = quiet(ctx, `${p}.attn`, `${p}.attn.c_proj`)
+      ? this.attnModule(l, p, h1, ctx, x)
+      : x.add(run(`${p}.attn`, [h1], ([v]) => this.attnModule(l, p, v!, ctx)));
     const h2 = run(`${p}.ln_2`, [r1], ([v]) => v!.layernormW(lw("ln_2.weight"), lw("ln_2.bias"), c.normEps));
+    if (quiet(ctx, `${p}.mlp`, `${p}.mlp.c_proj`)) return this.gpt2Mlp(p, h2, ctx, r1);
     const mlp = run(`${p}.mlp`, [h2], ([v]) => this.gpt2Mlp(p, v!, ctx));
     return r1.add(mlp);
   }
 
-  private gpt2Mlp(p: string, v: Tensor, ctx?: Ctx): Tensor {
+  /** With `residual`, returns residual + mlp(v) (the caller checked that no hook reads c_proj or the mlp). */
+  private gpt2Mlp(p: string, v: Tensor, ctx?: Ctx, residual: Tensor | null = null): Tensor {
     const run = ctx ? ctx.run : noHooks;
     const conv = (n: string) => (u: Tensor[]) => linear(u[0]!, this.w(`${p}.mlp.${n}.weight`), this.w(`${p}.mlp.${n}.bias`), "in_out");
-    const f = run(`${p}.mlp.c_fc`, [v], conv("c_fc"));
-    const a = run(`${p}.mlp.source.act_0`, [f], ([u]) => u!.gelu({ approximate: this.config.hiddenAct === "gelu" ? "none" : "tanh" }));
+    const exact = this.config.hiddenAct === "gelu";
+    const fcPath = `${p}.mlp.c_fc`, actPath = `${p}.mlp.source.act_0`;
+    let a: Tensor;
+    if (!ctx || quiet(ctx, fcPath, actPath)) {
+      // nothing observes c_fc's output apart from the activation: fused into the GEMM (same bits)
+      a = linear(v, this.w(`${fcPath}.weight`), this.w(`${fcPath}.bias`), "in_out", exact ? "gelu" : "gelu_tanh");
+    } else {
+      const f = run(fcPath, [v], conv("c_fc"));
+      a = run(actPath, [f], ([u]) => u!.gelu({ approximate: exact ? "none" : "tanh" }));
+    }
+    if (residual) {
+      if (this.tp) return this.rowLinear(a, `${p}.mlp.c_proj`, "in_out").add(residual);
+      return linear(a, this.w(`${p}.mlp.c_proj.weight`), this.w(`${p}.mlp.c_proj.bias`), "in_out", "none", residual);
+    }
     return run(`${p}.mlp.c_proj`, [a], this.tp ? (u) => this.rowLinear(u[0]!, `${p}.mlp.c_proj`, "in_out") : conv("c_proj"));
   }
 
@@ -342,6 +392,13 @@ interface Ctx {
 
 const wantsOf = (hooks: ModuleHooks | null): ((path: string) => boolean) | null => (hooks?.wants ? (p) => hooks.wants!(p) : null);
 
+/** No hook acts on any of these paths (running them through ctx.run would only call their bodies). */
+function quiet(ctx: Ctx, ...paths: string[]): boolean {
+  if (!ctx.hooked) return true;
+  const wants = ctx.wants;
+  return wants !== null && paths.every((p) => !wants(p));
+}
+
 type Run = <T extends Tensor | Tensor[]>(path: string, inputs: Tensor[], body: (x: Tensor[]) => T) => T;
 const noHooks: Run = (_p, ins, body) => body(ins);
 
@@ -378,6 +435,9 @@ function embed(weight: Tensor, ids: Tensor): Tensor {
   if (!(ids.dtype === "int32" || ids.dtype === "int64")) {
     throw new NNsightError("DTYPE", `embedding lookup needs integer ids, got ${ids.dtype}`);
   }
+  // a table tied to the LM head was packed for it, and its mapped pages dropped: read the rows there
+  const p = packedWeights.get(weight);
+  if (p && !p.isDisposed) return p.embeddingPacked(ids, weight.shape[0]!);
   return weight.embedding(ids);
 }
 
@@ -396,15 +456,51 @@ function transposeOf(w: Tensor): Tensor {
   return t;
 }
 
-/** Free the cached transposed views of these weights (when a model is disposed). */
+/**
+ * Weights packed once into the GEMM's panel layout (kernels/cpu/gemm.h: pack_weight / linear_packed), by
+ * weight, made on first use. Only f32 weights viewing a memory-mapped file are packed: the packing drops
+ * their mapped pages, so the packed copy replaces them in memory instead of adding to it (reading the
+ * original again maps it back in). `false`: this weight is never packed (another dtype, another device,
+ * or a tensor the model owns in memory).
+ */
+const packedWeights = new WeakMap<Tensor, Tensor | false>();
+function packedOf(w: Tensor, wt: Tensor): Tensor | null {
+  const p = packedWeights.get(w);
+  if (p === false) return null;
+  if (p && !p.isDisposed) return p;
+  if (w.dtype !== "float32" || w.device !== "cpu") {
+    packedWeights.set(w, false);
+    return null;
+  }
+  if (!wt.canPackWeight()) return null; // not mapped, or in scan (meta) mode: asked again next time
+  const q = untracked(() => wt.packWeight(true));
+  packedWeights.set(w, q);
+  return q;
+}
+
+/** Free the cached transposed views and packed forms of these weights (when a model is disposed). */
 export function disposeTransposes(weights: Iterable<Tensor>): void {
   for (const w of weights) {
     transposed.get(w)?.dispose();
     transposed.delete(w);
+    const p = packedWeights.get(w);
+    if (p) p.dispose();
+    packedWeights.delete(w);
   }
 }
 
-export function linear(x: Tensor, w: Tensor, b: Tensor | null, layout: "out_in" | "in_out"): Tensor {
+/**
+ * y = residual + act(x @ W + b): `act` "gelu_tanh" / "gelu" and the residual (a tensor of y's shape) are
+ * fused into the GEMM with a packed weight (bit-identical to applying them after), else separate ops.
+ */
+export function linear(
+  x: Tensor,
+  w: Tensor,
+  b: Tensor | null,
+  layout: "out_in" | "in_out",
+  act: "none" | "gelu_tanh" | "gelu" = "none",
+  residual: Tensor | null = null,
+): Tensor {
   const wt = layout === "out_in" ? transposeOf(w) : w;
   const K = wt.shape[0]!, N = wt.shape[1]!;
   if (x.shape[x.ndim - 1] !== K) {
@@ -412,6 +508,15 @@ export function linear(x: Tensor, w: Tensor, b: Tensor | null, layout: "out_in" 
   }
   const lead = x.shape.slice(0, -1);
   const x2 = x.reshape([-1, K]);
-  const y = x2.linear(wt, b);
+  const packed = packedOf(w, wt);
+  let y: Tensor;
+  const r2 = residual ? residual.reshape([-1, N]) : null;
+  if (packed) {
+    y = x2.linearPacked(packed, b, N, act === "gelu_tanh" ? 1 : act === "gelu" ? 2 : 0, r2);
+  } else {
+    y = x2.linear(wt, b);
+    if (act !== "none") y = y.gelu({ approximate: act === "gelu" ? "none" : "tanh" });
+    if (r2) y = r2.add(y);
+  }
   return y.reshape([...lead, N]);
 }

@@ -115,6 +115,14 @@ export interface NativeAddon {
   commClose(c: NativeComm): void;
   probeFmaPeak(threads: number, isa: 512 | 256): number;
   probeTriad(threads: number, bytesPerArray: number): number;
+  /** turn the executor's per-op profile on or off (also NX_PROFILE=1 at startup) */
+  setProfiling(on: boolean): void;
+  /** a 2-D f32 host tensor over a read-only file mapping, outside meta mode: pack_weight(t, release) replaces its memory */
+  canPackWeight(t: NativeTensor): boolean;
+  /** whether t views a read-only file mapping (a weight loaded in place) */
+  isMapped(t: NativeTensor): boolean;
+  /** the per-op profile since the last reset, heaviest first (waits for queued work); reset clears it after */
+  profile(reset?: boolean): Array<{ label: string; calls: number; ms: number; maxMs: number }>;
 }
 
 function packageRoot(): string {

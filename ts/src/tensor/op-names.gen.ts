@@ -50,11 +50,13 @@ export const OP_IDS = {
   "matmul": 46,
   "rope": 47,
   "attention": 48,
-  "embedding": 49,
-  "gather": 50,
-  "scatter_": 51,
-  "index_select": 52,
-  "topk": 53,
+  "pack_weight": 49,
+  "linear_packed": 50,
+  "embedding": 51,
+  "gather": 52,
+  "scatter_": 53,
+  "index_select": 54,
+  "topk": 55,
 } as const;
 
 export type NativeOpName = keyof typeof OP_IDS;
@@ -109,6 +111,8 @@ export const OP_INFO: ReadonlyArray<{ name: NativeOpName; minInputs: number; max
   { name: "matmul", minInputs: 2, maxInputs: 3, family: "LINALG" },
   { name: "rope", minInputs: 3, maxInputs: 3, family: "LINALG" },
   { name: "attention", minInputs: 3, maxInputs: 4, family: "LINALG" },
+  { name: "pack_weight", minInputs: 1, maxInputs: 1, family: "LINALG" },
+  { name: "linear_packed", minInputs: 2, maxInputs: 4, family: "LINALG" },
   { name: "embedding", minInputs: 2, maxInputs: 2, family: "INDEX" },
   { name: "gather", minInputs: 2, maxInputs: 2, family: "INDEX" },
   { name: "scatter_", minInputs: 3, maxInputs: 3, family: "INDEX" },

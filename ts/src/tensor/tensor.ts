@@ -584,6 +584,24 @@ export class Tensor {
   embedding(ids: Tensor): Tensor { return call1("embedding", [this, ids]); }
   /** this [M, K] @ w [K, N] + bias [N]. */
   linear(w: Tensor, bias: Tensor | null = null): Tensor { return call1("matmul", [this, w, bias]); }
+  /**
+   * @internal This weight [K, N] in the GEMM's panel layout (kernels/cpu/gemm.h), for linearPacked. With
+   * `release`, the pages of a memory-mapped weight are dropped from the process once packed.
+   */
+  packWeight(release: boolean): Tensor { return call1("pack_weight", [this], [release ? 1 : 0]); }
+  /**
+   * @internal residual + act(this [M, K] @ w + bias) with w from packWeight (N columns); act: 0 none,
+   * 1 gelu_tanh, 2 gelu; residual [M, N] or null (the same bits as adding it afterwards).
+   */
+  linearPacked(packed: Tensor, bias: Tensor | null, n: number, act: 0 | 1 | 2 = 0, residual: Tensor | null = null): Tensor {
+    return call1("linear_packed", [this, packed, bias, residual], [n, act]);
+  }
+  /** @internal Rows of the [V, D] table whose transpose this packed weight (packWeight of a [D, V] view) is. */
+  embeddingPacked(ids: Tensor, vocab: number): Tensor { return call1("embedding", [this, ids], [vocab]); }
+  /** @internal Whether packWeight(true) replaces this tensor's memory (a 2-D f32 view of a mapped file, not in scan). */
+  canPackWeight(): boolean { return native.canPackWeight(this._handle()); }
+  /** @internal Whether this tensor views a read-only file mapping (a weight loaded in place). */
+  isMapped(): boolean { return native.isMapped(this._handle()); }
 
   /** Whether this tensor shares storage with another (views of one tensor do). */
   sharesStorageWith(o: Tensor): boolean {

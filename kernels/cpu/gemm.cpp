@@ -246,29 +246,10 @@ inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
 // ---- micro-kernel: C[ROWS x NR] (op)= Ap[kc x MR]^T Bp[kc x NR] ----
 // mode 0: C = acc; 1: C = acc + bias; 2: C += acc. ncols < NR writes only the first ncols columns.
+// The micro-kernels' C update: C (op)= acc for ROWS x ncols (mode as for micro_kernel).
 template <int ROWS>
-void micro_kernel(int64_t kc, const float* __restrict ap, const float* __restrict bp, float* c, int64_t ldc,
-                  int ncols, int mode, const float* bias) {
-  vf acc[ROWS][NV];
-#pragma GCC unroll 16
-  for (int r = 0; r < ROWS; r++)
-#pragma GCC unroll 4
-    for (int j = 0; j < NV; j++) acc[r][j] = vzero();
-  for (int r = 0; r < ROWS; r++) __builtin_prefetch(c + r * ldc, 1);
-#pragma GCC unroll 2
-  for (int64_t k = 0; k < kc; k++) {
-    vf bv[NV];
-#pragma GCC unroll 4
-    for (int j = 0; j < NV; j++) bv[j] = vload(bp + j * VL);
-#pragma GCC unroll 16
-    for (int r = 0; r < ROWS; r++) {
-      vf av = vbcast(ap[r]);
-#pragma GCC unroll 4
-      for (int j = 0; j < NV; j++) acc[r][j] = vfma(av, bv[j], acc[r][j]);
-    }
-    ap += MR;
-    bp += NR;
-  }
+__attribute__((always_inline)) inline void store_tile(vf (&acc)[ROWS][NV], float* c, int64_t ldc, int ncols, int mode,
+                                                      const float* bias) {
   if (ncols == NR) {
 #pragma GCC unroll 16
     for (int r = 0; r < ROWS; r++) {
@@ -295,6 +276,32 @@ void micro_kernel(int64_t kc, const float* __restrict ap, const float* __restric
       }
     }
   }
+}
+
+template <int ROWS>
+void micro_kernel(int64_t kc, const float* __restrict ap, const float* __restrict bp, float* c, int64_t ldc,
+                  int ncols, int mode, const float* bias) {
+  vf acc[ROWS][NV];
+#pragma GCC unroll 16
+  for (int r = 0; r < ROWS; r++)
+#pragma GCC unroll 4
+    for (int j = 0; j < NV; j++) acc[r][j] = vzero();
+  for (int r = 0; r < ROWS; r++) __builtin_prefetch(c + r * ldc, 1);
+#pragma GCC unroll 2
+  for (int64_t k = 0; k < kc; k++) {
+    vf bv[NV];
+#pragma GCC unroll 4
+    for (int j = 0; j < NV; j++) bv[j] = vload(bp + j * VL);
+#pragma GCC unroll 16
+    for (int r = 0; r < ROWS; r++) {
+      vf av = vbcast(ap[r]);
+#pragma GCC unroll 4
+      for (int j = 0; j < NV; j++) acc[r][j] = vfma(av, bv[j], acc[r][j]);
+    }
+    ap += MR;
+    bp += NR;
+  }
+  store_tile<ROWS>(acc, c, ldc, ncols, mode, bias);
 }
 
 using MicroFn = void (*)(int64_t, const float*, const float*, float*, int64_t, int, int, const float*);
@@ -351,32 +358,7 @@ void micro_kernel_pf(int64_t kc, const float* __restrict ap, const float* __rest
     step();
   }
   for (; k < kc; k++) step();
-  if (ncols == NR) {
-#pragma GCC unroll 16
-    for (int r = 0; r < ROWS; r++) {
-      float* cr = c + r * ldc;
-#pragma GCC unroll 4
-      for (int j = 0; j < NV; j++) {
-        vf v = acc[r][j];
-        if (mode == 2) v = vadd(v, vload(cr + j * VL));
-        else if (mode == 1) v = vadd(v, vload(bias + j * VL));
-        vstore(cr + j * VL, v);
-      }
-    }
-  } else {
-    alignas(64) float tile[ROWS][NR];
-    for (int r = 0; r < ROWS; r++)
-      for (int j = 0; j < NV; j++) vstore(&tile[r][j * VL], acc[r][j]);
-    for (int r = 0; r < ROWS; r++) {
-      float* cr = c + r * ldc;
-      for (int j = 0; j < ncols; j++) {
-        float v = tile[r][j];
-        if (mode == 2) v += cr[j];
-        else if (mode == 1) v += bias[j];
-        cr[j] = v;
-      }
-    }
-  }
+  store_tile<ROWS>(acc, c, ldc, ncols, mode, bias);
 }
 
 

@@ -1193,6 +1193,40 @@ void packed_path(const PackedArgs& g) {
   else packed_gemm_path(g, T);
 }
 
+// bias [N] as dense f32: in place when it already is, else converted into buf (nullptr without a bias).
+const float* dense_bias(const KView* bias, int64_t N, std::vector<float>& buf) {
+  if (bias == nullptr) return nullptr;
+  if (bias->dtype == DType::F32 && (bias->stride(0) == 1 || N == 1)) return bias->ptr<const float>();
+  buf.resize(static_cast<size_t>(N));
+  for (int64_t j = 0; j < N; j++) buf[j] = load_f32(bias->data, bias->dtype, j * bias->stride(0));
+  return buf.data();
+}
+
+// Where a product is written: out itself when its rows are dense f32, else a dense scratch that finish()
+// copies into out.
+struct OutRows {
+  const KView& out;
+  int64_t M, N;
+  std::vector<float> buf;
+  float* c;
+  int64_t ldc;
+  OutRows(const KView& o, int64_t m, int64_t n) : out(o), M(m), N(n) {
+    if (out.dtype == DType::F32 && (out.stride(1) == 1 || N == 1)) {
+      c = out.ptr<float>();
+      ldc = out.stride(0);
+    } else {
+      buf.resize(static_cast<size_t>(M * N));
+      c = buf.data();
+      ldc = N;
+    }
+  }
+  void finish() {
+    if (buf.empty()) return;
+    for (int64_t i = 0; i < M; i++)
+      for (int64_t j = 0; j < N; j++) store_f32(out.data, out.dtype, i * out.stride(0) + j * out.stride(1), c[i * N + j]);
+  }
+};
+
 }  // namespace
 
 namespace fast {
@@ -1202,30 +1236,12 @@ void gemm(const KView& a, const KView& b, const KView* bias, const KView& out) {
 
   // bias -> dense f32
   std::vector<float> bias_buf;
-  const float* biasf = nullptr;
-  if (bias != nullptr) {
-    if (bias->dtype == DType::F32 && (bias->stride(0) == 1 || N == 1)) {
-      biasf = bias->ptr<const float>();
-    } else {
-      bias_buf.resize(static_cast<size_t>(N));
-      for (int64_t j = 0; j < N; j++) bias_buf[j] = load_f32(bias->data, bias->dtype, j * bias->stride(0));
-      biasf = bias_buf.data();
-    }
-  }
+  const float* biasf = dense_bias(bias, N, bias_buf);
 
   // out: written in place when its rows are dense f32, else through a dense scratch
-  std::vector<float> out_buf;
-  float* c;
-  int64_t ldc;
-  const bool out_direct = out.dtype == DType::F32 && (out.stride(1) == 1 || N == 1);
-  if (out_direct) {
-    c = out.ptr<float>();
-    ldc = out.stride(0);
-  } else {
-    out_buf.resize(static_cast<size_t>(M * N));
-    c = out_buf.data();
-    ldc = N;
-  }
+  OutRows dst(out, M, N);
+  float* c = dst.c;
+  const int64_t ldc = dst.ldc;
 
   if (K == 0) {
     for (int64_t i = 0; i < M; i++)
@@ -1253,11 +1269,7 @@ void gemm(const KView& a, const KView& b, const KView* bias, const KView& out) {
     }
   }
 
-  if (!out_direct) {
-    for (int64_t i = 0; i < M; i++)
-      for (int64_t j = 0; j < N; j++)
-        store_f32(out.data, out.dtype, i * out.stride(0) + j * out.stride(1), c[i * N + j]);
-  }
+  dst.finish();
 }
 
 void pack_weight(const KView& b, float* dst) {
@@ -1291,28 +1303,10 @@ void gemm_packed(const KView& a, const float* packed, int64_t N, const KView* bi
     }
   }
   std::vector<float> bias_buf;
-  const float* biasf = nullptr;
-  if (bias != nullptr) {
-    if (bias->dtype == DType::F32 && (bias->stride(0) == 1 || N == 1)) {
-      biasf = bias->ptr<const float>();
-    } else {
-      bias_buf.resize(static_cast<size_t>(N));
-      for (int64_t j = 0; j < N; j++) bias_buf[j] = load_f32(bias->data, bias->dtype, j * bias->stride(0));
-      biasf = bias_buf.data();
-    }
-  }
-  std::vector<float> out_buf;
-  float* c;
-  int64_t ldc;
-  const bool out_direct = out.dtype == DType::F32 && (out.stride(1) == 1 || N == 1);
-  if (out_direct) {
-    c = out.ptr<float>();
-    ldc = out.stride(0);
-  } else {
-    out_buf.resize(static_cast<size_t>(M * N));
-    c = out_buf.data();
-    ldc = N;
-  }
+  const float* biasf = dense_bias(bias, N, bias_buf);
+  OutRows dst(out, M, N);
+  float* c = dst.c;
+  const int64_t ldc = dst.ldc;
   PackedArgs g{nullptr, 0, 0, packed, biasf, act, resf, ldr, c, ldc, M, N, K};
   if (K == 0) {
     for (int64_t i = 0; i < M; i++) {
@@ -1336,11 +1330,7 @@ void gemm_packed(const KView& a, const float* packed, int64_t N, const KView* bi
     g.sa1 = sa1;
     packed_path(g);
   }
-  if (!out_direct) {
-    for (int64_t i = 0; i < M; i++)
-      for (int64_t j = 0; j < N; j++)
-        store_f32(out.data, out.dtype, i * out.stride(0) + j * out.stride(1), c[i * N + j]);
-  }
+  dst.finish();
 }
 }  // namespace fast
 

@@ -3,7 +3,7 @@
 import { afterAll, beforeAll, describe, expect, it } from "vitest";
 
 import { LanguageModel, type RemoteLanguageModel, Tensor, tensor } from "../../ts/src/index.js";
-import { type TestServer, f32, sameBits, startServer } from "./helpers.js";
+import { type TestServer, expectMatching, f32, sameBits, startServer } from "./helpers.js";
 
 let server: TestServer;
 let local: LanguageModel;
@@ -19,30 +19,12 @@ afterAll(async () => {
   await server?.stop();
 });
 
-async function expectSame(a: unknown, b: unknown, where = "result"): Promise<void> {
-  if (a instanceof Tensor || b instanceof Tensor) {
-    expect(a, where).toBeInstanceOf(Tensor);
-    expect(b, where).toBeInstanceOf(Tensor);
-    const x = a as Tensor, y = b as Tensor;
-    expect(x.shape, where).toEqual(y.shape);
-    expect(x.dtype, where).toBe(y.dtype);
-    if (x.dtype === "float32") expect(sameBits(await f32(x), await f32(y)), `${where}: bits differ`).toBe(true);
-    else expect(x.toArray(), where).toEqual(y.toArray());
-    return;
-  }
-  if (Array.isArray(a)) {
-    expect(Array.isArray(b), where).toBe(true);
-    expect((b as unknown[]).length, where).toBe(a.length);
-    for (let i = 0; i < a.length; i++) await expectSame(a[i], (b as unknown[])[i], `${where}[${i}]`);
-    return;
-  }
-  if (a && typeof a === "object") {
-    expect(Object.keys(b as object).sort(), where).toEqual(Object.keys(a).sort());
-    for (const k of Object.keys(a)) await expectSame((a as Record<string, unknown>)[k], (b as Record<string, unknown>)[k], `${where}.${k}`);
-    return;
-  }
-  expect(b, where).toEqual(a);
-}
+/** Same structure, tensors bit-identical (a is the expected value, b the actual one). */
+const expectSame = (a: unknown, b: unknown, where = "result") =>
+  expectMatching(b, a, async (y, x, w) => {
+    if (x.dtype === "float32") expect(sameBits(await f32(x), await f32(y)), `${w}: bits differ`).toBe(true);
+    else expect(y.toArray(), w).toEqual(x.toArray());
+  }, where);
 
 describe("remote equals local", () => {
   it("builds the same module tree from the served config", () => {

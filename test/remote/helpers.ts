@@ -8,7 +8,10 @@ import { existsSync, mkdirSync, readFileSync, readdirSync, rmdirSync, statSync }
 import path from "node:path";
 import { fileURLToPath } from "node:url";
 
+import { expect } from "vitest";
 import WebSocket from "ws";
+
+import { Tensor } from "../../ts/src/index.js";
 
 import { decodeFrame, encodeFrame } from "../../ts/src/remote/protocol.js";
 
@@ -177,4 +180,36 @@ export class RawClient {
   close(): void {
     this.ws.terminate();
   }
+}
+
+/**
+ * Compare two results of the same structure (tensors, arrays, plain objects, other values) side by side:
+ * both must be tensors at the same places, where `tensors(actual, expected, where)` compares them.
+ */
+export async function expectMatching(
+  actual: unknown,
+  expected: unknown,
+  tensors: (actual: Tensor, expected: Tensor, where: string) => Promise<void>,
+  where = "result",
+): Promise<void> {
+  if (actual instanceof Tensor || expected instanceof Tensor) {
+    expect(actual, where).toBeInstanceOf(Tensor);
+    expect(expected, where).toBeInstanceOf(Tensor);
+    const a = actual as Tensor, e = expected as Tensor;
+    expect(a.shape, where).toEqual(e.shape);
+    expect(a.dtype, where).toBe(e.dtype);
+    return tensors(a, e, where);
+  }
+  if (Array.isArray(expected)) {
+    expect(Array.isArray(actual), where).toBe(true);
+    expect((actual as unknown[]).length, where).toBe(expected.length);
+    for (let i = 0; i < expected.length; i++) await expectMatching((actual as unknown[])[i], expected[i], tensors, `${where}[${i}]`);
+    return;
+  }
+  if (expected && typeof expected === "object") {
+    expect(Object.keys(actual as object).sort(), where).toEqual(Object.keys(expected).sort());
+    for (const k of Object.keys(expected)) await expectMatching((actual as Record<string, unknown>)[k], (expected as Record<string, unknown>)[k], tensors, `${where}.${k}`);
+    return;
+  }
+  expect(actual, where).toEqual(expected);
 }

@@ -15,7 +15,7 @@ import { afterAll, beforeAll, describe, expect, it } from "vitest";
 import { Communicator, LanguageModel, NNsightError, type RemoteJob, type RemoteLanguageModel, Tensor, cudaInfo, tensor } from "../../ts/src/index.js";
 import { modelTp } from "../../ts/src/server/http.js";
 import { codeOf } from "../helpers/errors.js";
-import { ROOT, type TestServer, f32, startServer } from "./helpers.js";
+import { ROOT, type TestServer, expectMatching, f32, startServer } from "./helpers.js";
 
 const TP_TIMEOUT_MS = 6000; // the group's collective timeout (heartbeats every 1.5 s while idle); generous so a starved CI machine does not time out a job
 const JOB_TIMEOUT_MS = 2000;
@@ -75,15 +75,10 @@ async function restarted(before: number[]): Promise<number[]> {
 }
 
 /** Same structure; tensors close within 1e-5 of the reference's scale (ints equal). */
-async function expectClose(actual: unknown, expected: unknown, where = "result"): Promise<void> {
-  if (actual instanceof Tensor || expected instanceof Tensor) {
-    expect(actual, where).toBeInstanceOf(Tensor);
-    expect(expected, where).toBeInstanceOf(Tensor);
-    const a = actual as Tensor, e = expected as Tensor;
-    expect(a.shape, where).toEqual(e.shape);
-    expect(a.dtype, where).toBe(e.dtype);
+const expectClose = (actual: unknown, expected: unknown, where = "result") =>
+  expectMatching(actual, expected, async (a, e, w) => {
     if (e.dtype !== "float32") {
-      expect(a.toArray(), where).toEqual(e.toArray());
+      expect(a.toArray(), w).toEqual(e.toArray());
       return;
     }
     const [x, y] = [await f32(a), await f32(e)];
@@ -92,22 +87,8 @@ async function expectClose(actual: unknown, expected: unknown, where = "result")
       scale = Math.max(scale, Math.abs(y[i]!));
       diff = Math.max(diff, Math.abs(x[i]! - y[i]!));
     }
-    expect(diff / scale, `${where}: max |diff| ${diff} at scale ${scale}`).toBeLessThan(1e-5);
-    return;
-  }
-  if (Array.isArray(expected)) {
-    expect(Array.isArray(actual), where).toBe(true);
-    expect((actual as unknown[]).length, where).toBe(expected.length);
-    for (let i = 0; i < expected.length; i++) await expectClose((actual as unknown[])[i], expected[i], `${where}[${i}]`);
-    return;
-  }
-  if (expected && typeof expected === "object") {
-    expect(Object.keys(actual as object).sort(), where).toEqual(Object.keys(expected).sort());
-    for (const k of Object.keys(expected)) await expectClose((actual as Record<string, unknown>)[k], (expected as Record<string, unknown>)[k], `${where}.${k}`);
-    return;
-  }
-  expect(actual, where).toEqual(expected);
-}
+    expect(diff / scale, `${w}: max |diff| ${diff} at scale ${scale}`).toBeLessThan(1e-5);
+  }, where);
 
 async function works(): Promise<void> {
   const r = await remote.trace(P, () => ({ q: remote.model.layers[0]!.self_attn.q_proj.output }));

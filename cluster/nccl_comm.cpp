@@ -27,6 +27,8 @@
 #if defined(NX_WITH_CUDA)
 #include <dlfcn.h>
 
+#include "../kernels/cuda/dl.h"
+
 #include <cstdlib>
 
 #include "../kernels/cuda/cuda.h"
@@ -67,29 +69,25 @@ const NcclLib& lib() {
     std::string errors;
     const char* env = std::getenv("NX_NCCL_LIB");
     const char* names[] = {env && *env ? env : "libnccl.so.2", "libnccl.so"};
-    for (const char* name : names) {
-      void* h = dlopen(name, RTLD_NOW | RTLD_LOCAL);
-      if (h == nullptr) {
-        const char* e = dlerror();
-        errors += std::string(errors.empty() ? "" : "; ") + (e ? e : name);
-        continue;
-      }
-      r.get_unique_id = reinterpret_cast<decltype(r.get_unique_id)>(dlsym(h, "ncclGetUniqueId"));
-      r.comm_init_rank = reinterpret_cast<decltype(r.comm_init_rank)>(dlsym(h, "ncclCommInitRank"));
-      r.comm_destroy = reinterpret_cast<decltype(r.comm_destroy)>(dlsym(h, "ncclCommDestroy"));
-      r.comm_abort = reinterpret_cast<decltype(r.comm_abort)>(dlsym(h, "ncclCommAbort"));
-      r.all_reduce = reinterpret_cast<decltype(r.all_reduce)>(dlsym(h, "ncclAllReduce"));
-      r.all_gather = reinterpret_cast<decltype(r.all_gather)>(dlsym(h, "ncclAllGather"));
-      r.broadcast = reinterpret_cast<decltype(r.broadcast)>(dlsym(h, "ncclBroadcast"));
-      r.error_string = reinterpret_cast<decltype(r.error_string)>(dlsym(h, "ncclGetErrorString"));
-      if (r.get_unique_id && r.comm_init_rank && r.comm_destroy && r.comm_abort && r.all_reduce && r.all_gather && r.broadcast &&
-          r.error_string) {
-        r.ok = true;
-        r.name = name;
-        return r;
-      }
-      errors += std::string(errors.empty() ? "" : "; ") + name + " lacks some of the NCCL functions used";
-      dlclose(h);
+    const char* lib = dl::open_first(
+        {names[0], names[1]},
+        [&](void* h) {
+          r.get_unique_id = reinterpret_cast<decltype(r.get_unique_id)>(dlsym(h, "ncclGetUniqueId"));
+          r.comm_init_rank = reinterpret_cast<decltype(r.comm_init_rank)>(dlsym(h, "ncclCommInitRank"));
+          r.comm_destroy = reinterpret_cast<decltype(r.comm_destroy)>(dlsym(h, "ncclCommDestroy"));
+          r.comm_abort = reinterpret_cast<decltype(r.comm_abort)>(dlsym(h, "ncclCommAbort"));
+          r.all_reduce = reinterpret_cast<decltype(r.all_reduce)>(dlsym(h, "ncclAllReduce"));
+          r.all_gather = reinterpret_cast<decltype(r.all_gather)>(dlsym(h, "ncclAllGather"));
+          r.broadcast = reinterpret_cast<decltype(r.broadcast)>(dlsym(h, "ncclBroadcast"));
+          r.error_string = reinterpret_cast<decltype(r.error_string)>(dlsym(h, "ncclGetErrorString"));
+          return r.get_unique_id && r.comm_init_rank && r.comm_destroy && r.comm_abort && r.all_reduce && r.all_gather &&
+                 r.broadcast && r.error_string;
+        },
+        "some of the NCCL functions used", errors);
+    if (lib != nullptr) {
+      r.ok = true;
+      r.name = lib;
+      return r;
     }
     r.why = "NCCL could not be loaded (" + errors + ")";
     return r;

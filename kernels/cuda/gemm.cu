@@ -24,6 +24,7 @@
 #include <mutex>
 
 #include "common.cuh"
+#include "dl.h"
 
 namespace nx {
 namespace cuda {
@@ -57,25 +58,20 @@ const Cublas& cublas() {
       r.why = "disabled by NX_CUBLAS=0";
       return r;
     }
-    const char* names[] = {"libcublas.so.13", "libcublas.so.12", "libcublas.so"};
     std::string errors;
-    for (const char* name : names) {
-      void* h = dlopen(name, RTLD_NOW | RTLD_LOCAL);
-      if (h == nullptr) {
-        const char* e = dlerror();
-        errors += std::string(errors.empty() ? "" : "; ") + (e ? e : name);
-        continue;
-      }
-      r.create = reinterpret_cast<CreateFn>(dlsym(h, "cublasCreate_v2"));
-      r.set_stream = reinterpret_cast<SetStreamFn>(dlsym(h, "cublasSetStream_v2"));
-      r.sgemm = reinterpret_cast<SgemmFn>(dlsym(h, "cublasSgemm_v2"));
-      if (r.create && r.set_stream && r.sgemm) {
-        r.ok = true;
-        r.lib = name;
-        return r;
-      }
-      errors += std::string(errors.empty() ? "" : "; ") + name + " lacks cublasCreate_v2 / cublasSetStream_v2 / cublasSgemm_v2";
-      dlclose(h);
+    const char* lib = dl::open_first(
+        {"libcublas.so.13", "libcublas.so.12", "libcublas.so"},
+        [&](void* h) {
+          r.create = reinterpret_cast<CreateFn>(dlsym(h, "cublasCreate_v2"));
+          r.set_stream = reinterpret_cast<SetStreamFn>(dlsym(h, "cublasSetStream_v2"));
+          r.sgemm = reinterpret_cast<SgemmFn>(dlsym(h, "cublasSgemm_v2"));
+          return r.create && r.set_stream && r.sgemm;
+        },
+        "cublasCreate_v2 / cublasSetStream_v2 / cublasSgemm_v2", errors);
+    if (lib != nullptr) {
+      r.ok = true;
+      r.lib = lib;
+      return r;
     }
     r.why = "cuBLAS could not be loaded (" + errors + ")";
     return r;

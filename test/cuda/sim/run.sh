@@ -22,7 +22,7 @@ work="${NX_SIM_DIR:-$(mktemp -d)}"
 mkdir -p "$work/kernels/cuda" "$work/obj" "$work/lib"
 cp "$root/kernels/common.h" "$work/kernels/"
 cp -r "$root/kernels/cpu" "$work/kernels/"
-cp "$root/kernels/cuda/cuda.h" "$root/kernels/cuda/common.cuh" "$work/kernels/cuda/"
+cp "$root/kernels/cuda/cuda.h" "$root/kernels/cuda/common.cuh" "$root/kernels/cuda/dl.h" "$work/kernels/cuda/"
 node - "$root/kernels/cuda" "$work/kernels/cuda" <<'JS'
 const fs = require("fs"), path = require("path");
 const [src, dst] = process.argv.slice(2);

@@ -21,7 +21,7 @@ import type { ConnectOptions, RemoteLanguageModel } from "../remote/client.js";
 import type { RemoteJob } from "../remote/job.js";
 import type { AnyGraph, Arg, GraphNode, SessionGraph, TraceGraph } from "./graph.js";
 import type { Value } from "./ops.js";
-import { Recorder, activeRecorder, copySource, replaySources, resolveSource } from "./recorder.js";
+import { Recorder, activeRecorder, copySource, nodeSource, replaySources } from "./recorder.js";
 import { executeSession, executeTrace, mergeResult } from "./runner.js";
 import { roundTrip } from "./serialize.js";
 import { TracedValue } from "./traced-value.js";
@@ -253,7 +253,7 @@ export class LanguageModel extends CausalLM {
     try {
       res = await executeTrace(this, g, att, { scan, log: (vals) => log(...vals), onStep: opts.onStep });
     } catch (e) {
-      throw withSourceLine(e, graph);
+      throw withSourceLine(e, graph, rec);
     }
     publish(rec, res.result, res.saved, g);
     return mergeResult(res.result);
@@ -441,10 +441,10 @@ function setResult(rec: Recorder, id: number, v: Value): void {
  * An error that names a node of a lazily sourced graph gets the user's line now (see recorder.ts): the
  * message's "[module ..., invoke ...]" part gains "recorded at file:line", and details.source is set.
  */
-function withSourceLine(e: unknown, graph: TraceGraph): unknown {
-  if (!(e instanceof NNsightError) || e.details.node === undefined || e.details.source !== undefined) return e;
+function withSourceLine(e: unknown, graph: TraceGraph, rec: Recorder): unknown {
+  if (!(e instanceof NNsightError) || e.details.node === undefined || e.details.source !== undefined || rec.lazySource === null) return e;
   const node = graph.nodes.find((n) => n.id === e.details.node);
-  const src = node ? resolveSource(node) : undefined;
+  const src = node ? (nodeSource(node) ?? rec.lazySource(node)) : undefined;
   if (src === undefined) return e;
   e.details.source = src;
   const m = e.message;

@@ -38,13 +38,11 @@ export function isRecording(): boolean {
  *   withSources). Sessions, edits and remote graphs always do this.
  * - lazy (local traces and generations by default): nothing is captured; when an error that names a node
  *   leaves the trace, the trace's callback is recorded once more with eager capture (no model runs) and
- *   the node with the same id and op gives the line (resolveSource). A callback that records something
+ *   the node with the same id and op gives the line (Recorder.lazySource, used by the trace runner). A callback that records something
  *   else the second time, or throws, leaves the line out rather than naming a wrong one. Errors that are
  *   caught inside the library (a value missing after a stop) never trigger it.
  */
 const captured = new WeakMap<GraphNode, { stack?: string }>();
-/** lazy resolvers: one per recorded trace, shared by its nodes */
-const lazySources = new WeakMap<GraphNode, (node: GraphNode) => string | undefined>();
 
 function attachSource(node: GraphNode): void {
   const holder: { stack?: string } = {};
@@ -68,25 +66,11 @@ export function nodeSource(node: GraphNode): string | undefined {
   return src;
 }
 
-/** Give a copy of a node the same (still unformatted, or still unresolved) source. */
+/** Give a copy of a node the same (still unformatted) source. */
 export function copySource(from: GraphNode, to: GraphNode): void {
   const h = captured.get(from);
-  const r = lazySources.get(from);
   if (h) captured.set(to, h);
-  else if (r) lazySources.set(to, r);
   else if (from.src !== undefined) to.src = from.src;
-}
-
-/** nodeSource, and for a lazily sourced node, its line found by recording the callback again. */
-export function resolveSource(node: GraphNode): string | undefined {
-  const known = nodeSource(node);
-  if (known !== undefined) return known;
-  const resolve = lazySources.get(node);
-  if (!resolve) return undefined;
-  lazySources.delete(node);
-  const src = resolve(node);
-  if (src !== undefined) node.src = src;
-  return src;
 }
 
 /** A lazy resolver for the nodes of one trace: `record()` records its callback again with eager capture. */
@@ -144,7 +128,7 @@ export class Recorder {
   stopped = false;
   /** how each node's user source line is found (TraceOptions.sourceLines; see `captured` above) */
   sources: "eager" | "lazy" | "off" = "eager";
-  /** with sources "lazy": this trace's resolver */
+  /** with sources "lazy": this trace's resolver (nodes without a captured source are looked up here by id) */
   lazySource: ((node: GraphNode) => string | undefined) | null = null;
 
   constructor(owner: object, kind: "trace" | "generate", firstId = 0) {
@@ -255,7 +239,6 @@ export class Recorder {
     }
     const node: GraphNode = { id, op, args: a, invoke: opts.invoke === undefined ? this.currentInvoke : opts.invoke, step, block: this.block };
     if (this.sources === "eager") attachSource(node);
-    else if (this.lazySource !== null) lazySources.set(node, this.lazySource);
     this.nodes.push(node);
     const tv = new TracedValue(this, id);
     return tv;

@@ -11,7 +11,7 @@
  *    forward plus the same 100 edits run as plain tensor ops on tensors of the same shapes
  *    (target: ≤ 2 ms beyond their compute).
  *
- *   node bench/trace-overhead.mjs [--threads 2] [--pairs 200] [--gpt2-pairs 10]
+ *   node bench/trace-overhead.mjs [--threads 2] [--pairs 200] [--gpt2-pairs 10] [--source-lines lazy|eager|off]
  *
  * Each line also reports the CPU-time difference (process.cpuUsage, all threads): other load on the
  * machine inflates wall time but hardly CPU time, so it is the steadier estimate on a busy machine.
@@ -27,7 +27,10 @@ import { LanguageModel, setNumThreads, zeros } from "../dist/index.js";
 import { emit, flags, loadAvg, progress, progressDone, round, summarize } from "./lib.mjs";
 import { ensureCheckpoint } from "./models.mjs";
 
-const opt = flags({ threads: 2, pairs: 200, gpt2Pairs: 10, interventions: 100 });
+const opt = flags({ threads: 2, pairs: 200, gpt2Pairs: 10, interventions: 100, sourceLines: "lazy" });
+// TraceOptions.sourceLines of the traces: "lazy" (the default, true), "eager" or "off" (false)
+const sourceLines = { lazy: true, eager: "eager", off: false }[opt.sourceLines];
+if (sourceLines === undefined) throw new Error(`--source-lines must be lazy, eager or off, not ${opt.sourceLines}`);
 setNumThreads(opt.threads);
 
 const disposeAll = (v) => {
@@ -89,7 +92,7 @@ async function interleaved(variants, pairs, warmup = 3, label = "") {
   const withEdits = async () => {
     await model.trace([ids], () => {
       for (const e of plan) e.output.set([":", -1], 0);
-    });
+    }, { sourceLines });
   };
   // the same edits as plain tensor ops, queued before the forward so that its one sync covers them
   const fwdPlusEdits = async () => {
@@ -110,7 +113,7 @@ async function interleaved(variants, pairs, warmup = 3, label = "") {
   );
   const base = res3[1], tr = res3[2], empty = res3[3];
   const beyond = tr.diff.median - base.diff.median; // (trace - forward) - (forward+edits - forward)
-  emit({ bench: "trace.interventions", model: "stories260K", interventions: N, modules_touched: new Set(plan).size, shape: [1, ids.length], threads: opt.threads, ms: round(tr.median, 4), best_ms: round(tr.best, 4), forward_ms: round(res3[0].median, 4), forward_plus_edit_ops_ms: round(base.median, 4), edit_ops_ms: round(base.diff.median, 4), empty_trace_ms: round(empty.median, 4), extra_vs_forward_ms: round(tr.diff.median, 4), beyond_compute_ms: round(beyond, 4), beyond_compute_cpu_ms: round(tr.cpuDiff.median - base.cpuDiff.median, 4), per_intervention_us: round((beyond / N) * 1e3, 2), target_beyond_compute_ms: 2, within_target: beyond <= 2, loadavg: loadAvg() });
+  emit({ bench: "trace.interventions", model: "stories260K", interventions: N, source_lines: opt.sourceLines, modules_touched: new Set(plan).size, shape: [1, ids.length], threads: opt.threads, ms: round(tr.median, 4), best_ms: round(tr.best, 4), forward_ms: round(res3[0].median, 4), forward_plus_edit_ops_ms: round(base.median, 4), edit_ops_ms: round(base.diff.median, 4), empty_trace_ms: round(empty.median, 4), extra_vs_forward_ms: round(tr.diff.median, 4), beyond_compute_ms: round(beyond, 4), beyond_compute_cpu_ms: round(tr.cpuDiff.median - base.cpuDiff.median, 4), per_intervention_us: round((beyond / N) * 1e3, 2), target_beyond_compute_ms: 2, within_target: beyond <= 2, loadavg: loadAvg() });
   for (const t of targets) t.dispose();
   await model.dispose();
 }

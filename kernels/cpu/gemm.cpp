@@ -246,6 +246,30 @@ inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
 // ---- micro-kernel: C[ROWS x NR] (op)= Ap[kc x MR]^T Bp[kc x NR] ----
 // mode 0: C = acc; 1: C = acc + bias; 2: C += acc. ncols < NR writes only the first ncols columns.
+// The micro-kernels' pieces (force-inlined, so each kernel compiles as if written out):
+// zero_tile clears the accumulators and prefetches the C rows; k_step adds one k term,
+// acc[r] += A[k][r] * B[k][0..NR), every accumulator in the same order in every kernel.
+template <int ROWS>
+__attribute__((always_inline)) inline void zero_tile(vf (&acc)[ROWS][NV], const float* c, int64_t ldc) {
+#pragma GCC unroll 16
+  for (int r = 0; r < ROWS; r++)
+#pragma GCC unroll 4
+    for (int j = 0; j < NV; j++) acc[r][j] = vzero();
+  for (int r = 0; r < ROWS; r++) __builtin_prefetch(c + r * ldc, 1);
+}
+template <int ROWS>
+__attribute__((always_inline)) inline void k_step(vf (&acc)[ROWS][NV], const float* __restrict ap, const float* __restrict bp) {
+  vf bv[NV];
+#pragma GCC unroll 4
+  for (int j = 0; j < NV; j++) bv[j] = vload(bp + j * VL);
+#pragma GCC unroll 16
+  for (int r = 0; r < ROWS; r++) {
+    vf av = vbcast(ap[r]);
+#pragma GCC unroll 4
+    for (int j = 0; j < NV; j++) acc[r][j] = vfma(av, bv[j], acc[r][j]);
+  }
+}
+
 // The micro-kernels' C update: C (op)= acc for ROWS x ncols (mode as for micro_kernel).
 template <int ROWS>
 __attribute__((always_inline)) inline void store_tile(vf (&acc)[ROWS][NV], float* c, int64_t ldc, int ncols, int mode,
@@ -282,25 +306,9 @@ template <int ROWS>
 void micro_kernel(int64_t kc, const float* __restrict ap, const float* __restrict bp, float* c, int64_t ldc,
                   int ncols, int mode, const float* bias) {
   vf acc[ROWS][NV];
-#pragma GCC unroll 16
-  for (int r = 0; r < ROWS; r++)
-#pragma GCC unroll 4
-    for (int j = 0; j < NV; j++) acc[r][j] = vzero();
-  for (int r = 0; r < ROWS; r++) __builtin_prefetch(c + r * ldc, 1);
+  zero_tile<ROWS>(acc, c, ldc);
 #pragma GCC unroll 2
-  for (int64_t k = 0; k < kc; k++) {
-    vf bv[NV];
-#pragma GCC unroll 4
-    for (int j = 0; j < NV; j++) bv[j] = vload(bp + j * VL);
-#pragma GCC unroll 16
-    for (int r = 0; r < ROWS; r++) {
-      vf av = vbcast(ap[r]);
-#pragma GCC unroll 4
-      for (int j = 0; j < NV; j++) acc[r][j] = vfma(av, bv[j], acc[r][j]);
-    }
-    ap += MR;
-    bp += NR;
-  }
+  for (int64_t k = 0; k < kc; k++, ap += MR, bp += NR) k_step<ROWS>(acc, ap, bp);
   store_tile<ROWS>(acc, c, ldc, ncols, mode, bias);
 }
 
@@ -328,21 +336,9 @@ template <int ROWS>
 void micro_kernel_pf(int64_t kc, const float* __restrict ap, const float* __restrict bp, float* c, int64_t ldc,
                      int ncols, int mode, const float* bias, const char*& pf, const char* pf_end, int q) {
   vf acc[ROWS][NV];
-#pragma GCC unroll 16
-  for (int r = 0; r < ROWS; r++)
-#pragma GCC unroll 4
-    for (int j = 0; j < NV; j++) acc[r][j] = vzero();
-  for (int r = 0; r < ROWS; r++) __builtin_prefetch(c + r * ldc, 1);
+  zero_tile<ROWS>(acc, c, ldc);
   auto step = [&]() __attribute__((always_inline)) {
-    vf bv[NV];
-#pragma GCC unroll 4
-    for (int j = 0; j < NV; j++) bv[j] = vload(bp + j * VL);
-#pragma GCC unroll 16
-    for (int r = 0; r < ROWS; r++) {
-      vf av = vbcast(ap[r]);
-#pragma GCC unroll 4
-      for (int j = 0; j < NV; j++) acc[r][j] = vfma(av, bv[j], acc[r][j]);
-    }
+    k_step<ROWS>(acc, ap, bp);
     ap += MR;
     bp += NR;
   };

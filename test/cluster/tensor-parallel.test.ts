@@ -29,6 +29,7 @@ interface Results {
 }
 interface RankMessage {
   dir: string;
+  attn?: string;
   rank: number;
   tp: Results;
   reference: Results | null;
@@ -55,6 +56,7 @@ const models = [
   { dir: join(BUNDLED_MODELS_DIR, "stories260K"), type: "llama" }, // 8 heads / 4 kv heads, MLP 172
   { dir: join(dir, "llama"), type: "llama" }, // 6 heads / 2 kv heads (GQA 3:1), MLP 100
   { dir: join(dir, "gpt2"), type: "gpt2" }, // 4 heads of 12, MLP 192
+  { dir: join(dir, "llama"), type: "llama", attn: "eager" }, // attention probabilities per head
 ];
 let run: GroupRun<RankMessage>;
 
@@ -66,10 +68,10 @@ beforeAll(async () => {
 });
 afterAll(() => rmSync(dir, { recursive: true, force: true }));
 
-describe.each(models.map((m, i) => [["stories260K", "tiny Llama (GQA)", "tiny GPT-2"][i]!, m] as const))("tensor parallel, 2 ranks: %s", (_name, m) => {
+describe.each(models.map((m, i) => [["stories260K", "tiny Llama (GQA)", "tiny GPT-2", "tiny Llama, eager attention"][i]!, m] as const))("tensor parallel, 2 ranks: %s", (_name, m) => {
   const results = () => {
     expect(run.failure, JSON.stringify(run.byRank.flat().filter((x) => x.error))).toBeNull();
-    const [r0, r1] = [0, 1].map((r) => run.byRank[r]!.find((x) => x.dir === m.dir)!);
+    const [r0, r1] = [0, 1].map((r) => run.byRank[r]!.find((x) => x.dir === m.dir && x.attn === m.attn)!);
     expect(r0?.reference).toBeTruthy();
     return { tp: r0!.tp, other: r1!.tp, ref: r0!.reference! };
   };

@@ -127,6 +127,10 @@ const ELEMENTWISE: Boundary = { inputs: [LAST], output: LAST };
 const ROPE: Boundary = { inputs: [HEADS, HEADS], output: [HEADS, HEADS] };
 const ATTENTION: Boundary = { inputs: [HEADS, HEADS, HEADS], output: { dim: 2 } }; // output [B, T, H, hd]
 const C_ATTN: Boundary = { inputs: [null], output: { dim: -1, groups: 3 } };
+// inside attention_interface_0: every value is [B, H, ...] with this rank's heads
+const PER_HEAD1: Boundary = { inputs: [HEADS], output: HEADS };
+const PER_HEAD2: Boundary = { inputs: [HEADS, HEADS], output: HEADS };
+const PER_HEAD3: Boundary = { inputs: [HEADS, HEADS, HEADS], output: HEADS };
 
 /** The module boundaries whose values are sharded under tensor parallelism (null: replicated). */
 export function boundaryOf(modelType: ModelConfig["modelType"], path: string): Boundary | null {
@@ -145,6 +149,9 @@ export function boundaryOf(modelType: ModelConfig["modelType"], path: string): B
     if (name === "act_fn_0" || name === "act_0") return ELEMENTWISE;
     if (name === "apply_rotary_pos_emb_0") return ROPE;
     if (name === "attention_interface_0") return ATTENTION;
+    if (name === "torch_nn_functional_scaled_dot_product_attention_0") return PER_HEAD3;
+    if (name === "torch_matmul_0" || name === "torch_matmul_1") return PER_HEAD2;
+    if (name === "nn_functional_softmax_0") return PER_HEAD1;
   }
   return null;
 }

@@ -130,9 +130,13 @@ export class TransformerLM {
       const mask = b.keyMask ? fromArray(b.keyMask, "int32", [b.batch, b.keyMask.length / b.batch]) : null;
       const run = this.makeRun(hooks);
       const ctx: Ctx = { b, pos, mask, cache, run, hooked: hooks !== null, wants: wantsOf(hooks), lastOnly: !!opts.lastOnly };
-      const logits = run("", [ids], ([x]) => (this.config.modelType === "gpt2" ? this.gpt2(x!, ctx) : this.llama(x!, ctx)));
-      if (cache) cache.advance(b.seq);
-      return logits;
+      try {
+        const logits = run("", [ids], ([x]) => (this.config.modelType === "gpt2" ? this.gpt2(x!, ctx) : this.llama(x!, ctx)));
+        if (cache) cache.advance(b.seq);
+        return logits;
+      } finally {
+        freeEagerMask(ctx);
+      }
     });
   }
 
@@ -190,9 +194,13 @@ export class TransformerLM {
         const l = Number(m[2]);
         const p = `${m[1]}.${l}`;
         const sub = m[3];
-        if (!sub) return gpt2 ? this.gpt2Block(l, p, x, ctx) : this.llamaLayer(l, p, x, ctx);
-        if (sub === "mlp") return gpt2 ? this.gpt2Mlp(p, x) : this.llamaMlp(p, x, ctx);
-        if (sub === "self_attn" || sub === "attn") return this.attnModule(l, p, x, ctx);
+        try {
+          if (!sub) return gpt2 ? this.gpt2Block(l, p, x, ctx) : this.llamaLayer(l, p, x, ctx);
+          if (sub === "mlp") return gpt2 ? this.gpt2Mlp(p, x) : this.llamaMlp(p, x, ctx);
+          if (sub === "self_attn" || sub === "attn") return this.attnModule(l, p, x, ctx);
+        } finally {
+          freeEagerMask(ctx);
+        }
       }
       throw new NNsightError("UNSUPPORTED", `${path}.call() is not supported for this module`, { path });
     });
@@ -349,14 +357,16 @@ export class TransformerLM {
     let k4 = k.reshape([B, T, Hkv, hd]);
     const v4 = v.reshape([B, T, Hkv, hd]);
     const ropeOp = `${m}.source.apply_rotary_pos_emb_0`, attnOp = `${m}.source.attention_interface_0`;
-    if (!ctx.hooked || (ctx.wants !== null && !ctx.wants(ropeOp) && !ctx.wants(attnOp))) {
+    const eager = c.attnImplementation === "eager";
+    if (!ctx.hooked || (ctx.wants !== null && !ctx.wants(ropeOp) && !ctx.wants(attnOp) && !wantsInside(ctx.wants, attnOp, eager))) {
       // the same computation as below without the hook points (every view is a native call)
       if (invFreq) {
         q4 = q4.rope(ctx.pos, invFreq, false);
         k4 = k4.rope(ctx.pos, invFreq, false);
       }
       const [kk, vv] = ctx.cache ? ctx.cache.append(layer, k4.permute(0, 2, 1, 3), v4.permute(0, 2, 1, 3)) : [k4.permute(0, 2, 1, 3), v4.permute(0, 2, 1, 3)];
-      const o = q4.permute(0, 2, 1, 3).attention(kk, vv, ctx.mask, scale); // [B, Hq, T, hd] view of [B, T, Hq, hd]
+      const qh = q4.permute(0, 2, 1, 3);
+      const o = eager ? this.eagerAttention(qh, kk, vv, ctx, scale, noHooks, attnOp) : qh.attention(kk, vv, ctx.mask, scale); // [B, Hq, T, hd]
       return o.permute(0, 2, 1, 3).reshape([B, T, H * hd]);
     }
     // HF layout for the source operations: q/k/v [B, H, T, hd] (views), attention output [B, T, H, hd]
@@ -372,9 +382,81 @@ export class TransformerLM {
       ]);
     }
     const [kk, vv] = ctx.cache ? ctx.cache.append(layer, kh, vh) : [kh, vh];
-    const o = run(attnOp, [qh!, kk, vv], ([a, b, d]) => a!.attention(b!, d!, ctx.mask, scale).permute(0, 2, 1, 3));
+    const o = run(attnOp, [qh!, kk, vv], ([a, b, d]) => {
+      if (eager) return this.eagerAttention(a!, b!, d!, ctx, scale, run, attnOp).permute(0, 2, 1, 3);
+      const sdpa = `${attnOp}.source.torch_nn_functional_scaled_dot_product_attention_0`;
+      if (quiet(ctx, sdpa)) return a!.attention(b!, d!, ctx.mask, scale).permute(0, 2, 1, 3);
+      return run(sdpa, [a!, b!, d!], ([x, y, z]) => x!.attention(y!, z!, ctx.mask, scale)).permute(0, 2, 1, 3);
+    });
     return o.reshape([B, T, H * hd]);
   }
+
+  /**
+   * Attention as HF's `eager_attention_forward` computes it, each step a hook point inside `op`
+   * (`<attention>.source.attention_interface_0`): raw scores q·kᵀ (`torch_matmul_0`), scaled and masked,
+   * the softmax (`nn_functional_softmax_0`: the attention probabilities), and their product with the
+   * values (`torch_matmul_1`). q [B, Hq, T, hd], k/v [B, Hkv, Tk, hd] (the cache included); keys and
+   * values are repeated over each group's query heads (HF `repeat_kv`). Returns [B, Hq, T, hd]. A query
+   * that sees no key (a padding position) gets zero probabilities and a zero output, as the fused kernel.
+   */
+  private eagerAttention(q: Tensor, k: Tensor, v: Tensor, ctx: Ctx, scale: number, run: Run, op: string): Tensor {
+    const [B, Hq, T] = q.shape as [number, number, number, number];
+    const Tk = k.shape[2]!;
+    const kr = repeatKv(k, Hq), vr = repeatKv(v, Hq);
+    const scores = run(`${op}.source.torch_matmul_0`, [q, kr.transpose(2, 3)], ([a, b]) => a!.matmul(b!));
+    const { add, keep: rowKeep } = this.eagerMask(ctx, B, T, Tk);
+    const probs = run(`${op}.source.nn_functional_softmax_0`, [scores.mul(scale).add(add)], ([x]) => x!.softmax(-1).mul(rowKeep));
+    return run(`${op}.source.torch_matmul_1`, [probs, vr], ([p, w]) => p!.matmul(w!));
+  }
+
+  /**
+   * The eager path's masks for one forward pass (made once, shared by every layer): `add` [B, 1, T, Tk]
+   * is 0 where query i (at key position Tk - T + i) may see key j (causal, and not padding) and -inf
+   * elsewhere, except on rows that see no key at all, which stay 0 so the softmax gives no NaN; `keep`
+   * [B, 1, T, 1] is 1, or 0 on those rows, which then give zero probabilities.
+   */
+  private eagerMask(ctx: Ctx, B: number, T: number, Tk: number): { add: Tensor; keep: Tensor } {
+    if (ctx.eagerMask && ctx.eagerMask.tk === Tk) return ctx.eagerMask;
+    const km = ctx.b.keyMask;
+    const add = new Float32Array(B * T * Tk), rows = new Float32Array(B * T);
+    for (let b = 0; b < B; b++) {
+      for (let i = 0; i < T; i++) {
+        const last = Tk - T + i, row = (b * T + i) * Tk;
+        let seen = 0;
+        for (let j = 0; j < Tk; j++) {
+          const ok = j <= last && (km === null || km[b * Tk + j] !== 0);
+          if (ok) seen++;
+          else add[row + j] = -Infinity;
+        }
+        if (seen === 0) add.fill(0, row, row + Tk);
+        rows[b * T + i] = seen === 0 ? 0 : 1;
+      }
+    }
+    // made outside the layer's scope (it outlives the layer); freeEagerMask releases it after the pass
+    ctx.eagerMask = untracked(() => ({ tk: Tk, add: fromArray(add, "float32", [B, 1, T, Tk]), keep: fromArray(rows, "float32", [B, 1, T, 1]) }));
+    return ctx.eagerMask;
+  }
+}
+
+function freeEagerMask(ctx: Ctx): void {
+  if (!ctx.eagerMask) return;
+  ctx.eagerMask.add.dispose();
+  ctx.eagerMask.keep.dispose();
+  ctx.eagerMask = undefined;
+}
+
+/** HF `repeat_kv`: [B, Hkv, Tk, hd] -> [B, Hq, Tk, hd], each kv head repeated for its group's query heads. */
+function repeatKv(x: Tensor, heads: number): Tensor {
+  const [B, Hkv, Tk, hd] = x.shape as [number, number, number, number];
+  if (Hkv === heads) return x;
+  return x.unsqueeze(2).expand([B, Hkv, heads / Hkv, Tk, hd]).reshape([B, heads, Tk, hd]);
+}
+
+/** Whether the hooks act on an operation inside `attention_interface_0` (`op`). */
+function wantsInside(wants: (path: string) => boolean, op: string, eager: boolean): boolean {
+  return eager
+    ? wants(`${op}.source.torch_matmul_0`) || wants(`${op}.source.nn_functional_softmax_0`) || wants(`${op}.source.torch_matmul_1`)
+    : wants(`${op}.source.torch_nn_functional_scaled_dot_product_attention_0`);
 }
 
 interface Ctx {
@@ -388,6 +470,8 @@ interface Ctx {
   /** which hook points the hooks act on (null: assume all) */
   wants: ((path: string) => boolean) | null;
   lastOnly: boolean;
+  /** the eager attention path's masks, made on first use in this pass (see eagerMask) */
+  eagerMask?: { tk: number; add: Tensor; keep: Tensor };
 }
 
 const wantsOf = (hooks: ModuleHooks | null): ((path: string) => boolean) | null => (hooks?.wants ? (p) => hooks.wants!(p) : null);

@@ -33,7 +33,7 @@ export class Envoy {
     this._spec = spec;
     this._owner = owner;
     this._children = spec.children.map((c) => makeEnvoy(c, owner, aliases));
-    this._source = spec.source ? new Envoy({ name: "source", path: `${spec.path}.source`, type: "Source", children: spec.source }, owner) : null;
+    this._source = spec.source ? strictSource(new Envoy({ name: "source", path: `${spec.path}.source`, type: "Source", children: spec.source }, owner)) : null;
     for (const c of this._children) {
       const name = c._spec.name;
       Object.defineProperty(this, name, { value: c, enumerable: true, configurable: true });
@@ -116,7 +116,10 @@ export class Envoy {
    * `apply_rotary_pos_emb_0` (output: the tuple [q, k], each [batch, heads, seq, head_dim]) and
    * `attention_interface_0` (inputs q, k, v as [batch, heads, seq, head_dim] with k/v including the KV cache;
    * output [batch, seq, heads, head_dim], before o_proj); GPT-2 attention: `attention_interface_0`; MLPs:
-   * `act_fn_0` (Llama) / `act_0` (GPT-2), the activation function's output.
+   * `act_fn_0` (Llama) / `act_0` (GPT-2), the activation function's output. `attention_interface_0.source`
+   * holds the operations inside attention (NNsight's recursive source): the SDPA call, or with
+   * `attnImplementation: "eager"` the scores, the softmax (attention probabilities) and the weighted sum.
+   * An operation name the module does not have is BAD_PATH, listing the ones it has.
    */
   get source(): Envoy {
     if (!this._source) {
@@ -201,6 +204,23 @@ function makeEnvoy(spec: ModuleSpec, owner: object, aliases: Record<string, stri
     get(target, prop, receiver) {
       if (typeof prop === "string" && /^-\d+$/.test(prop)) return target.at(Number(prop));
       if (typeof prop === "string" && /^\d+$/.test(prop) && !(prop in target)) return target.at(Number(prop));
+      return Reflect.get(target, prop, receiver);
+    },
+  });
+}
+
+/**
+ * A Source envoy that refuses operation names it does not have (NNsight raises AttributeError), so a typo
+ * or the other attention implementation's name fails at once rather than as `undefined`. Only
+ * snake_case names are checked: JS machinery probes objects for `then`, `toJSON`, `$$typeof` and symbols.
+ */
+function strictSource(src: Envoy): Envoy {
+  return new Proxy(src, {
+    get(target, prop, receiver) {
+      if (typeof prop === "string" && !(prop in target) && /^[a-z][a-z0-9]*_[a-z0-9_]*$/.test(prop)) {
+        const have = target._children.map((c) => c._spec.name).join(", ");
+        throw new NNsightError("BAD_PATH", `${target.path} has no operation "${prop}"; it has: ${have}`, { path: `${target.path}.${prop}` });
+      }
       return Reflect.get(target, prop, receiver);
     },
   });

@@ -73,7 +73,21 @@ export interface TraceBackend {
 }
 
 /** `envoy.source` of a module whose forward has operations `K`. */
-type WithSource<K extends string> = { readonly source: Envoy & { readonly [k in K]: Envoy } };
+type WithSource<K extends string> = { readonly source: Envoy & { readonly [k in K]: k extends "attention_interface_0" ? AttentionInterfaceEnvoy : Envoy } };
+
+/**
+ * `attention_interface_0` and the operations inside it: the SDPA call with the default
+ * `attnImplementation: "sdpa"`, the scores / softmax / weighted sum with `"eager"` (the other
+ * model's names are BAD_PATH).
+ */
+export type AttentionInterfaceEnvoy = Envoy & {
+  readonly source: Envoy & {
+    readonly torch_nn_functional_scaled_dot_product_attention_0: Envoy;
+    readonly torch_matmul_0: Envoy;
+    readonly nn_functional_softmax_0: Envoy;
+    readonly torch_matmul_1: Envoy;
+  };
+};
 
 export interface LlamaLayerEnvoy extends Envoy {
   readonly self_attn: Envoy & { readonly q_proj: Envoy; readonly k_proj: Envoy; readonly v_proj: Envoy; readonly o_proj: Envoy } & WithSource<"apply_rotary_pos_emb_0" | "attention_interface_0">;

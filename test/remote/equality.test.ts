@@ -27,7 +27,7 @@ const expectSame = (a: unknown, b: unknown, where = "result") =>
     else expect(y.toArray(), w).toEqual(x.toArray());
   }, where);
 
-describe("remote equals local", () => {
+describe("remote equals local (T62, T63)", () => {
   it("eager attention served with :attn=eager: the probabilities are hook points, bit-identical to local", async () => {
     const [eagerLocal, eagerRemote] = await Promise.all([LanguageModel.load("stories260K", { attnImplementation: "eager" }), LanguageModel.connect(server.url, "eager")]);
     try {

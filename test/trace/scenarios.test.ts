@@ -542,7 +542,7 @@ describe("graph-aware functions (API: nnsight.cat/stack/zeros/...)", () => {
 });
 
 describe("streaming and empty-invoke iteration (T43, T48)", () => {
-  it("onStep streams each step's block values as they are computed; stream gives tokens", async () => {
+  it("T48: onStep streams each step's block values as they are computed; stream gives tokens", async () => {
     const seen: number[] = [];
     const tokens: number[] = [];
     const r = await model.generate(P1, {
@@ -678,3 +678,106 @@ describe("fused residual adds (Llama)", () => {
     plain.dispose();
   });
 });
+
+// The rest of the catalogue. Not ported, because this API has no counterpart: T14's barrier (invokes share
+// values directly, below), T16-T19 (gradients: not part of this issue), T30 (models load their weights at
+// once: there is no undispatched state), T58 (no preprocess/transform hooks: an invoke's rows are the model's
+// own tensors), T59 (no custom envoy classes), T61 (model.edit gives independent copies over one model).
+describe("the rest of the catalogue (T03, T06, T14, T23, T28, T44, T52)", () => {
+  it("T03: a value saved in a branch that did not run has no value (a clear error); values outside it do", async () => {
+    let inBranch: { value: unknown } | undefined, outside: { value: unknown } | undefined;
+    await model.trace(P1, (tr) => {
+      tr.cond(model.model.layers[0].output.abs().sum().gt(1e9), () => {
+        inBranch = model.model.layers[1].output.save();
+      });
+      outside = model.model.layers[2].output.save();
+    });
+    expect(() => inBranch!.value).toThrow(/has no value/);
+    expect((outside!.value as Tensor).shape).toEqual([1, 5, 64]);
+  });
+
+  it("T06: loops with continue and break around the traces of a session collect [0, 2]", async () => {
+    const r = await model.session((s) => {
+      const out: Record<string, unknown> = {};
+      for (let i = 0; i < 10; i++) {
+        if (i === 3) break;
+        if (i % 2 === 1) continue;
+        out[`t${i}`] = s.trace(P1, () => ({ h: model.model.layers[i]!.output.at([":", -1]) })).h;
+      }
+      return out;
+    });
+    expect(Object.keys(r)).toEqual(["t0", "t2"]);
+    const direct = await model.trace(P1, () => ({ h0: model.model.layers[0].output.at([":", -1]), h2: model.model.layers[2].output.at([":", -1]) }));
+    expect(maxAbs(r.t0 as Tensor, direct.h0)).toBe(0);
+    expect(maxAbs(r.t2 as Tensor, direct.h2)).toBe(0);
+  });
+
+  it("T14 without a barrier: invoke 2 takes invoke 1's embeddings and then computes invoke 1's logits", async () => {
+    const ids = model.tokenizer.encode(P1);
+    const other = ids.map((t, i) => (i === 0 ? t : 40 + i)); // same length, other tokens
+    const r = await model.trace((tr) => {
+      let emb: unknown;
+      tr.invoke([ids], () => {
+        emb = model.model.embed_tokens.output;
+        return { a: model.lm_head.output };
+      });
+      tr.invoke([other], () => {
+        model.model.embed_tokens.output = emb as never;
+        return { b: model.lm_head.output };
+      });
+    });
+    expect(maxRel(r.b, r.a)).toBeLessThan(1e-5);
+    const alone = await model.trace([other], () => ({ l: model.lm_head.output }));
+    expect(maxAbs(alone.l, r.b)).toBeGreaterThan(1e-2); // the transfer changed invoke 2
+  });
+
+  it("T23: an edit that calls a module with its hooks: later traces see that call, at their batch size", async () => {
+    const edited = model.edit(() => {
+      model.lm_head.call(model.model.norm.call(model.model.layers[0].output), { hook: true }); // a logit lens of layer 0
+    });
+    const r = await edited.trace([P1, P2], () => ({ lens: edited.lm_head.nth(0).output, main: edited.lm_head.nth(1).output }));
+    expect(r.lens.shape[0]).toBe(2);
+    const direct = await model.trace([P1, P2], () => ({ lens: model.lm_head.call(model.model.norm.call(model.model.layers[0].output)), main: model.lm_head.output }));
+    expect(maxAbs(r.lens, direct.lens)).toBe(0);
+    expect(maxAbs(r.main, direct.main)).toBe(0);
+  });
+
+  it("T28: generate with no top-level input takes its prompts from invokes", async () => {
+    const r = await model.generate({ maxNewTokens: 3 }, (tr) => {
+      tr.invoke(P1, () => ({ a: model.generator.output }));
+      tr.invoke(P2, () => ({ b: model.generator.output }));
+    });
+    const [a, b] = [await model.generateText(P1, { maxNewTokens: 3 }), await model.generateText(P2, { maxNewTokens: 3 })];
+    const row = (t: Tensor) => (t.toArray() as number[][])[0]!.filter((x) => x !== model.tokenizer.padTokenId);
+    expect(row(r.a)).toEqual(a.sequences[0]);
+    expect(row(r.b)).toEqual(b.sequences[0]);
+  });
+
+  it("T44: code after tr.all runs; blocks do not move the step cursor, so a read after one is step 0's", async () => {
+    let after = false;
+    const r = await model.generate(P1, { maxNewTokens: 3 }, (tr) => {
+      const per = tr.all(() => ({ h: model.model.layers[0].output }));
+      after = true;
+      return { per, later: model.model.layers[0].output };
+    });
+    expect(after).toBe(true);
+    const steps = (r.per as { h: Tensor[] }).h;
+    expect(steps.length).toBe(3);
+    expect(maxAbs(r.later, steps[0]!)).toBe(0);
+  });
+
+  it("T52: cache entries are keyed by the module path, which alias envoys report too", async () => {
+    const renamed = await LanguageModel.load("stories260K", { rename: { "model.layers": "layers" } });
+    try {
+      const r = await renamed.trace(P1, (tr) => ({ c: tr.cache({ modules: [(renamed as any).layers[1]] }), h: (renamed as any).layers[1].output }));
+      const key = (renamed as any).layers[1].path;
+      expect(key).toBe("model.layers.1");
+      expect(Object.keys(r.c)).toEqual([key]);
+      expect(maxAbs(r.c[key].output, r.h)).toBe(0);
+      expect(r.c["layers.1"]).toBeUndefined(); // a plain object: unknown keys are undefined
+    } finally {
+      await renamed.dispose();
+    }
+  });
+});
+

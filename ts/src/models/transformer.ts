@@ -129,7 +129,7 @@ export class TransformerLM {
       const pos = fromArray(b.positions, "int32", [b.batch, b.seq]);
       const mask = b.keyMask ? fromArray(b.keyMask, "int32", [b.batch, b.keyMask.length / b.batch]) : null;
       const run = this.makeRun(hooks);
-      const ctx: Ctx = { b, pos, mask, cache, run, hooked: hooks !== null, wants: wantsOf(hooks), lastOnly: !!opts.lastOnly };
+      const ctx: Ctx = { b, ids, pos, mask, cache, run, hooked: hooks !== null, wants: wantsOf(hooks), lastOnly: !!opts.lastOnly };
       try {
         const logits = run("", [ids], ([x]) => (this.config.modelType === "gpt2" ? this.gpt2(x!, ctx) : this.llama(x!, ctx)));
         if (cache) cache.advance(b.seq);
@@ -174,12 +174,13 @@ export class TransformerLM {
     };
     if (path === "lm_head") {
       const head = this.wOpt("lm_head.weight") ?? this.w(gpt2 ? "transformer.wte.weight" : "model.embed_tokens.weight");
-      return linear(x, head, null, "out_in");
+      return this.lmHead(x, head, this.wOpt("lm_head.bias"));
     }
     const name = path.split(".").pop()!;
     if (path === "model.norm" || /layernorm$/.test(name)) return x.rmsnormW(this.w(`${path}.weight`), c.normEps);
     if (path === "transformer.ln_f" || name === "ln_1" || name === "ln_2") return x.layernormW(this.w(`${path}.weight`), this.w(`${path}.bias`), c.normEps);
-    if (name === "embed_tokens" || name === "wte" || name === "wpe") return embed(this.w(`${path}.weight`), x);
+    if (name === "embed_tokens" || name === "wte") return this.embedTokens(`${path}.weight`, x, null);
+    if (name === "wpe") return embed(this.w(`${path}.weight`), x);
     if (this.weights.has(`${path}.weight`)) return wOut(path);
     // composite modules need a batch context
     const B = x.shape[0] ?? 1, T = x.shape[1] ?? 1;
@@ -188,7 +189,7 @@ export class TransformerLM {
     const batch: ForwardBatch = { batch: B, seq: T, ids: new Int32Array(B * T), positions, keyMask: null };
     return scope(() => {
       const run = this.makeRun(hooks);
-      const ctx: Ctx = { b: batch, pos: fromArray(positions, "int32", [B, T]), mask: null, cache: null, run, hooked: hooks !== null, wants: wantsOf(hooks), lastOnly: false };
+      const ctx: Ctx = { b: batch, ids: null, pos: fromArray(positions, "int32", [B, T]), mask: null, cache: null, run, hooked: hooks !== null, wants: wantsOf(hooks), lastOnly: false };
       const m = /^(model\.layers|transformer\.h)\.(\d+)(?:\.(\w+))?$/.exec(path);
       if (m) {
         const l = Number(m[2]);
@@ -211,7 +212,7 @@ export class TransformerLM {
     const c = this.config;
     const run = ctx.run;
     let h = run("model", [ids], ([x]) => {
-      let hs = run("model.embed_tokens", [x!], ([i]) => embed(this.w("model.embed_tokens.weight"), i!));
+      let hs = run("model.embed_tokens", [x!], ([i]) => this.embedTokens("model.embed_tokens.weight", i!, ctx));
       for (let l = 0; l < c.numLayers; l++) {
         const p = `model.layers.${l}`;
         hs = run(p, [hs], ([x0]) => scope(() => this.llamaLayer(l, p, x0!, ctx)));
@@ -220,7 +221,7 @@ export class TransformerLM {
     });
     if (ctx.lastOnly) h = h.slice(1, -1);
     const head = this.wOpt("lm_head.weight") ?? this.w("model.embed_tokens.weight");
-    return run("lm_head", [h], ([x]) => linear(x!, head, this.wOpt("lm_head.bias"), "out_in"));
+    return run("lm_head", [h], ([x]) => this.lmHead(x!, head, this.wOpt("lm_head.bias")));
   }
 
   private llamaLayer(l: number, p: string, x: Tensor, ctx: Ctx): Tensor {
@@ -287,7 +288,7 @@ export class TransformerLM {
     const c = this.config;
     const run = ctx.run;
     let h = run("transformer", [ids], ([x]) => {
-      const te = run("transformer.wte", [x!], ([i]) => embed(this.w("transformer.wte.weight"), i!));
+      const te = run("transformer.wte", [x!], ([i]) => this.embedTokens("transformer.wte.weight", i!, ctx));
       const pe = run("transformer.wpe", [ctx.pos], ([i]) => embed(this.w("transformer.wpe.weight"), i!));
       let hs = te.add(pe);
       for (let l = 0; l < c.numLayers; l++) {
@@ -298,7 +299,7 @@ export class TransformerLM {
     });
     if (ctx.lastOnly) h = h.slice(1, -1);
     const head = this.wOpt("lm_head.weight") ?? this.w("transformer.wte.weight");
-    return run("lm_head", [h], ([x]) => linear(x!, head, null, "out_in"));
+    return run("lm_head", [h], ([x]) => this.lmHead(x!, head, null));
   }
 
   private gpt2Block(l: number, p: string, x: Tensor, ctx: Ctx): Tensor {
@@ -335,6 +336,29 @@ export class TransformerLM {
       return linear(a, this.w(`${p}.mlp.c_proj.weight`), this.w(`${p}.mlp.c_proj.bias`), "in_out", "none", residual);
     }
     return run(`${p}.mlp.c_proj`, [a], this.tp ? (u) => this.rowLinear(u[0]!, `${p}.mlp.c_proj`, "in_out") : conv("c_proj"));
+  }
+
+  /**
+   * Token embeddings. Under tensor parallelism the table is this rank's block of vocabulary rows
+   * (TensorParallel.embedVocab); the ids are read from the batch (a forward pass) or from the tensor
+   * (`envoy.call`), which then waits for it.
+   */
+  private embedTokens(name: string, ids: Tensor, ctx: Ctx | null): Tensor {
+    const tp = this.tp;
+    if (!tp?.plan.vocab) return embed(this.w(name), ids);
+    if (!(ids.dtype === "int32" || ids.dtype === "int64")) throw new NNsightError("DTYPE", `embedding lookup needs integer ids, got ${ids.dtype}`);
+    // the batch's ids as numbers, unless a hook replaced the tensor (then read it: a sync point)
+    const values = ctx !== null && ids === ctx.ids ? ctx.b.ids : ids.toFloat32Array();
+    return tp.embedVocab(this.w(name), values, [...ids.shape], embed);
+  }
+
+  /** The LM head: under tensor parallelism this rank's block of the vocabulary, then every rank's logits joined. */
+  private lmHead(x: Tensor, head: Tensor, bias: Tensor | null): Tensor {
+    const y = linear(x, head, bias, "out_in");
+    if (!this.tp?.plan.vocab) return y;
+    const full = this.tp.gatherVocab(y);
+    y.dispose();
+    return full;
   }
 
   /** A row-parallel layer (TP): this rank's partial product, summed over the ranks, then the (replicated) bias. */
@@ -461,6 +485,8 @@ function wantsInside(wants: (path: string) => boolean, op: string, eager: boolea
 
 interface Ctx {
   b: ForwardBatch;
+  /** the ids tensor made from `b.ids` (null when the pass has none: envoy.call) */
+  ids: Tensor | null;
   pos: Tensor;
   mask: Tensor | null;
   cache: KVCache | null;

@@ -99,6 +99,28 @@ export class TransformerLM {
     return this.weights.get(name) ?? null;
   }
 
+  /**
+   * Whether a row of a forward pass computes the same bits whatever other rows share the pass (a batch of
+   * 1 or of 20 rows). The CPU GEMM on weights packed into its panel layout (packedOf) runs one summation
+   * order for every number of rows; the unpacked paths do not (a few rows stream the weights with another
+   * order than the blocked GEMM: kernels/cpu/gemm.cpp kMatvecMaxM / kStreamMaxM), and neither do GPU
+   * libraries. So: true once every weight that goes through linear() is packed (f32 weights mapped from
+   * safetensors, on the CPU, after a first forward packed them). The service shares a forward pass between
+   * jobs only then, so that each job's result stays the one it gets alone.
+   */
+  rowsIndependent(): boolean {
+    if (this.tp) return false; // each rank would have to agree (a padded vocabulary block is not packed)
+    const tiedHead = !this.weights.has("lm_head.weight");
+    for (const [name, w] of this.weights) {
+      if (w.ndim !== 2) continue;
+      if (name.endsWith("wpe.weight")) continue; // position table: only looked up
+      if (!tiedHead && (name === "model.embed_tokens.weight" || name === "transformer.wte.weight")) continue; // looked up; the head is lm_head
+      const p = packedWeights.get(w);
+      if (!p || p.isDisposed) return false;
+    }
+    return true;
+  }
+
   /** @internal free the tables this class made (weights are owned by the model) */
   disposeTables(): void {
     this.invFreq?.dispose();

@@ -424,6 +424,18 @@ describe("sessions, edits, scan (T05, T15, T21, T22, T29)", () => {
     });
     expect(s.a.shape).toEqual([1, 1, 64]);
   });
+
+  it("T30: scan on a freshly loaded model reads no weight: nothing is packed until a real pass", async () => {
+    const fresh = await LanguageModel.load("stories260K");
+    try {
+      await fresh.scan(P1, () => ({ h: fresh.model.layers[1].output }));
+      expect(fresh._lm.rowsIndependent()).toBe(false); // no weight packed (packing reads the mapped weights)
+      await fresh.forward(P1);
+      expect(fresh._lm.rowsIndependent()).toBe(true);
+    } finally {
+      await fresh.dispose();
+    }
+  });
 });
 
 describe("generation (T08, T38-T45, T48)", () => {
@@ -680,8 +692,7 @@ describe("fused residual adds (Llama)", () => {
 });
 
 // The rest of the catalogue. Not ported, because this API has no counterpart: T14's barrier (invokes share
-// values directly, below), T16-T19 (gradients: not part of this issue), T30 (models load their weights at
-// once: there is no undispatched state), T58 (no preprocess/transform hooks: an invoke's rows are the model's
+// values directly, below), T16-T19 (gradients: not part of this issue), T58 (no preprocess/transform hooks: an invoke's rows are the model's
 // own tensors), T59 (no custom envoy classes), T61 (model.edit gives independent copies over one model).
 describe("the rest of the catalogue (T03, T06, T14, T23, T28, T44, T52)", () => {
   it("T03: a value saved in a branch that did not run has no value (a clear error); values outside it do", async () => {

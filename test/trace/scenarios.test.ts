@@ -693,8 +693,9 @@ describe("fused residual adds (Llama)", () => {
 
 // The rest of the catalogue. Not ported, because this API has no counterpart: T14's barrier (invokes share
 // values directly, below), T16-T19 (gradients: not part of this issue), T58 (no preprocess/transform hooks: an invoke's rows are the model's
-// own tensors), T59 (no custom envoy classes), T61 (model.edit gives independent copies over one model).
-describe("the rest of the catalogue (T03, T06, T14, T23, T28, T44, T52)", () => {
+// own tensors), T59 (no custom envoy classes). T61's two wrappers are two edited models over one set of
+// weights (below).
+describe("the rest of the catalogue (T03, T06, T14, T23, T28, T44, T52, T61)", () => {
   it("T03: a value saved in a branch that did not run has no value (a clear error); values outside it do", async () => {
     let inBranch: { value: unknown } | undefined, outside: { value: unknown } | undefined;
     await model.trace(P1, (tr) => {
@@ -775,6 +776,24 @@ describe("the rest of the catalogue (T03, T06, T14, T23, T28, T44, T52)", () => 
     const steps = (r.per as { h: Tensor[] }).h;
     expect(steps.length).toBe(3);
     expect(maxAbs(r.later, steps[0]!)).toBe(0);
+  });
+
+  it("T61: wrappers over the same weights (edited models) run concurrently with independent edits and skips", async () => {
+    const a = model.edit(() => model.model.layers[1].output.set([":"], 0));
+    const b = model.edit(() => model.model.layers[2].skip(model.model.layers[1].output));
+    const run = (w: LanguageModel) =>
+      w.generate(P1, { maxNewTokens: 4 }, (tr) => ({ t: w.generator.output, ...tr.all(() => ({ h1: w.model.layers[1].output, h2: w.model.layers[2].output })) }));
+    const together = await Promise.all([run(a), run(b), run(model)]); // three generations in flight at once
+    const alone = [await run(a), await run(b), await run(model)];
+    for (let i = 0; i < 3; i++) {
+      expect(together[i].t.toArray()).toEqual(alone[i].t.toArray());
+      for (const k of ["h1", "h2"] as const) for (let s = 0; s < 4; s++) expect(maxAbs(together[i][k][s], alone[i][k][s])).toBe(0);
+    }
+    const [ra, rb, rm] = alone;
+    expect(arr(ra.h1[0]).every((v) => v === 0)).toBe(true); // a's edit
+    expect(arr(rm.h1[0]).some((v) => v !== 0)).toBe(true); // not on the base
+    expect(maxAbs(rb.h2[0], rb.h1[0])).toBe(0); // b's skip: layer 2 passes layer 1 on
+    expect(maxAbs(rm.h2[0], rm.h1[0])).toBeGreaterThan(0);
   });
 
   it("T52: cache entries are keyed by the module path, which alias envoys report too", async () => {

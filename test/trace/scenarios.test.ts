@@ -3,7 +3,7 @@
 // name the module, invoke and source line.
 import { afterAll, beforeAll, describe, expect, it } from "vitest";
 
-import { LanguageModel, NNsightError, Tensor, memory, sync, tensor, zeros } from "../../ts/src/index.js";
+import { Envoy, EnvoyList, LanguageModel, NNsightError, Tensor, memory, sync, tensor, zeros } from "../../ts/src/index.js";
 import { codeOf } from "../helpers/errors.js";
 
 let model: LanguageModel;
@@ -693,9 +693,9 @@ describe("fused residual adds (Llama)", () => {
 
 // The rest of the catalogue. Not ported, because this API has no counterpart: T14's barrier (invokes share
 // values directly, below), T16-T19 (gradients: not part of this issue), T58 (no preprocess/transform hooks: an invoke's rows are the model's
-// own tensors), T59 (no custom envoy classes). T61's two wrappers are two edited models over one set of
+// own tensors). T61's two wrappers are two edited models over one set of
 // weights (below).
-describe("the rest of the catalogue (T03, T06, T14, T23, T28, T44, T52, T61)", () => {
+describe("the rest of the catalogue (T03, T06, T14, T23, T28, T44, T52, T59, T61)", () => {
   it("T03: a value saved in a branch that did not run has no value (a clear error); values outside it do", async () => {
     let inBranch: { value: unknown } | undefined, outside: { value: unknown } | undefined;
     await model.trace(P1, (tr) => {
@@ -794,6 +794,45 @@ describe("the rest of the catalogue (T03, T06, T14, T23, T28, T44, T52, T61)", (
     expect(arr(rm.h1[0]).some((v) => v !== 0)).toBe(true); // not on the base
     expect(maxAbs(rb.h2[0], rb.h1[0])).toBe(0); // b's skip: layer 2 passes layer 1 on
     expect(maxAbs(rm.h2[0], rm.h1[0])).toBeGreaterThan(0);
+  });
+
+  it("T59: envoy classes by HF class name or path suffix (type beats suffix, longer suffix wins), helpers on them", async () => {
+    class Attn extends Envoy {
+      /** the heads before o_proj, [batch, seq, heads, head_dim] */
+      get heads() {
+        return (this as unknown as { source: Envoy & { attention_interface_0: Envoy } }).source.attention_interface_0.output;
+      }
+    }
+    class Mlp extends Envoy {}
+    class Down extends Envoy {}
+    class Proj extends Envoy {}
+    class Everything extends Envoy {}
+    const m = await LanguageModel.load("stories260K", {
+      rename: { mlp: "ffn" },
+      envoys: { LlamaAttention: Attn, self_attn: Mlp, ffn: Mlp, "mlp.down_proj": Down, down_proj: Proj, Linear: Proj },
+    });
+    try {
+      const L = m.model.layers;
+      expect(L[0].self_attn).toBeInstanceOf(Attn); // the class name beats the "self_attn" suffix
+      expect(L[1].mlp).toBeInstanceOf(Mlp); // by its alias "ffn"
+      expect(L[1].mlp.down_proj).toBeInstanceOf(Proj); // "Linear" (a class name) beats both suffixes
+      expect(L[1].mlp.up_proj).toBeInstanceOf(Proj);
+      expect(L).toBeInstanceOf(EnvoyList); // list modules stay lists
+      const r = await m.trace(P1, () => ({ heads: (L[1].self_attn as unknown as Attn).heads, oIn: L[1].self_attn.o_proj.input }));
+      expect(maxAbs(r.heads.reshape([1, 5, 64]), r.oIn)).toBe(0);
+      const byPath = await LanguageModel.load("stories260K", { envoys: { "mlp.down_proj": Down, down_proj: Proj } });
+      expect(byPath.model.layers[0].mlp.down_proj).toBeInstanceOf(Down); // the longer suffix wins
+      await byPath.dispose();
+      const all = await LanguageModel.load("stories260K", { envoys: Everything });
+      expect(all.model.layers[2].mlp.gate_proj).toBeInstanceOf(Everything);
+      expect(all.model.layers).toBeInstanceOf(EnvoyList);
+      expect(all.model.layers[0]).toBeInstanceOf(Everything);
+      expect(all.edit(() => {}).model.layers[0]).toBeInstanceOf(Everything); // edited copies keep them
+      await all.dispose();
+      expect(await codeOf(LanguageModel.load("stories260K", { envoys: { layers: Mlp } }))).toBe("BAD_INPUT"); // a list needs an EnvoyList class
+    } finally {
+      await m.dispose();
+    }
   });
 
   it("T52: cache entries are keyed by the module path, which alias envoys report too", async () => {

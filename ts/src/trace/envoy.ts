@@ -26,14 +26,17 @@ export class Envoy {
   /** @internal which call of the module (in a forward pass) reads and writes address; see nth() */
   readonly _call: number = 0;
 
-  /** @internal */
-  constructor(spec: ModuleSpec, owner: object, aliases: Record<string, string> = {}) {
+  /**
+   * @internal Subclasses (`LanguageModel.load(..., { envoys })`) inherit this constructor; the model
+   * builds every envoy, children first by the same rules.
+   */
+  constructor(spec: ModuleSpec, owner: object, aliases: Record<string, string> = {}, classes?: EnvoyClasses) {
     this.path = spec.path;
     this.type = spec.type;
     this._spec = spec;
     this._owner = owner;
-    this._children = spec.children.map((c) => makeEnvoy(c, owner, aliases));
-    this._source = spec.source ? strictSource(new Envoy({ name: "source", path: `${spec.path}.source`, type: "Source", children: spec.source }, owner)) : null;
+    this._children = spec.children.map((c) => makeEnvoy(c, owner, aliases, classes));
+    this._source = spec.source ? strictSource(new Envoy({ name: "source", path: `${spec.path}.source`, type: "Source", children: spec.source }, owner, {}, classes)) : null;
     for (const c of this._children) {
       const name = c._spec.name;
       Object.defineProperty(this, name, { value: c, enumerable: true, configurable: true });
@@ -197,9 +200,58 @@ export class EnvoyList<T extends Envoy = Envoy> extends Envoy {
   readonly [i: number]: T;
 }
 
-function makeEnvoy(spec: ModuleSpec, owner: object, aliases: Record<string, string>): Envoy {
-  if (!spec.isList) return new Envoy(spec, owner, aliases);
-  const list = new EnvoyList(spec, owner, aliases);
+/** A class for envoys: Envoy or a subclass (EnvoyList or a subclass of it for list modules). */
+export type EnvoyClass = new (spec: ModuleSpec, owner: object, aliases: Record<string, string>, classes?: EnvoyClasses) => Envoy;
+
+/**
+ * Which class each module's envoy gets (NNsight's `envoys=`): one class for every module, or a record
+ * keyed by HF class name (`"LlamaAttention"`, `"Linear"`) or by path suffix (`"mlp"`, `"self_attn.o_proj"`,
+ * `"layers.0"`: whole dotted components, matched against the real path and the renamed one). A class
+ * name beats a path suffix; of two suffixes the longer wins. List modules take only EnvoyList subclasses
+ * (a single class for every module leaves them EnvoyLists).
+ */
+export type EnvoyClasses = EnvoyClass | Record<string, EnvoyClass>;
+
+function pickClass(spec: ModuleSpec, aliases: Record<string, string>, classes: EnvoyClasses | undefined): EnvoyClass | null {
+  if (classes === undefined) return null;
+  if (typeof classes === "function") return spec.isList && !(classes.prototype instanceof EnvoyList) ? null : classes;
+  const byType = Object.hasOwn(classes, spec.type) ? classes[spec.type]! : null;
+  let chosen = byType;
+  if (!chosen && spec.path !== "") {
+    const forms = pathForms(spec.path, aliases);
+    let best = -1;
+    for (const [key, C] of Object.entries(classes)) {
+      const parts = key.replace(/^\./, "").split(".");
+      if (forms.some((f) => f.length >= parts.length && parts.every((p, i) => f[f.length - parts.length + i] === p)) && parts.length > best) {
+        best = parts.length;
+        chosen = C;
+      }
+    }
+  }
+  if (chosen && spec.isList && !(chosen.prototype instanceof EnvoyList) && chosen !== (EnvoyList as unknown as EnvoyClass)) {
+    throw new NNsightError("BAD_INPUT", `envoys: ${spec.path} is a list module; its class must extend EnvoyList`, { path: spec.path });
+  }
+  return chosen;
+}
+
+/** A module path as components, as written and with the model's renames applied. */
+function pathForms(path: string, aliases: Record<string, string>): string[][] {
+  const forms = [path.split(".")];
+  for (const [from, to] of Object.entries(aliases)) {
+    const key = from.startsWith(".") ? from.slice(1) : from;
+    if (key.includes(".")) {
+      if (path === key || path.startsWith(`${key}.`)) forms.push([...to.split("."), ...path.slice(key.length).split(".").filter(Boolean)]);
+    } else if (forms[0]!.includes(key)) {
+      forms.push(forms[0]!.map((c) => (c === key ? to : c)));
+    }
+  }
+  return forms;
+}
+
+function makeEnvoy(spec: ModuleSpec, owner: object, aliases: Record<string, string>, classes?: EnvoyClasses): Envoy {
+  const C = pickClass(spec, aliases, classes);
+  if (!spec.isList) return new (C ?? Envoy)(spec, owner, aliases, classes);
+  const list = new ((C ?? EnvoyList) as typeof EnvoyList)(spec, owner, aliases, classes);
   return new Proxy(list, {
     get(target, prop, receiver) {
       if (typeof prop === "string" && /^-\d+$/.test(prop)) return target.at(Number(prop));
@@ -227,8 +279,8 @@ function strictSource(src: Envoy): Envoy {
 }
 
 /** Build the root envoy of a model from its module tree. Dotted-path aliases become root attributes. */
-export function buildEnvoys(root: ModuleSpec, owner: object, aliases: Record<string, string> = {}): Envoy {
-  const env = new Envoy(root, owner, aliases);
+export function buildEnvoys(root: ModuleSpec, owner: object, aliases: Record<string, string> = {}, classes?: EnvoyClasses): Envoy {
+  const env = makeEnvoy(root, owner, aliases, classes);
   for (const [from, to] of Object.entries(aliases)) {
     const key = from.startsWith(".") ? from.slice(1) : from;
     if (!key.includes(".")) continue;

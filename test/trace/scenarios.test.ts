@@ -692,10 +692,10 @@ describe("fused residual adds (Llama)", () => {
 });
 
 // The rest of the catalogue. Not ported, because this API has no counterpart: T14's barrier (invokes share
-// values directly, below), T16-T19 (gradients: not part of this issue), T58 (no preprocess/transform hooks: an invoke's rows are the model's
-// own tensors). T61's two wrappers are two edited models over one set of
+// values directly, below) and T16-T19 (gradients: not part of this issue). T58's transforms are not
+// needed: values are views of the model's own tensors, so edits through reshaped views reach it. T61's two wrappers are two edited models over one set of
 // weights (below).
-describe("the rest of the catalogue (T03, T06, T14, T23, T28, T44, T52, T59, T61)", () => {
+describe("the rest of the catalogue (T03, T06, T14, T23, T28, T44, T52, T58, T59, T61)", () => {
   it("T03: a value saved in a branch that did not run has no value (a clear error); values outside it do", async () => {
     let inBranch: { value: unknown } | undefined, outside: { value: unknown } | undefined;
     await model.trace(P1, (tr) => {
@@ -776,6 +776,26 @@ describe("the rest of the catalogue (T03, T06, T14, T23, T28, T44, T52, T59, T61
     const steps = (r.per as { h: Tensor[] }).h;
     expect(steps.length).toBe(3);
     expect(maxAbs(r.later, steps[0]!)).toBe(0);
+  });
+
+  it("T58 without transforms: an edit through a per-head view reaches the model; an edit of a clone does not", async () => {
+    const oProj = model.model.layers[1].self_attn.o_proj;
+    const base = await model.trace(P1, () => ({ out: oProj.output, inp: oProj.input }));
+    const viaView = await model.trace(P1, () => {
+      oProj.input.reshape([1, 5, 8, 8]).set([":", ":", 3], 0); // head 3 of [batch, seq, heads, head_dim]
+      return { out: oProj.output, inp: oProj.input };
+    });
+    const inp = viaView.inp.reshape([1, 5, 8, 8]).toArray()[0] as number[][][];
+    for (const pos of inp) {
+      expect(pos[3]!.every((v) => v === 0)).toBe(true);
+      expect(pos[2]!.some((v) => v !== 0)).toBe(true);
+    }
+    expect(maxAbs(viaView.out, base.out)).toBeGreaterThan(0);
+    const viaClone = await model.trace(P1, () => {
+      oProj.input.clone().reshape([1, 5, 8, 8]).set([":", ":", 3], 0);
+      return { out: oProj.output };
+    });
+    expect(maxAbs(viaClone.out, base.out)).toBe(0);
   });
 
   it("T61: wrappers over the same weights (edited models) run concurrently with independent edits and skips", async () => {

@@ -691,10 +691,10 @@ describe("fused residual adds (Llama)", () => {
   });
 });
 
-// The rest of the catalogue. Not ported, because this API has no counterpart: T14's barrier (invokes share
-// values directly, below) and T16-T19 (gradients: not part of this issue). T58's transforms are not
-// needed: values are views of the model's own tensors, so edits through reshaped views reach it. T61's two wrappers are two edited models over one set of
-// weights (below).
+// The rest of the catalogue. Not ported: T16-T19 (gradients: not part of this issue). Ported as the
+// behaviour that replaces a Python mechanism: T14's barrier (invokes share values directly), T58's
+// transforms (values are views of the model's own tensors, so edits through reshaped views reach it),
+// T61's two wrappers (two edited models over one set of weights).
 describe("the rest of the catalogue (T03, T06, T14, T23, T28, T44, T52, T58, T59, T61)", () => {
   it("T03: a value saved in a branch that did not run has no value (a clear error); values outside it do", async () => {
     let inBranch: { value: unknown } | undefined, outside: { value: unknown } | undefined;

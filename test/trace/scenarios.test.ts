@@ -691,11 +691,21 @@ describe("fused residual adds (Llama)", () => {
   });
 });
 
-// The rest of the catalogue. Not ported: T16-T19 (gradients: not part of this issue). Ported as the
+// The rest of the catalogue. Not ported: T16-T19 (gradients: no backward pass; they fail with UNSUPPORTED). Ported as the
 // behaviour that replaces a Python mechanism: T14's barrier (invokes share values directly), T58's
 // transforms (values are views of the model's own tensors, so edits through reshaped views reach it),
 // T61's two wrappers (two edited models over one set of weights).
 describe("the rest of the catalogue (T03, T06, T14, T23, T28, T44, T52, T58, T59, T61)", () => {
+  it("T16-T19 are not ported (no backward pass): .backward() and .grad fail at once with UNSUPPORTED", async () => {
+    const p = model.trace(P1, () => {
+      const h = model.model.layers[1].output;
+      model.lm_head.output.sum().backward();
+      return { g: h.grad };
+    });
+    expect(await codeOf(p)).toBe("UNSUPPORTED");
+    await expect(model.trace(P1, () => ({ g: model.model.layers[1].output.grad }))).rejects.toThrow(/no backward pass/);
+  });
+
   it("T03: a value saved in a branch that did not run has no value (a clear error); values outside it do", async () => {
     let inBranch: { value: unknown } | undefined, outside: { value: unknown } | undefined;
     await model.trace(P1, (tr) => {

@@ -45,6 +45,18 @@ export class TracedValue {
     return this.rec.add(name, [this, ...args]);
   }
 
+  /**
+   * Gradients are not implemented in this runtime (there is no backward pass): NNsight's `.backward()`
+   * and `.grad` fail at once with UNSUPPORTED, when recorded, rather than later or silently.
+   */
+  backward(): never {
+    throw new NNsightError("UNSUPPORTED", "gradients are not supported: this runtime has no backward pass (.backward() and .grad); read and edit activations instead");
+  }
+  /** See backward(): UNSUPPORTED. */
+  get grad(): never {
+    throw new NNsightError("UNSUPPORTED", "gradients are not supported: this runtime has no backward pass (.backward() and .grad); read and edit activations instead");
+  }
+
   /** Keep this value after the trace: `.value` is a real Tensor once the trace has finished. */
   save(): this {
     this.rec.saves.add(this.id);

@@ -132,6 +132,8 @@ export class RedisConsumer {
   private async lost(jobId: string, how: string): Promise<void> {
     const worker = (await this.r.hget(`${this.prefix}:job:${jobId}`, "worker").catch(() => null)) ?? "";
     await finishJob(this.r, this.prefix, jobId, "ERROR", { error: lostWorkerError(jobId, this.model, worker, how) }).catch(() => {});
+    // it lost its lock, so it is gone (or stuck): out of the live set until it beats again
+    if (worker && worker !== this.id) await this.r.zrem(`${this.prefix}:alive:${this.model}`, worker).catch(() => {});
   }
 
   /** Wait until the model process can take a job; false if it cannot load or this worker stops. */

@@ -32,11 +32,17 @@ export const PRIORITY_LIMIT = 2 ** 21 - 1;
 export const queueName = (model: string): string => `m.${encodeURIComponent(model)}`;
 export const bullPrefix = (prefix: string): string => `${prefix}:bull`;
 
-/** Timing of liveness checks (NNSIGHT_REDIS_HEARTBEAT_MS, NNSIGHT_REDIS_LOCK_MS override; tests shorten them). */
+/**
+ * Timing of liveness checks: a worker heartbeats every `heartbeatMs` and counts as dead `aliveMs` after
+ * its last beat; BullMQ's job lock lasts `lockMs` (renewed at half that) and its stalled-job check runs
+ * as often. NNSIGHT_REDIS_HEARTBEAT_MS (2000), NNSIGHT_REDIS_ALIVE_MS (4 beats), NNSIGHT_REDIS_LOCK_MS
+ * (30000) override them; tests shorten them.
+ */
 export function timing(): { heartbeatMs: number; aliveMs: number; lockMs: number } {
   const heartbeatMs = Math.max(50, Number(process.env.NNSIGHT_REDIS_HEARTBEAT_MS) || 2000);
+  const aliveMs = Math.max(2 * heartbeatMs, Number(process.env.NNSIGHT_REDIS_ALIVE_MS) || 4 * heartbeatMs);
   const lockMs = Math.max(500, Number(process.env.NNSIGHT_REDIS_LOCK_MS) || 30_000);
-  return { heartbeatMs, aliveMs: heartbeatMs * 4, lockMs };
+  return { heartbeatMs, aliveMs, lockMs };
 }
 
 /** How long a job record and its payload live while the job is not finished (a crashed front end's leftovers expire). */

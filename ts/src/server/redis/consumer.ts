@@ -26,7 +26,7 @@ import { errorToJSON } from "../../remote/protocol.js";
 import { checkNccl, modelSpec, modelTp, parseTp, parseTpBackend, resolveTpBackend, type TpBackendOption } from "../http.js";
 import { ModelWorker } from "../worker-pool.js";
 import { encodeStored } from "./result-store.js";
-import { DEFAULT_PREFIX, type NnRedis, bullPrefix, connectRedis, eventFrame, finishJob, lostWorkerError, queueName, subscriber, timing } from "./shared.js";
+import { DEFAULT_PREFIX, type NnRedis, bounded, bullPrefix, connectRedis, eventFrame, finishJob, lostWorkerError, queueName, subscriber, timing } from "./shared.js";
 
 /** What a front end puts in a BullMQ job (the graph itself waits in P:payload:ID). */
 export interface QueuedJobData {
@@ -209,14 +209,23 @@ export class RedisConsumer {
     this.worker.kill(id);
   }
 
-  /** Stop taking jobs and leave the model's worker set (the model process is stopped by the owner). */
+  /**
+   * Stop taking jobs, fail the running one (it is not retried) and leave the model's worker set; the
+   * model process is stopped by the owner. Bounded in time when Redis cannot be reached.
+   */
   async close(): Promise<void> {
     if (this.stopped) return;
     this.stopped = true;
     if (this.timer) clearInterval(this.timer);
-    await this.bull?.close(true).catch(() => {});
+    const cur = this.current;
+    if (cur) {
+      cur.stopped = true;
+      const error = { code: "INTERNAL" as const, message: `the worker ${this.id} serving ${this.model} shut down while running job ${cur.id}; the job is not retried`, details: { job: cur.id, worker: this.id } };
+      await bounded(finishJob(this.r, this.prefix, cur.id, "ERROR", { error }));
+    }
+    await bounded(this.bull?.close(true) ?? Promise.resolve());
     this.bullConn?.disconnect();
-    await this.r.zrem(`${this.prefix}:alive:${this.model}`, this.id).catch(() => {});
+    await bounded(this.r.zrem(`${this.prefix}:alive:${this.model}`, this.id));
   }
 }
 

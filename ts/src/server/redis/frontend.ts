@@ -25,7 +25,7 @@ import { isJobId } from "../result-store.js";
 import type { JobService, JobView, ModelDirectory, ModelView, Subscriber, SubmitRequest } from "../service.js";
 import { type ModelInfo, type QueuedJobData, type RedisWorkers, startRedisWorkers, sweepOrphans } from "./consumer.js";
 import { RedisResultStore } from "./result-store.js";
-import { DEFAULT_PREFIX, type NnRedis, PENDING_TTL_MS, bullPrefix, connectRedis, finishJob, queueName, subscriber, timing } from "./shared.js";
+import { DEFAULT_PREFIX, type NnRedis, PENDING_TTL_MS, bounded, bullPrefix, connectRedis, finishJob, queueName, subscriber, timing } from "./shared.js";
 
 const enc = new TextEncoder();
 
@@ -371,7 +371,7 @@ class RedisJobs implements JobService {
     this.closed = true;
     clearInterval(this.sweeper);
     for (const t of this.moved.values()) clearTimeout(t);
-    await Promise.all([...this.queues.values()].map((q) => q.close().catch(() => {})));
+    await bounded(Promise.all([...this.queues.values()].map((q) => q.close().catch(() => {}))));
   }
 }
 

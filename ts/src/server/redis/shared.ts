@@ -240,12 +240,13 @@ export type NnRedis = Redis & Scripts;
 export async function connectRedis(url: string, opts: RedisOptions = {}): Promise<NnRedis> {
   const { Redis } = await import("ioredis");
   const r = new Redis(url, { maxRetriesPerRequest: null, enableReadyCheck: true, lazyConnect: true, ...opts });
-  r.on("error", () => {}); // reconnects by itself; commands fail (and are reported) meanwhile
+  let last: Error | null = null;
+  r.on("error", (e: Error) => (last = e)); // reconnects by itself; commands wait for it meanwhile
   try {
     await r.connect();
   } catch (e) {
     r.disconnect();
-    throw new NNsightError("IO", `cannot reach Redis at ${url}: ${(e as Error).message}`);
+    throw new NNsightError("IO", `cannot reach Redis at ${url}: ${(last ?? (e as Error)).message}`);
   }
   r.defineCommand("nnAdmit", { numberOfKeys: 0, lua: ADMIT });
   r.defineCommand("nnStart", { numberOfKeys: 0, lua: START });
@@ -296,4 +297,11 @@ export function lostWorkerError(id: string, model: string, worker: string, how: 
     message: `the worker ${worker || "(unknown)"} serving ${model} stopped while running job ${id} (${how}); the job was lost and is not retried`,
     details: { job: id, worker },
   };
+}
+
+/** `p`, or undefined after `ms` (shutdown must not wait for an unreachable Redis: commands wait for it forever). */
+export function bounded<T>(p: Promise<T>, ms = 2000): Promise<T | undefined> {
+  let t: NodeJS.Timeout | undefined;
+  const late = new Promise<undefined>((r) => (t = setTimeout(() => r(undefined), ms)));
+  return Promise.race([p.catch(() => undefined), late]).finally(() => clearTimeout(t));
 }

@@ -185,9 +185,14 @@ describe.skipIf(!HAVE_REDIS)("Redis mode: two front ends and a stand-alone worke
       note(`bob${i}`, j);
       bobs.push(j);
     }
+    const positions: number[] = [];
+    bobs[7]!.on("QUEUED", (e: { position?: number }) => positions.push(e.position ?? -1));
     const mine = await alice.trace(P, () => ({ h: alice.model.layers[1]!.output }), { blocking: false });
     note("alice", mine);
     await Promise.all([mine.result(), ...bobs.map((j) => j.result())]);
+    // bob's last job was told its place as the queue moved (from whichever front end's events)
+    expect(positions.length, positions.join(" ")).toBeGreaterThan(1);
+    expect([...positions].sort((x, y) => y - x)).toEqual(positions);
     // bob queued 8 jobs before alice's one: hers runs after at most two of his, not after all eight
     expect(order.length).toBe(9);
     expect(order.indexOf("alice"), order.join(" ")).toBeLessThanOrEqual(3);

@@ -155,7 +155,7 @@ export async function serve(opts: ServeOptions = {}): Promise<RunningServer> {
   if (opts.redis) {
     // loaded only here: the embedded default never loads ioredis or bullmq
     const { startRedisBackend } = await import("./redis/frontend.js");
-    const backend = await startRedisBackend({ ...opts, redis: opts.redis }, limits);
+    const backend = await startRedisBackend({ ...opts, warn, redis: opts.redis }, limits);
     return listen(opts, limits, keys, backend.jobs, backend.models, backend.metrics, {
       workerPids: backend.workerPids,
       groupPids: backend.groupPids,

@@ -238,6 +238,8 @@ export interface RedisWorkersOptions {
   threads?: number;
   workerEntry?: string;
   log?: (m: string) => void;
+  /** a model process restarted (after a crash, or a kill to stop a job) */
+  onRestart?: () => void;
 }
 
 export interface RedisWorkers {
@@ -261,7 +263,9 @@ export async function startRedisWorkers(o: RedisWorkersOptions): Promise<RedisWo
     const world = t.tp ?? defaultTp;
     const tp = world > 1 ? { world, backend: resolveTpBackend(t.backend ?? defaultBackend, world) } : undefined;
     if (tp?.backend === "nccl") checkNccl(world, id);
-    workers.set(id, new ModelWorker(id, { model: src, threads: o.threads, tp }, o.workerEntry));
+    const w = new ModelWorker(id, { model: src, threads: o.threads, tp }, o.workerEntry);
+    if (o.onRestart) w.on("restart", o.onRestart);
+    workers.set(id, w);
   }
   const r = await connectRedis(o.redis);
   const sub = await subscriber(o.redis);

@@ -387,6 +387,8 @@ export interface RedisBackend {
 /** Connect to Redis, start this front end's own workers (its `--model`s, if any) and the job service. */
 export async function startRedisBackend(opts: ServeOptions & { redis: string }, limits: ServerLimits): Promise<RedisBackend> {
   const prefix = process.env.NNSIGHT_REDIS_PREFIX || DEFAULT_PREFIX;
+  if (opts.resultsDir) opts.warn?.("--results-dir is not used in Redis mode: results live in Redis (for --result-ttl-s)");
+  const metrics = new Metrics();
   const r = await connectRedis(opts.redis);
   let sub: Redis | null = null;
   let bullConn: Redis | null = null;
@@ -397,7 +399,17 @@ export async function startRedisBackend(opts: ServeOptions & { redis: string }, 
     bullConn = new IORedis(opts.redis, { maxRetriesPerRequest: null });
     bullConn.on("error", () => {});
     if (opts.models?.length) {
-      local = await startRedisWorkers({ redis: opts.redis, prefix, models: opts.models, tp: opts.tp, tpBackend: opts.tpBackend, threads: opts.threads, workerEntry: opts.workerEntry, log: opts.warn });
+      local = await startRedisWorkers({
+        redis: opts.redis,
+        prefix,
+        models: opts.models,
+        tp: opts.tp,
+        tpBackend: opts.tpBackend,
+        threads: opts.threads,
+        workerEntry: opts.workerEntry,
+        log: (m) => process.stderr.write(`${m}\n`), // (after the first line: straight to stderr)
+        onRestart: () => metrics.workerRestarts++,
+      });
     }
   } catch (e) {
     sub?.disconnect();
@@ -406,7 +418,6 @@ export async function startRedisBackend(opts: ServeOptions & { redis: string }, 
     throw e;
   }
   const store = new RedisResultStore(r, prefix, opts.resultTtlMs ?? 3_600_000);
-  const metrics = new Metrics();
   const models = new RedisModels(r, prefix);
   const jobs = new RedisJobs(r, sub, bullConn, prefix, limits, store, metrics, models);
   await jobs.init();

@@ -60,13 +60,20 @@ export async function sweepOrphans(r: NnRedis, prefix: string, models: Iterable<
   }
 }
 
+/** The job a worker is running: `stopped` once it ended elsewhere (cancel, time-out), `launched` once the model process has it. */
+interface Current {
+  id: string;
+  stopped: boolean;
+  launched: boolean;
+}
+
 /** One model served from its Redis queue by one worker process (group). */
 export class RedisConsumer {
   readonly id: string;
   private bull: BullWorker | null = null;
   private bullConn: Redis | null = null;
   private timer: NodeJS.Timeout | null = null;
-  private current: { id: string; stopped: boolean } | null = null;
+  private current: Current | null = null;
   private stopped = false;
 
   constructor(
@@ -127,6 +134,13 @@ export class RedisConsumer {
     const t = timing();
     await this.r.nnHeartbeat(this.prefix, this.model, this.id, t.aliveMs);
     await sweepOrphans(this.r, this.prefix, [this.model]);
+    // a stop on the control channel is lost if it came while that connection was down: the job's state
+    // says so too (cancelled, timed out, or failed by a sweep that thought this worker dead)
+    const cur = this.current;
+    if (cur && !cur.stopped) {
+      const st = await this.r.hget(`${this.prefix}:job:${cur.id}`, "state");
+      if (st === "ERROR" || st === "CANCELLED") this.abort(cur.id);
+    }
   }
 
   private async lost(jobId: string, how: string): Promise<void> {
@@ -162,32 +176,34 @@ export class RedisConsumer {
       await finishJob(this.r, P, id, "ERROR", { error: { code: "INTERNAL", message: `the worker ${this.id} cannot load the model ${this.model}: ${this.worker.lastError?.message ?? "it keeps exiting"}` } });
       return;
     }
-    const started = await this.r.nnStart(P, id, this.id, eventFrame(id, { status: "RUNNING" }));
-    if (!started) return; // cancelled (or failed) while it waited
-    const payload = await this.r.getBuffer(`${P}:payload:${id}`);
-    await this.r.del(`${P}:payload:${id}`);
-    if (!payload) {
-      await finishJob(this.r, P, id, "ERROR", { error: { code: "INTERNAL", message: `the graph of job ${id} is missing from Redis` } });
-      return;
-    }
-    const gl = payload.readUInt32LE(0);
-    const graph = payload.toString("utf8", 4, 4 + gl);
-    const attachments = new Uint8Array(payload.buffer, payload.byteOffset + 4 + gl, payload.length - 4 - gl);
-    const cur = { id, stopped: false };
+    // current from here: a cancel that arrives between START and the run still stops the job
+    const cur: Current = { id, stopped: false, launched: false };
     this.current = cur;
-    const timer = setTimeout(() => {
-      void finishJob(this.r, P, id, "ERROR", {
-        error: { code: "TIMEOUT", message: `job ${id} ran longer than this server's limit of ${d.timeoutMs} ms`, details: { limitMs: d.timeoutMs } },
-      }).catch(() => {});
-      this.abort(id);
-    }, d.timeoutMs);
-    timer.unref();
+    let timer: NodeJS.Timeout | undefined;
     try {
-      const res = await this.worker.run({ job: id, scan: d.scan, graph, attachments, maxResultBytes: d.maxResultBytes }, (json, bytes) => {
+      const started = await this.r.nnStart(P, id, this.id, eventFrame(id, { status: "RUNNING" }));
+      if (!started) return; // cancelled (or failed) while it waited
+      timer = setTimeout(() => {
+        void finishJob(this.r, P, id, "ERROR", {
+          error: { code: "TIMEOUT", message: `job ${id} ran longer than this server's limit of ${d.timeoutMs} ms`, details: { limitMs: d.timeoutMs } },
+        }).catch(() => {});
+        this.abort(id);
+      }, d.timeoutMs);
+      timer.unref();
+      const payload = await this.r.getBuffer(`${P}:payload:${id}`);
+      await this.r.del(`${P}:payload:${id}`);
+      if (!payload) throw new NNsightError("INTERNAL", `the graph of job ${id} is missing from Redis`);
+      if (cur.stopped) return; // cancelled or timed out already
+      const gl = payload.readUInt32LE(0);
+      const graph = payload.toString("utf8", 4, 4 + gl);
+      const attachments = new Uint8Array(payload.buffer, payload.byteOffset + 4 + gl, payload.length - 4 - gl);
+      const run = this.worker.run({ job: id, scan: d.scan, graph, attachments, maxResultBytes: d.maxResultBytes }, (json, bytes) => {
         if (cur.stopped) return;
         const j = enc.encode(json);
         void this.r.publish(`${P}:ev:${id}`, eventFrame(id, { status: "LOG", split: j.length }, j, bytes)).catch(() => {});
       });
+      cur.launched = true;
+      const res = await run;
       if (!cur.stopped) {
         const blob = encodeStored({ meta: { owner: d.owner, kind: d.kind, model: this.model, createdAt: Date.now() }, json: res.json, bytes: res.bytes });
         await finishJob(this.r, P, id, "COMPLETED", { result: blob, kind: d.kind });
@@ -206,7 +222,7 @@ export class RedisConsumer {
     const cur = this.current;
     if (!cur || cur.id !== id || cur.stopped) return;
     cur.stopped = true;
-    this.worker.kill(id);
+    if (cur.launched) this.worker.kill(id);
   }
 
   /**

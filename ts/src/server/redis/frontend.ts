@@ -86,12 +86,13 @@ interface Watch {
   state: JobState;
   /** when it was submitted here (for the wait-time metric) */
   submittedAt?: number;
+  /** events that came before the client had its ack (sent by announce) */
+  held?: Buffer[];
 }
 
 class RedisJobs implements JobService {
   private readonly watches = new Map<string, Watch>();
   private readonly queues = new Map<string, Queue>();
-  private readonly pending = new Map<string, { model: string; priority: number; data: QueuedJobData }>();
   private readonly moved = new Map<string, NodeJS.Timeout>();
   private readonly sweeper: NodeJS.Timeout;
   private closed = false;
@@ -115,6 +116,31 @@ class RedisJobs implements JobService {
 
   async init(): Promise<void> {
     await this.sub.psubscribe(`${this.prefix}:moved:*`);
+    // events published while the subscriber connection was down are lost: after it reconnects (and
+    // ioredis subscribed again), catch up with the state of every watched job
+    this.sub.on("ready", () => void this.resync());
+  }
+
+  private async resync(): Promise<void> {
+    // the PING answers after the SUBSCRIBEs ioredis sent on reconnecting: from then on no event is missed
+    if ((await this.sub.ping().catch(() => null)) === null) return;
+    for (const [id, w] of [...this.watches]) {
+      if (w.held) continue; // not acknowledged yet: announce sends its events
+      const h = await this.r.hmget(`${this.prefix}:job:${id}`, "state", "error", "kind").catch(() => null);
+      const state = h?.[0] as JobState | null | undefined;
+      if (!state || this.watches.get(id) !== w) continue;
+      if (state === "COMPLETED") {
+        w.state = "COMPLETED";
+        void this.deliver(id, w, h![2] ?? undefined);
+      } else if (TERMINAL_STATES.has(state)) {
+        for (const s of w.subs) s.send({ type: "event", job: id, status: state, ...(h![1] ? { error: JSON.parse(h![1]) as ErrorJSON } : {}) });
+        if (w.model) this.metrics.jobFinished(w.model, state);
+        this.drop(id);
+      } else if (state !== w.state) {
+        w.state = state;
+        for (const s of w.subs) s.send({ type: "event", job: id, status: state });
+      }
+    }
   }
 
   private async sweep(): Promise<void> {
@@ -184,28 +210,30 @@ class RedisJobs implements JobService {
       throw new NNsightError("QUOTA", `your stored results hold ${n} bytes; your quota is ${q.resultBytes} (they expire after ${Math.round(this.store.ttlMs / 1000)} s)`, { quota: "resultBytes" });
     }
     const priority = Number(a[1]);
-    // watch the job's events before it can start (they are published from the moment it is queued)
-    await this.watch(id, sub, { model: req.model, state: "QUEUED", submittedAt: Date.now() });
-    this.pending.set(id, {
-      model: req.model,
-      priority,
-      data: { owner: p.id, kind: graph.kind, scan: !!req.scan, timeoutMs: L.jobTimeoutMs, maxResultBytes: L.maxResultBytes },
-    });
+    // watch the job's events before it can start; they wait here until the client has its ack (announce)
+    await this.watch(id, sub, { model: req.model, state: "QUEUED", submittedAt: Date.now(), held: [] });
+    const data: QueuedJobData = { owner: p.id, kind: graph.kind, scan: !!req.scan, timeoutMs: L.jobTimeoutMs, maxResultBytes: L.maxResultBytes };
+    try {
+      // in BullMQ's queue before the ack: an acknowledged job is queued
+      await (await this.queue(req.model)).add("job", data, { jobId: id, priority, removeOnComplete: true, removeOnFail: 1000 });
+    } catch (e) {
+      const error: ErrorJSON = { code: "INTERNAL", message: `could not queue job ${id}: ${(e as Error)?.message ?? e}` };
+      this.drop(id);
+      await finishJob(this.r, P, id, "ERROR", { error }).catch(() => {});
+      throw new NNsightError("INTERNAL", error.message);
+    }
     const job: RedisJobView = { id, state: "QUEUED", position: Number(a[2]), model: req.model };
     return { job, fresh: true };
   }
 
   announce(job: JobView): void {
     const w = this.watches.get(job.id);
+    if (!w) return;
     const pos = (job as RedisJobView).position;
-    if (w && w.state === "QUEUED") for (const s of w.subs) s.send({ type: "event", job: job.id, status: "QUEUED", ...(pos !== undefined ? { position: pos } : {}) });
-    const pend = this.pending.get(job.id);
-    if (!pend) return;
-    this.pending.delete(job.id);
-    void this.queue(pend.model)
-      .then((q) => q.add("job", pend.data, { jobId: job.id, priority: pend.priority, removeOnComplete: true, removeOnFail: 1000 }))
-      .catch((e: unknown) => finishJob(this.r, this.prefix, job.id, "ERROR", { error: { code: "INTERNAL", message: `could not queue job ${job.id}: ${(e as Error)?.message ?? e}` } }))
-      .catch(() => {});
+    const held = w.held ?? [];
+    delete w.held;
+    if (w.state === "QUEUED") for (const s of w.subs) s.send({ type: "event", job: job.id, status: "QUEUED", ...(pos !== undefined ? { position: pos } : {}) });
+    for (const raw of held) this.onEvent(`${this.prefix}:ev:${job.id}`, raw);
   }
 
   // ---------------------------------------------------------------- lookup (only your own jobs)
@@ -273,6 +301,10 @@ class RedisJobs implements JobService {
     const id = ch.slice(evPrefix.length);
     const w = this.watches.get(id);
     if (!w) return;
+    if (w.held) {
+      w.held.push(raw);
+      return;
+    }
     let f;
     try {
       f = decodeFrame(new Uint8Array(raw.buffer, raw.byteOffset, raw.byteLength));

@@ -262,7 +262,12 @@ export async function subscriber(url: string): Promise<Redis> {
   const { Redis } = await import("ioredis");
   const r = new Redis(url, { maxRetriesPerRequest: null, lazyConnect: true });
   r.on("error", () => {});
-  await r.connect();
+  try {
+    await r.connect();
+  } catch (e) {
+    r.disconnect();
+    throw new NNsightError("IO", `cannot reach Redis at ${url}: ${(e as Error).message}`);
+  }
   return r;
 }
 

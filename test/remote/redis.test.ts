@@ -173,6 +173,46 @@ describe.skipIf(!HAVE_REDIS)("Redis mode: two front ends and a stand-alone worke
     expect(await codeOf(bob.job(job.id))).toBe("BAD_INPUT");
   });
 
+  it("job events travel through Redis in order: QUEUED, RUNNING, LOG values, streamed tokens, COMPLETED", async () => {
+    const a = await connect(feA, KEYS.alice);
+    const logged: unknown[][] = [];
+    const job = await a.trace(P, (tr) => {
+      tr.log("mean", a.model.layers[0]!.output.mean());
+      return { h: a.model.layers[1]!.output };
+    }, { blocking: false, log: (...v) => logged.push(v) });
+    const seen: string[] = [];
+    for await (const e of job) seen.push(e.status);
+    expect(seen[0]).toBe("QUEUED");
+    expect(seen.filter((x) => x !== "QUEUED")).toEqual(["RUNNING", "LOG", "COMPLETED"]);
+    const mean = await local.trace(P, () => ({ m: local.model.layers[0]!.output.mean() }));
+    expect(logged[0]![0]).toBe("mean");
+    expect(sameBits(await f32(logged[0]![1] as Tensor), await f32(mean.m as Tensor))).toBe(true);
+
+    const toks: number[] = [], steps: number[] = [];
+    const r = await a.generate(P, { maxNewTokens: 5, stream: (t) => toks.push(t[0]!), onStep: (st) => steps.push(st) },
+      (tr) => ({ ...tr.all(() => ({ top: a.lm_head.output.at([0, -1]).argmax() })), tokens: a.generator.output }));
+    const l = await local.generate(P, { maxNewTokens: 5 }, () => ({ tokens: local.generator.output }));
+    expect(steps).toEqual([0, 1, 2, 3, 4]);
+    expect(toks).toEqual(l.tokens.toArray()[0].slice(-5));
+    expect(r.tokens.toArray()).toEqual(l.tokens.toArray());
+    const metrics = await (await fetch(`${feA.url}/metrics`)).text();
+    expect(metrics).toMatch(/nnsight_jobs\{model="stories260K",state="COMPLETED"\} \d+/);
+    expect(metrics).toMatch(/nnsight_run_seconds_count\{model="stories260K"\} \d+/);
+  });
+
+  it("the time limit of the front end that admitted a job holds on the worker (TIMEOUT); the worker goes on", async () => {
+    const feC = await startServer(["--redis", redisUrl, "--api-keys", path.join(dir, "keys.json"), "--job-timeout-ms", "300"], ENV);
+    try {
+      const c = await connect(feC, KEYS.alice);
+      const job = await longJob(c);
+      expect(await codeOf(job.result())).toBe("TIMEOUT");
+      const r = await c.trace(P, () => ({ h: c.model.layers[1]!.output }));
+      expect((r.h as Tensor).shape).toEqual([1, 5, 64]);
+    } finally {
+      await feC.stop();
+    }
+  });
+
   it("fair scheduling across keys holds for one queue fed by two front ends", async () => {
     const bob = await connect(feA, KEYS.bob);
     const alice = await connect(feB, KEYS.alice);

@@ -88,6 +88,8 @@ interface Watch {
   submittedAt?: number;
   /** events that came before the client had its ack (sent by announce) */
   held?: Buffer[];
+  /** when its RUNNING event came (for the run-time metric) */
+  runningAt?: number;
 }
 
 class RedisJobs implements JobService {
@@ -134,7 +136,7 @@ class RedisJobs implements JobService {
         void this.deliver(id, w, h![2] ?? undefined);
       } else if (TERMINAL_STATES.has(state)) {
         for (const s of w.subs) s.send({ type: "event", job: id, status: state, ...(h![1] ? { error: JSON.parse(h![1]) as ErrorJSON } : {}) });
-        if (w.model) this.metrics.jobFinished(w.model, state);
+        this.finished(w, state);
         this.drop(id);
       } else if (state !== w.state) {
         w.state = state;
@@ -210,13 +212,14 @@ class RedisJobs implements JobService {
       throw new NNsightError("QUOTA", `your stored results hold ${n} bytes; your quota is ${q.resultBytes} (they expire after ${Math.round(this.store.ttlMs / 1000)} s)`, { quota: "resultBytes" });
     }
     const priority = Number(a[1]);
-    // watch the job's events before it can start; they wait here until the client has its ack (announce)
-    await this.watch(id, sub, { model: req.model, state: "QUEUED", submittedAt: Date.now(), held: [] });
     const data: QueuedJobData = { owner: p.id, kind: graph.kind, scan: !!req.scan, timeoutMs: L.jobTimeoutMs, maxResultBytes: L.maxResultBytes };
     try {
+      // watch the job's events before it can start; they wait here until the client has its ack (announce)
+      await this.watch(id, sub, { model: req.model, state: "QUEUED", submittedAt: Date.now(), held: [] });
       // in BullMQ's queue before the ack: an acknowledged job is queued
       await (await this.queue(req.model)).add("job", data, { jobId: id, priority, removeOnComplete: true, removeOnFail: 1000 });
     } catch (e) {
+      // admitted but not queued: end it (releasing the quota) and tell the client
       const error: ErrorJSON = { code: "INTERNAL", message: `could not queue job ${id}: ${(e as Error)?.message ?? e}` };
       this.drop(id);
       await finishJob(this.r, P, id, "ERROR", { error }).catch(() => {});
@@ -314,7 +317,8 @@ class RedisJobs implements JobService {
     const msg = f.msg as Record<string, unknown> & { status: string };
     if (msg.status === "RUNNING") {
       w.state = "RUNNING";
-      if (w.submittedAt !== undefined && w.model) this.metrics.observeWait(w.model, (Date.now() - w.submittedAt) / 1000);
+      w.runningAt = Date.now();
+      if (w.submittedAt !== undefined && w.model) this.metrics.observeWait(w.model, (w.runningAt - w.submittedAt) / 1000);
     }
     if (msg.status === "COMPLETED") {
       w.state = "COMPLETED";
@@ -323,9 +327,16 @@ class RedisJobs implements JobService {
     }
     for (const s of w.subs) s.send(msg, f.payload);
     if (TERMINAL_STATES.has(msg.status as JobState)) {
-      if (w.model) this.metrics.jobFinished(w.model, (msg.error as ErrorJSON | undefined)?.code === "TIMEOUT" ? "TIMEOUT" : msg.status);
+      this.finished(w, (msg.error as ErrorJSON | undefined)?.code === "TIMEOUT" ? "TIMEOUT" : msg.status);
       this.drop(id);
     }
+  }
+
+  /** The metrics of a job whose end this front end relayed. */
+  private finished(w: Watch, state: string): void {
+    if (!w.model) return;
+    if (w.runningAt !== undefined) this.metrics.observeRun(w.model, (Date.now() - w.runningAt) / 1000);
+    this.metrics.jobFinished(w.model, state);
   }
 
   /** COMPLETED: the result is read from Redis (it travels once, not in the event) and sent to the watchers. */
@@ -333,7 +344,7 @@ class RedisJobs implements JobService {
     const res = await this.store.get(id).catch(() => null);
     const subs = only ? [only] : [...w.subs];
     if (!only) {
-      if (w.model) this.metrics.jobFinished(w.model, "COMPLETED");
+      this.finished(w, "COMPLETED");
       this.drop(id);
     }
     if (!res) {

@@ -112,7 +112,7 @@ export class RedisConsumer {
     const { Redis: IORedis } = await import("ioredis");
     this.bullConn = new IORedis(this.url, { maxRetriesPerRequest: null });
     this.bullConn.on("error", () => {});
-    this.bull = new Worker(queueName(this.model), (job: BullJob) => this.process(job), {
+    this.bull = new Worker(queueName(this.model), (job: BullJob, token?: string) => this.process(job, token), {
       connection: this.bullConn,
       prefix: bullPrefix(this.prefix),
       concurrency: 1,
@@ -168,11 +168,18 @@ export class RedisConsumer {
     });
   }
 
-  private async process(job: BullJob): Promise<void> {
+  private async process(job: BullJob, token?: string): Promise<void> {
     const id = job.id!;
     const d = job.data as QueuedJobData;
     const P = this.prefix;
-    if (!(await this.whenIdle())) {
+    const idle = await this.whenIdle();
+    if (this.stopped && token) {
+      // this worker is shutting down: the job goes back to the queue (same priority) for another worker
+      const { DelayedError } = await import("bullmq");
+      await job.moveToDelayed(Date.now(), token);
+      throw new DelayedError();
+    }
+    if (!idle) {
       await finishJob(this.r, P, id, "ERROR", { error: { code: "INTERNAL", message: `the worker ${this.id} cannot load the model ${this.model}: ${this.worker.lastError?.message ?? "it keeps exiting"}` } });
       return;
     }

@@ -17,10 +17,10 @@ process.stdout.on("error", (e) => {
 /** The folder examples write into (`examples/out`, git-ignored). */
 export const OUT_DIR = path.join(path.dirname(fileURLToPath(import.meta.url)), "out");
 
-/** Load the model named by the first command-line argument (default: the bundled stories260K). */
-export async function loadModel(argv = process.argv.slice(2)) {
+/** Load the model named by the first command-line argument (default: the bundled stories260K); `opts` go to LanguageModel.load. */
+export async function loadModel(argv = process.argv.slice(2), opts = {}) {
   const id = argv.find((a) => !a.startsWith("-")) ?? "stories260K";
-  const model = await LanguageModel.load(id);
+  const model = await LanguageModel.load(id, opts);
   return { id, model };
 }
 

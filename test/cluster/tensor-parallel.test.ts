@@ -8,11 +8,11 @@ import { join } from "node:path";
 
 import { afterAll, beforeAll, describe, expect, it } from "vitest";
 
-import { NNsightError } from "../../ts/src/index.js";
+import { NNsightError, arange } from "../../ts/src/index.js";
 import { parseModelConfig } from "../../ts/src/models/config.js";
 import { writeRandomCheckpoint } from "../../ts/src/models/random-checkpoint.js";
 import { BUNDLED_MODELS_DIR } from "../../ts/src/models/causal-lm.js";
-import { shardPlan } from "../../ts/src/models/tensor-parallel.js";
+import { shardPlan, shardWeights } from "../../ts/src/models/tensor-parallel.js";
 import { type GroupRun, runGroup } from "./helpers.js";
 
 interface Values {
@@ -29,6 +29,7 @@ interface Results {
 }
 interface RankMessage {
   dir: string;
+  attn?: string;
   rank: number;
   tp: Results;
   reference: Results | null;
@@ -55,6 +56,7 @@ const models = [
   { dir: join(BUNDLED_MODELS_DIR, "stories260K"), type: "llama" }, // 8 heads / 4 kv heads, MLP 172
   { dir: join(dir, "llama"), type: "llama" }, // 6 heads / 2 kv heads (GQA 3:1), MLP 100
   { dir: join(dir, "gpt2"), type: "gpt2" }, // 4 heads of 12, MLP 192
+  { dir: join(dir, "llama"), type: "llama", attn: "eager" }, // attention probabilities per head
 ];
 let run: GroupRun<RankMessage>;
 
@@ -66,10 +68,10 @@ beforeAll(async () => {
 });
 afterAll(() => rmSync(dir, { recursive: true, force: true }));
 
-describe.each(models.map((m, i) => [["stories260K", "tiny Llama (GQA)", "tiny GPT-2"][i]!, m] as const))("tensor parallel, 2 ranks: %s", (_name, m) => {
+describe.each(models.map((m, i) => [["stories260K", "tiny Llama (GQA)", "tiny GPT-2", "tiny Llama, eager attention"][i]!, m] as const))("tensor parallel, 2 ranks: %s", (_name, m) => {
   const results = () => {
     expect(run.failure, JSON.stringify(run.byRank.flat().filter((x) => x.error))).toBeNull();
-    const [r0, r1] = [0, 1].map((r) => run.byRank[r]!.find((x) => x.dir === m.dir)!);
+    const [r0, r1] = [0, 1].map((r) => run.byRank[r]!.find((x) => x.dir === m.dir && x.attn === m.attn)!);
     expect(r0?.reference).toBeTruthy();
     return { tp: r0!.tp, other: r1!.tp, ref: r0!.reference! };
   };
@@ -100,7 +102,8 @@ describe.each(models.map((m, i) => [["stories260K", "tiny Llama (GQA)", "tiny GP
   it("gathers only what a hook touches: one all-reduce per row-parallel layer, one gather per sharded side read", () => {
     const { tp } = results();
     const c = tp.collectives!;
-    const reduces = 2 * c.layers!; // attention and MLP output of every layer
+    // attention and MLP output of every layer, the token embeddings (vocabulary-parallel) and the logits
+    const reduces = 2 * c.layers! + 2;
     expect(c).toEqual({ layers: c.layers, plain: reduces, replicatedRead: reduces, columnOutput: reduces + 1, rowOutput: reduces, rowInput: reduces + 1, rowBoth: reduces + 1 });
   });
 
@@ -124,11 +127,23 @@ describe("sharding plans", () => {
     expect(p.splits.get("model.layers.0.self_attn.k_proj.weight")).toEqual({ kind: "column", dim: 0, groups: 1 });
     expect(p.splits.get("model.layers.0.self_attn.o_proj.weight")).toEqual({ kind: "row", dim: 1, groups: 1 });
     expect(p.splits.get("model.layers.0.mlp.down_proj.weight")).toEqual({ kind: "row", dim: 1, groups: 1 });
-    expect(p.splits.has("model.embed_tokens.weight")).toBe(false);
+    // the vocabulary (10 tokens) in blocks of 5 rows per rank
+    expect(p.splits.get("model.embed_tokens.weight")).toEqual({ kind: "vocab", dim: 0, groups: 1 });
+    expect(p.vocab).toEqual({ size: 10, shard: 5 });
+    expect(shardPlan(llama, 1).splits.has("model.embed_tokens.weight")).toBe(false);
     const g = shardPlan(parseModelConfig({ model_type: "gpt2", n_embd: 48, n_layer: 1, n_head: 4, vocab_size: 10 }, "test"), 4);
     expect(g.splits.get("transformer.h.0.attn.c_attn.weight")).toEqual({ kind: "column", dim: 1, groups: 3 });
     expect(g.splits.get("transformer.h.0.mlp.c_proj.weight")).toEqual({ kind: "row", dim: 0, groups: 1 });
   });
+  it("vocabulary blocks: a view per rank, the last one padded with zero rows", () => {
+    const g = parseModelConfig({ model_type: "gpt2", n_embd: 8, n_layer: 1, n_head: 4, vocab_size: 10 }, "test");
+    const plan = shardPlan(g, 4); // blocks of 3 rows: 0-2, 3-5, 6-8, 9 + two zero rows
+    const table = arange(0, 20).reshape([10, 2]);
+    const rows = (r: number) => shardWeights(new Map([["transformer.wte.weight", table]]), plan, r).get("transformer.wte.weight")!;
+    expect(rows(1).toArray()).toEqual([[6, 7], [8, 9], [10, 11]]);
+    expect(rows(3).toArray()).toEqual([[18, 19], [0, 0], [0, 0]]);
+  });
+
   it("refuse sizes that do not divide, naming them", () => {
     expect(() => shardPlan(llama, 8)).toThrow(NNsightError);
     expect(() => shardPlan(llama, 8)).toThrow(/over 8 ranks: 6 attention heads, 2 key\/value heads, an MLP width of 100 do not divide by 8/);

@@ -26,10 +26,20 @@ function traceJobs(model, type) {
         attn: L[0].self_attn.source.attention_interface_0.output, // [B, T, H, hd]
         down: L.at(-1).mlp.down_proj.output, // replicated (after the all-reduce)
         layer: L[1].output,
+        // inside attention_interface_0, per head: the SDPA call, or (eager) the scores and probabilities
+        ...(model.spec.attnImplementation === "eager"
+          ? {
+              scores: L[0].self_attn.source.attention_interface_0.source.torch_matmul_0.output,
+              probs: L[1].self_attn.source.attention_interface_0.source.nn_functional_softmax_0.output,
+            }
+          : { sdpa: L[1].self_attn.source.attention_interface_0.source.torch_nn_functional_scaled_dot_product_attention_0.output }),
       }),
       edits: () => {
         L[0].mlp.up_proj.output.set([":", -1], 0); // in place on a gathered value
         L[1].self_attn.source.attention_interface_0.output.set([":", ":", 0], 0.5); // head 0 lives on rank 0 only
+        if (model.spec.attnImplementation === "eager") {
+          L[0].self_attn.source.attention_interface_0.source.nn_functional_softmax_0.output.set([":", -1], 0); // the last head's weights
+        }
         L[1].self_attn.v_proj.output = L[1].self_attn.v_proj.output.mul(2); // a replacement
         return { logits: model.lm_head.output, g: L[0].mlp.gate_proj.output };
       },
@@ -103,17 +113,17 @@ async function runJobs(model, type) {
 let comm;
 try {
   comm = await joinGroup();
-  for (const { dir, type } of models) {
-    const model = await LanguageModel.load(dir, { tensorParallel: comm });
+  for (const { dir, type, attn } of models) {
+    const model = await LanguageModel.load(dir, { tensorParallel: comm, attnImplementation: attn });
     const tp = await runJobs(model, type);
     tp.collectives = await countCollectives(model, comm, type);
     let reference = null;
     if (comm.rank === 0) {
-      const plain = await LanguageModel.load(dir);
+      const plain = await LanguageModel.load(dir, { attnImplementation: attn });
       reference = await runJobs(plain, type);
       await plain.dispose();
     }
-    process.send({ dir, rank: comm.rank, tp, reference });
+    process.send({ dir, attn, rank: comm.rank, tp, reference });
     await model.dispose();
   }
   await comm.barrier();

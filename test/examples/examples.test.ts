@@ -110,6 +110,25 @@ describe.skipIf(!built)("examples on the bundled stories260K", () => {
   });
 });
 
+describe.skipIf(!built)("the attention-pattern example (eager attention)", () => {
+  it("reads every layer's attention probabilities, draws one head, and knocks it out", async () => {
+    const svgPath = path.join(ROOT, "examples/out/attention.svg");
+    await rm(svgPath, { force: true });
+    const r = await runExample("attention-pattern.mjs");
+    expectOk(r);
+    expect(r.stdout).toContain("model: stories260K (llama, 5 layers x 8 heads), eager attention");
+    for (let l = 0; l < 5; l++) expect(r.stdout).toMatch(new RegExp(`^layer ${l} +(0\\.\\d\\d|1\\.00) `, "m"));
+    expect(r.stdout).toMatch(/most previous-token-like head: layer \d head \d \(0\.\d\d\)/);
+    expect(r.stdout).toMatch(/knocking out its previous-token attention: KL\(clean \|\| knocked\) \d+\.\d{4}/);
+    const svg = await readFile(svgPath, "utf8");
+    expect(svg).toContain("Attention: stories260K, layer");
+    expect((svg.match(/<text\b/g) ?? []).length).toBe((svg.match(/<\/text>/g) ?? []).length);
+    const g = await runExample("attention-pattern.mjs", [gpt2Dir, "--out", path.join(gpt2Dir, "attention.svg")]);
+    expectOk(g);
+    expect(g.stdout).toContain("(gpt2, 2 layers");
+  });
+});
+
 describe.skipIf(!built)("examples on a random GPT-2 checkpoint", () => {
   it("logit-lens, patching, steering and head-ablation take a model path", async () => {
     const runs = await Promise.all(["logit-lens.mjs", "patching.mjs", "steering.mjs", "head-ablation.mjs"].map((f) => runExample(f, [gpt2Dir, ...(f === "steering.mjs" ? ["--tokens", "8"] : f === "patching.mjs" ? ["--out", path.join(gpt2Dir, "patching.svg")] : [])])));

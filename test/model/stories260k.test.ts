@@ -58,6 +58,19 @@ describe("stories260K", () => {
     }
   });
 
+  it("with packed weights a row's logits are bit-identical whatever rows share the pass (rowsIndependent)", async () => {
+    await model.forward("Once"); // the first pass packs the weights
+    expect(model._lm.rowsIndependent()).toBe(true);
+    for (const len of [1, 3, 5, 9, 17]) {
+      const rows = Array.from({ length: 12 }, (_, r) => Array.from({ length: len }, (_, i) => ((r * 71 + i * 37) % 500) + 5));
+      const alone = (await model.forward([rows[0]!])).toFloat32Array();
+      for (const B of [2, 5, 12]) {
+        const y = (await model.forward(rows.slice(0, B))).narrow(0, 0, 1).contiguous().toFloat32Array();
+        expect(y.every((v, i) => v === alone[i]), `length ${len}, batch ${B}`).toBe(true);
+      }
+    }
+  });
+
   it("batched generation equals per-prompt generation", async () => {
     const prompts = ["Once upon a time", "Lily"];
     const both = await model.generateText(prompts, { maxNewTokens: 12 });
@@ -82,6 +95,11 @@ describe("stories260K", () => {
 
 describe("load options", () => {
   it("dtype: bfloat16 converts weights on load (half the bytes) and still runs close to f32", async () => {
+    // bf16 weights are not packed: a few rows take another summation order than many (not row-independent)
+    const unpacked = await LanguageModel.load("stories260K", { dtype: "bfloat16" });
+    await unpacked.forward("Once");
+    expect(unpacked._lm.rowsIndependent()).toBe(false);
+    await unpacked.dispose();
     const { memory } = await import("../../ts/src/index.js");
     const before = memory().hostBytes;
     const bf = await LanguageModel.load("stories260K", { dtype: "bfloat16" });

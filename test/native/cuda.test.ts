@@ -143,4 +143,19 @@ describe.skipIf(noGpu !== null)("CUDA on a GPU", () => {
     await cpu.dispose();
     await gpu.dispose();
   }, 120_000);
+
+  it("eager attention on the GPU: the probabilities match the CPU's (within 1e-5), padded batch included", async () => {
+    const cpu = await LanguageModel.load("stories260K", { attnImplementation: "eager" });
+    const gpu = await LanguageModel.load("stories260K", { attnImplementation: "eager", device: "cuda" });
+    const run = (m: LanguageModel) => m.trace(["Once upon a time", "Lily"], () => ({ p: m.model.layers[2].self_attn.source.attention_interface_0.source.nn_functional_softmax_0.output, l: m.lm_head.output }));
+    const [a, b] = [await run(cpu), await run(gpu)];
+    for (const k of ["p", "l"] as const) {
+      const av = await a[k].data(), bv = await b[k].data();
+      let worst = 0;
+      for (let i = 0; i < av.length; i++) worst = Math.max(worst, Math.abs(Number(av[i]) - Number(bv[i])));
+      expect(worst, k).toBeLessThan(k === "p" ? 1e-5 : 1e-4);
+    }
+    await cpu.dispose();
+    await gpu.dispose();
+  }, 120_000);
 });

@@ -94,6 +94,11 @@ describe("math", () => {
     expect(x.max({ dim: -1 }).toArray()).toEqual([5, 6]);
     expect(x.argmax({ dim: -1 }).toArray()).toEqual([1, 2]);
     expect(x.argmax().item()).toBe(5);
+    // torch's positional form: a dim (or dims) and keepdim
+    expect(x.sum(-1).toArray()).toEqual([9, 12]);
+    expect(x.sum([0, 1]).item()).toBe(21);
+    expect(x.mean(0, true).toArray()).toEqual([[2.5, 3.5, 4.5]]);
+    expect(x.argmax(-1).toArray()).toEqual([1, 2]);
     close(x.norm().toFloat32Array(), [Math.sqrt(91)], 1e-6);
     expect(x.cumsum(1).toArray()).toEqual([[1, 6, 9], [4, 6, 12]]);
     const sm = x.softmax(-1).sum({ dim: -1 }).toFloat32Array();

@@ -10,7 +10,8 @@ let local: LanguageModel;
 let remote: RemoteLanguageModel;
 
 beforeAll(async () => {
-  [server, local] = await Promise.all([startServer(), LanguageModel.load("stories260K")]);
+  // a second model id serves the same weights with eager attention (`:attn=eager`)
+  [server, local] = await Promise.all([startServer(["--model", "stories260K", "--model", "eager=stories260K:attn=eager"]), LanguageModel.load("stories260K")]);
   remote = await LanguageModel.connect(server.url, "stories260K");
 });
 afterAll(async () => {
@@ -26,7 +27,26 @@ const expectSame = (a: unknown, b: unknown, where = "result") =>
     else expect(y.toArray(), w).toEqual(x.toArray());
   }, where);
 
-describe("remote equals local", () => {
+describe("remote equals local (T62, T63)", () => {
+  it("eager attention served with :attn=eager: the probabilities are hook points, bit-identical to local", async () => {
+    const [eagerLocal, eagerRemote] = await Promise.all([LanguageModel.load("stories260K", { attnImplementation: "eager" }), LanguageModel.connect(server.url, "eager")]);
+    try {
+      expect(eagerRemote.spec.attnImplementation).toBe("eager");
+      expect(remote.spec.attnImplementation).toBe("sdpa");
+      const run = (m: LanguageModel) =>
+        m.trace(["Once upon a time", "Lily"], () => {
+          const sm = m.model.layers[2]!.self_attn.source.attention_interface_0.source.nn_functional_softmax_0;
+          const probs = sm.output.clone();
+          sm.output.set([":", ":", ":", 0], 0); // no weight on the first key
+          return { probs, logits: m.lm_head.output.at([":", -1]) };
+        });
+      await expectSame(await run(eagerLocal), await run(eagerRemote));
+    } finally {
+      await eagerRemote.dispose();
+      await eagerLocal.dispose();
+    }
+  });
+
   it("builds the same module tree from the served config", () => {
     expect(remote.modules().map((m) => m.path)).toEqual(local.modules().map((m) => m.path));
     expect(remote.config).toEqual(local.config);

@@ -169,6 +169,17 @@ describe("limits and malformed input", () => {
     expect(err!.details.job).toMatch(/^[0-9a-f-]{36}$/);
     await works(alice);
   });
+
+  it("T62: a value needed before it exists is OUT_OF_ORDER remotely too, naming the module", async () => {
+    const p = alice.trace(P, () => {
+      alice.model.layers[0]!.output.set([":"], alice.model.layers[2]!.output);
+      return {};
+    });
+    const e = await p.catch((x: unknown) => x);
+    expect(await codeOf(p)).toBe("OUT_OF_ORDER");
+    expect(String((e as Error).message)).toMatch(/model\.layers\.(0|2)/);
+    await works(alice);
+  });
 });
 
 describe("cancellation, dropped clients and crashed workers", () => {

@@ -97,7 +97,7 @@ describe("counted calls", () => {
     same(r.mlp0 as Tensor, r.mlp1 as Tensor);
   });
 
-  it("a call that never happens is MISSED_PROVIDER naming the call, and the model stays clean", async () => {
+  it("T47: a call that never happens is MISSED_PROVIDER naming the call, and the model stays clean", async () => {
     const p = model.trace(P, () => ({ x: model.lm_head.nth(1).output }));
     const e = await p.catch((x: unknown) => x);
     expect(await codeOf(p)).toBe("MISSED_PROVIDER");

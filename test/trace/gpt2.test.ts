@@ -92,6 +92,32 @@ describe("GPT-2 module tree", () => {
     expect(Array.from(act.toFloat32Array())).toEqual(Array.from(gelu.toFloat32Array()));
   });
 
+  it("eager attention: the probabilities are readable, causal, and give the fused kernel's logits", async () => {
+    const eager = await LanguageModel.load(dir, { attnImplementation: "eager" });
+    try {
+      const sm = eager.transformer.h[0].attn.source.attention_interface_0.source.get("nn_functional_softmax_0");
+      const r = await eager.trace(ids, () => ({ p: sm.output, l: eager.lm_head.output }));
+      const plain = await model.trace(ids, () => ({ l: model.lm_head.output }));
+      const p = r.p as Tensor, T = ids.length;
+      expect(p.shape).toEqual([1, model.spec.numHeads, T, T]);
+      const pv = p.toFloat32Array();
+      for (let h = 0; h < model.spec.numHeads; h++) {
+        for (let i = 0; i < T; i++) {
+          let sum = 0;
+          for (let j = 0; j < T; j++) {
+            const x = pv[(h * T + i) * T + j]!;
+            if (j > i) expect(x).toBe(0);
+            sum += x;
+          }
+          expect(Math.abs(sum - 1)).toBeLessThan(1e-6);
+        }
+      }
+      expect(maxAbs(r.l as Tensor, plain.l as Tensor)).toBeLessThan(1e-4);
+    } finally {
+      await eager.dispose();
+    }
+  });
+
   it("the MLP with its GELU fused into c_fc (nothing reads c_fc) equals the unfused one bit for bit", async () => {
     // reading mlp.output alone leaves c_fc + GELU fused (linear_packed with the activation epilogue);
     // reading c_fc.output as well runs them as two ops. Both must give the same bits downstream.

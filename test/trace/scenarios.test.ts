@@ -3,7 +3,7 @@
 // name the module, invoke and source line.
 import { afterAll, beforeAll, describe, expect, it } from "vitest";
 
-import { LanguageModel, NNsightError, Tensor, memory, sync, tensor, zeros } from "../../ts/src/index.js";
+import { Envoy, EnvoyList, LanguageModel, NNsightError, Tensor, memory, sync, tensor, zeros } from "../../ts/src/index.js";
 import { codeOf } from "../helpers/errors.js";
 
 let model: LanguageModel;
@@ -424,6 +424,18 @@ describe("sessions, edits, scan (T05, T15, T21, T22, T29)", () => {
     });
     expect(s.a.shape).toEqual([1, 1, 64]);
   });
+
+  it("T30: scan on a freshly loaded model reads no weight: nothing is packed until a real pass", async () => {
+    const fresh = await LanguageModel.load("stories260K");
+    try {
+      await fresh.scan(P1, () => ({ h: fresh.model.layers[1].output }));
+      expect(fresh._lm.rowsIndependent()).toBe(false); // no weight packed (packing reads the mapped weights)
+      await fresh.forward(P1);
+      expect(fresh._lm.rowsIndependent()).toBe(true);
+    } finally {
+      await fresh.dispose();
+    }
+  });
 });
 
 describe("generation (T08, T38-T45, T48)", () => {
@@ -542,7 +554,7 @@ describe("graph-aware functions (API: nnsight.cat/stack/zeros/...)", () => {
 });
 
 describe("streaming and empty-invoke iteration (T43, T48)", () => {
-  it("onStep streams each step's block values as they are computed; stream gives tokens", async () => {
+  it("T48: onStep streams each step's block values as they are computed; stream gives tokens", async () => {
     const seen: number[] = [];
     const tokens: number[] = [];
     const r = await model.generate(P1, {
@@ -678,3 +690,183 @@ describe("fused residual adds (Llama)", () => {
     plain.dispose();
   });
 });
+
+// The rest of the catalogue. Not ported: T16-T19 (gradients: not part of this issue). Ported as the
+// behaviour that replaces a Python mechanism: T14's barrier (invokes share values directly), T58's
+// transforms (values are views of the model's own tensors, so edits through reshaped views reach it),
+// T61's two wrappers (two edited models over one set of weights).
+describe("the rest of the catalogue (T03, T06, T14, T23, T28, T44, T52, T58, T59, T61)", () => {
+  it("T03: a value saved in a branch that did not run has no value (a clear error); values outside it do", async () => {
+    let inBranch: { value: unknown } | undefined, outside: { value: unknown } | undefined;
+    await model.trace(P1, (tr) => {
+      tr.cond(model.model.layers[0].output.abs().sum().gt(1e9), () => {
+        inBranch = model.model.layers[1].output.save();
+      });
+      outside = model.model.layers[2].output.save();
+    });
+    expect(() => inBranch!.value).toThrow(/has no value/);
+    expect((outside!.value as Tensor).shape).toEqual([1, 5, 64]);
+  });
+
+  it("T06: loops with continue and break around the traces of a session collect [0, 2]", async () => {
+    const r = await model.session((s) => {
+      const out: Record<string, unknown> = {};
+      for (let i = 0; i < 10; i++) {
+        if (i === 3) break;
+        if (i % 2 === 1) continue;
+        out[`t${i}`] = s.trace(P1, () => ({ h: model.model.layers[i]!.output.at([":", -1]) })).h;
+      }
+      return out;
+    });
+    expect(Object.keys(r)).toEqual(["t0", "t2"]);
+    const direct = await model.trace(P1, () => ({ h0: model.model.layers[0].output.at([":", -1]), h2: model.model.layers[2].output.at([":", -1]) }));
+    expect(maxAbs(r.t0 as Tensor, direct.h0)).toBe(0);
+    expect(maxAbs(r.t2 as Tensor, direct.h2)).toBe(0);
+  });
+
+  it("T14 without a barrier: invoke 2 takes invoke 1's embeddings and then computes invoke 1's logits", async () => {
+    const ids = model.tokenizer.encode(P1);
+    const other = ids.map((t, i) => (i === 0 ? t : 40 + i)); // same length, other tokens
+    const r = await model.trace((tr) => {
+      let emb: unknown;
+      tr.invoke([ids], () => {
+        emb = model.model.embed_tokens.output;
+        return { a: model.lm_head.output };
+      });
+      tr.invoke([other], () => {
+        model.model.embed_tokens.output = emb as never;
+        return { b: model.lm_head.output };
+      });
+    });
+    expect(maxRel(r.b, r.a)).toBeLessThan(1e-5);
+    const alone = await model.trace([other], () => ({ l: model.lm_head.output }));
+    expect(maxAbs(alone.l, r.b)).toBeGreaterThan(1e-2); // the transfer changed invoke 2
+  });
+
+  it("T23: an edit that calls a module with its hooks: later traces see that call, at their batch size", async () => {
+    const edited = model.edit(() => {
+      model.lm_head.call(model.model.norm.call(model.model.layers[0].output), { hook: true }); // a logit lens of layer 0
+    });
+    const r = await edited.trace([P1, P2], () => ({ lens: edited.lm_head.nth(0).output, main: edited.lm_head.nth(1).output }));
+    expect(r.lens.shape[0]).toBe(2);
+    const direct = await model.trace([P1, P2], () => ({ lens: model.lm_head.call(model.model.norm.call(model.model.layers[0].output)), main: model.lm_head.output }));
+    expect(maxAbs(r.lens, direct.lens)).toBe(0);
+    expect(maxAbs(r.main, direct.main)).toBe(0);
+  });
+
+  it("T28: generate with no top-level input takes its prompts from invokes", async () => {
+    const r = await model.generate({ maxNewTokens: 3 }, (tr) => {
+      tr.invoke(P1, () => ({ a: model.generator.output }));
+      tr.invoke(P2, () => ({ b: model.generator.output }));
+    });
+    const [a, b] = [await model.generateText(P1, { maxNewTokens: 3 }), await model.generateText(P2, { maxNewTokens: 3 })];
+    const row = (t: Tensor) => (t.toArray() as number[][])[0]!.filter((x) => x !== model.tokenizer.padTokenId);
+    expect(row(r.a)).toEqual(a.sequences[0]);
+    expect(row(r.b)).toEqual(b.sequences[0]);
+  });
+
+  it("T44: code after tr.all runs; blocks do not move the step cursor, so a read after one is step 0's", async () => {
+    let after = false;
+    const r = await model.generate(P1, { maxNewTokens: 3 }, (tr) => {
+      const per = tr.all(() => ({ h: model.model.layers[0].output }));
+      after = true;
+      return { per, later: model.model.layers[0].output };
+    });
+    expect(after).toBe(true);
+    const steps = (r.per as { h: Tensor[] }).h;
+    expect(steps.length).toBe(3);
+    expect(maxAbs(r.later, steps[0]!)).toBe(0);
+  });
+
+  it("T58 without transforms: an edit through a per-head view reaches the model; an edit of a clone does not", async () => {
+    const oProj = model.model.layers[1].self_attn.o_proj;
+    const base = await model.trace(P1, () => ({ out: oProj.output, inp: oProj.input }));
+    const viaView = await model.trace(P1, () => {
+      oProj.input.reshape([1, 5, 8, 8]).set([":", ":", 3], 0); // head 3 of [batch, seq, heads, head_dim]
+      return { out: oProj.output, inp: oProj.input };
+    });
+    const inp = viaView.inp.reshape([1, 5, 8, 8]).toArray()[0] as number[][][];
+    for (const pos of inp) {
+      expect(pos[3]!.every((v) => v === 0)).toBe(true);
+      expect(pos[2]!.some((v) => v !== 0)).toBe(true);
+    }
+    expect(maxAbs(viaView.out, base.out)).toBeGreaterThan(0);
+    const viaClone = await model.trace(P1, () => {
+      oProj.input.clone().reshape([1, 5, 8, 8]).set([":", ":", 3], 0);
+      return { out: oProj.output };
+    });
+    expect(maxAbs(viaClone.out, base.out)).toBe(0);
+  });
+
+  it("T61: wrappers over the same weights (edited models) run concurrently with independent edits and skips", async () => {
+    const a = model.edit(() => model.model.layers[1].output.set([":"], 0));
+    const b = model.edit(() => model.model.layers[2].skip(model.model.layers[1].output));
+    const run = (w: LanguageModel) =>
+      w.generate(P1, { maxNewTokens: 4 }, (tr) => ({ t: w.generator.output, ...tr.all(() => ({ h1: w.model.layers[1].output, h2: w.model.layers[2].output })) }));
+    const together = await Promise.all([run(a), run(b), run(model)]); // three generations in flight at once
+    const alone = [await run(a), await run(b), await run(model)];
+    for (let i = 0; i < 3; i++) {
+      expect(together[i].t.toArray()).toEqual(alone[i].t.toArray());
+      for (const k of ["h1", "h2"] as const) for (let s = 0; s < 4; s++) expect(maxAbs(together[i][k][s], alone[i][k][s])).toBe(0);
+    }
+    const [ra, rb, rm] = alone;
+    expect(arr(ra.h1[0]).every((v) => v === 0)).toBe(true); // a's edit
+    expect(arr(rm.h1[0]).some((v) => v !== 0)).toBe(true); // not on the base
+    expect(maxAbs(rb.h2[0], rb.h1[0])).toBe(0); // b's skip: layer 2 passes layer 1 on
+    expect(maxAbs(rm.h2[0], rm.h1[0])).toBeGreaterThan(0);
+  });
+
+  it("T59: envoy classes by HF class name or path suffix (type beats suffix, longer suffix wins), helpers on them", async () => {
+    class Attn extends Envoy {
+      /** the heads before o_proj, [batch, seq, heads, head_dim] */
+      get heads() {
+        return (this as unknown as { source: Envoy & { attention_interface_0: Envoy } }).source.attention_interface_0.output;
+      }
+    }
+    class Mlp extends Envoy {}
+    class Down extends Envoy {}
+    class Proj extends Envoy {}
+    class Everything extends Envoy {}
+    const m = await LanguageModel.load("stories260K", {
+      rename: { mlp: "ffn" },
+      envoys: { LlamaAttention: Attn, self_attn: Mlp, ffn: Mlp, "mlp.down_proj": Down, down_proj: Proj, Linear: Proj },
+    });
+    try {
+      const L = m.model.layers;
+      expect(L[0].self_attn).toBeInstanceOf(Attn); // the class name beats the "self_attn" suffix
+      expect(L[1].mlp).toBeInstanceOf(Mlp); // by its alias "ffn"
+      expect(L[1].mlp.down_proj).toBeInstanceOf(Proj); // "Linear" (a class name) beats both suffixes
+      expect(L[1].mlp.up_proj).toBeInstanceOf(Proj);
+      expect(L).toBeInstanceOf(EnvoyList); // list modules stay lists
+      const r = await m.trace(P1, () => ({ heads: (L[1].self_attn as unknown as Attn).heads, oIn: L[1].self_attn.o_proj.input }));
+      expect(maxAbs(r.heads.reshape([1, 5, 64]), r.oIn)).toBe(0);
+      const byPath = await LanguageModel.load("stories260K", { envoys: { "mlp.down_proj": Down, down_proj: Proj } });
+      expect(byPath.model.layers[0].mlp.down_proj).toBeInstanceOf(Down); // the longer suffix wins
+      await byPath.dispose();
+      const all = await LanguageModel.load("stories260K", { envoys: Everything });
+      expect(all.model.layers[2].mlp.gate_proj).toBeInstanceOf(Everything);
+      expect(all.model.layers).toBeInstanceOf(EnvoyList);
+      expect(all.model.layers[0]).toBeInstanceOf(Everything);
+      expect(all.edit(() => {}).model.layers[0]).toBeInstanceOf(Everything); // edited copies keep them
+      await all.dispose();
+      expect(await codeOf(LanguageModel.load("stories260K", { envoys: { layers: Mlp } }))).toBe("BAD_INPUT"); // a list needs an EnvoyList class
+    } finally {
+      await m.dispose();
+    }
+  });
+
+  it("T52: cache entries are keyed by the module path, which alias envoys report too", async () => {
+    const renamed = await LanguageModel.load("stories260K", { rename: { "model.layers": "layers" } });
+    try {
+      const r = await renamed.trace(P1, (tr) => ({ c: tr.cache({ modules: [(renamed as any).layers[1]] }), h: (renamed as any).layers[1].output }));
+      const key = (renamed as any).layers[1].path;
+      expect(key).toBe("model.layers.1");
+      expect(Object.keys(r.c)).toEqual([key]);
+      expect(maxAbs(r.c[key].output, r.h)).toBe(0);
+      expect(r.c["layers.1"]).toBeUndefined(); // a plain object: unknown keys are undefined
+    } finally {
+      await renamed.dispose();
+    }
+  });
+});
+

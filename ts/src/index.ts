@@ -28,7 +28,7 @@ export type { LoadModelOptions } from "./models/causal-lm.js";
 export { Communicator, type CommunicatorOptions, type CommBackend } from "./cluster/communicator.js";
 export { launchRanks, joinGroup, rankInfo, newGroupName, RankGroup, type LaunchOptions, type RankInfo } from "./cluster/launch.js";
 export { shardPlan, type ShardPlan, type WeightSplit } from "./models/tensor-parallel.js";
-export { Envoy, EnvoyList } from "./trace/envoy.js";
+export { Envoy, EnvoyList, type EnvoyClass, type EnvoyClasses } from "./trace/envoy.js";
 export { TracedValue } from "./trace/traced-value.js";
 export { Tracer } from "./trace/tracer.js";
 export { Tokenizer } from "./models/tokenizer.js";

@@ -50,6 +50,6 @@ if [ "${NX_SIM_ADDON:-0}" = "1" ]; then
   g++ "${flags[@]}" -DNAPI_VERSION=8 -DNAPI_CPP_EXCEPTIONS -DNODE_ADDON_API_DISABLE_DEPRECATED -I"$nodeinc" \
     -I"$root/node_modules/node-addon-api" -c "$root/native/src/napi/addon.cpp" -o "$work/addon.o"
   g++ -shared -pthread "$work/addon.o" $(ls "$work"/obj/*.o | grep -v -E '_test_cuda_(harness|[a-z_]+_test)\.cpp\.o$') -ldl -o "$work/nnsight_native_sim.node"
-  (cd "$root" && NNSIGHT_ADDON="$work/nnsight_native_sim.node" npx vitest run test/native/cuda.test.ts test/cluster/nccl.test.ts -t "moves|refuses|stories260K|devices|one-rank") || status=$?
+  (cd "$root" && NNSIGHT_ADDON="$work/nnsight_native_sim.node" npx vitest run test/native/cuda.test.ts test/cluster/nccl.test.ts -t "moves|refuses|stories260K|eager|devices|one-rank") || status=$?
 fi
 exit $status

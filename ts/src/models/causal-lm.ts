@@ -20,7 +20,7 @@ import { keep } from "../tensor/scope.js";
 import type { Tensor } from "../tensor/tensor.js";
 import { progress } from "../util/progress.js";
 import { type PromptInput, type Row, makeBatch, toRows } from "./batch.js";
-import { type ModelConfig, computeRopeInvFreq, loadHFDirectory } from "./config.js";
+import { type AttnImplementation, type ModelConfig, computeRopeInvFreq, loadHFDirectory } from "./config.js";
 import { type GenerateHooks, type GenerateOptions, type GenerateResult, generateTokens } from "./generate.js";
 import { resolveModelDir } from "./hub.js";
 import { type ModuleSpec, buildModuleTree } from "./module-tree.js";
@@ -50,6 +50,13 @@ export interface LoadModelOptions {
    * A world of 1 loads the plain model. BAD_INPUT when heads, kv heads or the MLP width do not divide.
    */
   tensorParallel?: Communicator;
+  /**
+   * How attention runs, as HF's `attn_implementation` (default: the config's, else `"sdpa"`). `"eager"`
+   * computes the attention probabilities as a tensor of their own, readable and editable at
+   * `<attention>.source.attention_interface_0.source.nn_functional_softmax_0`, at the cost of the fused
+   * kernel's speed; `"sdpa"` runs the fused kernel. BAD_INPUT for any other value.
+   */
+  attnImplementation?: AttnImplementation;
 }
 
 /** What a model is built from (weights are shared between models built from the same parts). */
@@ -99,6 +106,13 @@ export class CausalLM {
     }
     const dir = await resolveModelDir(idOrDir, { revision: opts.revision, token: opts.token, bundledDir: BUNDLED_MODELS_DIR });
     const hf = await loadHFDirectory(dir);
+    if (opts.attnImplementation !== undefined) {
+      if (opts.attnImplementation !== "sdpa" && opts.attnImplementation !== "eager") {
+        throw new NNsightError("BAD_INPUT", `attnImplementation must be "sdpa" or "eager", got ${JSON.stringify(opts.attnImplementation)}`);
+      }
+      // the raw config carries it too, so a served model's clients build the same module tree
+      hf.config = { ...hf.config, attnImplementation: opts.attnImplementation, raw: { ...hf.config.raw, _attn_implementation: opts.attnImplementation } };
+    }
     const tokenizer = await Tokenizer.fromDir(dir);
     const bar = progress("loading weights");
     const weights = await loadSafetensors(hf.weightFiles, {

@@ -22,6 +22,14 @@ export type RopeScaling =
   | { type: "llama3"; factor: number; lowFreqFactor: number; highFreqFactor: number; originalMaxPositions: number };
 
 /** A model's architecture, the same shape for every `model_type`. */
+export type AttnImplementation = "sdpa" | "eager";
+
+/** HF's `attn_implementation` as a config carries it (`_attn_implementation` once HF has set it). */
+export function attnImplementationOf(raw: Record<string, unknown>): AttnImplementation {
+  const v = raw._attn_implementation ?? raw.attn_implementation;
+  return v === "eager" ? "eager" : "sdpa";
+}
+
 export interface ModelConfig {
   modelType: ModelType;
   hiddenSize: number;
@@ -56,6 +64,15 @@ export interface ModelConfig {
   padTokenId: number | null;
   /** `torch_dtype` (or `dtype`) as stored, e.g. `bfloat16`; `null` when absent. */
   torchDtype: string | null;
+  /**
+   * How attention runs, as HF's `attn_implementation`: `"sdpa"` (default) is the fused kernel, whose hook
+   * point inside `attention_interface_0` is `torch_nn_functional_scaled_dot_product_attention_0`;
+   * `"eager"` computes scores, softmax and the weighted sum as separate ops (`torch_matmul_0`,
+   * `nn_functional_softmax_0`, `torch_matmul_1`), so the attention probabilities can be read and edited.
+   * Read from `_attn_implementation` / `attn_implementation` in config.json (any value but `"eager"`
+   * means sdpa); the `attnImplementation` load option overrides it.
+   */
+  attnImplementation: AttnImplementation;
   /** The parsed config.json, untouched. */
   raw: Record<string, unknown>;
 }
@@ -200,6 +217,7 @@ function parseLlama(raw: Record<string, unknown>, file: string): ModelConfig {
     eosTokenIds: asIdList(c.eos_token_id),
     padTokenId: asId(c.pad_token_id),
     torchDtype: rawDtype(raw),
+    attnImplementation: attnImplementationOf(raw),
     raw,
   };
 }
@@ -236,6 +254,7 @@ function parseGpt2(raw: Record<string, unknown>, file: string): ModelConfig {
     eosTokenIds: c.eos_token_id === undefined ? [50256] : asIdList(c.eos_token_id),
     padTokenId: asId(c.pad_token_id),
     torchDtype: rawDtype(raw),
+    attnImplementation: attnImplementationOf(raw),
     raw,
   };
 }

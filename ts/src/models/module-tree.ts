@@ -35,13 +35,30 @@ const leaf = (name: string, type: string, children: ModuleSpec[] = [], isList = 
   isList,
 });
 
-const op = (name: string): ModuleSpec => ({ name, path: "", type: "Operation", children: [] });
+const op = (name: string, source?: ModuleSpec[]): ModuleSpec =>
+  source ? { name, path: "", type: "Operation", children: [], source, forwardOrder: source.map((o) => `source.${o.name}`) } : { name, path: "", type: "Operation", children: [] };
+
+/**
+ * `attention_interface_0` and the operations inside it (`.source` of the source operation, as NNsight's
+ * recursive source), after HF's `sdpa_attention_forward` or `eager_attention_forward`:
+ * - sdpa: `torch_nn_functional_scaled_dot_product_attention_0`: inputs q [B, Hq, T, hd] and k, v
+ *   [B, Hkv, Tk, hd] (the KV cache included); output [B, Hq, T, hd].
+ * - eager: `torch_matmul_0` (q times the transposed keys repeated over the query heads: raw scores
+ *   [B, Hq, T, Tk]), `nn_functional_softmax_0` (input: scaled scores plus the mask, -inf where a key is
+ *   hidden; output: the attention probabilities [B, Hq, T, Tk]) and `torch_matmul_1` (probabilities times
+ *   the repeated values: [B, Hq, T, hd]).
+ */
+function attentionInterface(cfg: ModelConfig): ModuleSpec {
+  return cfg.attnImplementation === "eager"
+    ? op("attention_interface_0", [op("torch_matmul_0"), op("nn_functional_softmax_0"), op("torch_matmul_1")])
+    : op("attention_interface_0", [op("torch_nn_functional_scaled_dot_product_attention_0")]);
+}
 
 /** Fill in every node's full path from the names (the root's path is ""). */
 function assignPaths(m: ModuleSpec, parent: string): ModuleSpec {
   const path = parent === "" ? m.name : `${parent}.${m.name}`;
   const out: ModuleSpec = { ...m, path, children: m.children.map((c) => assignPaths(c, path)) };
-  if (m.source) out.source = m.source.map((o) => ({ ...o, path: `${path}.source.${o.name}` }));
+  if (m.source) out.source = m.source.map((o) => assignPaths(o, `${path}.source`));
   return out;
 }
 
@@ -52,7 +69,7 @@ export function buildModuleTree(cfg: ModelConfig): ModuleSpec {
         leaf("ln_1", "LayerNorm"),
         {
           ...leaf("attn", "GPT2Attention", [leaf("c_attn", "Conv1D"), leaf("c_proj", "Conv1D")]),
-          source: [op("attention_interface_0")],
+          source: [attentionInterface(cfg)],
           forwardOrder: ["c_attn", "source.attention_interface_0", "c_proj"],
         },
         leaf("ln_2", "LayerNorm"),
@@ -70,7 +87,7 @@ export function buildModuleTree(cfg: ModelConfig): ModuleSpec {
     ...leaf(String(i), "LlamaDecoderLayer", [
       {
         ...leaf("self_attn", "LlamaAttention", [leaf("q_proj", "Linear"), leaf("k_proj", "Linear"), leaf("v_proj", "Linear"), leaf("o_proj", "Linear")]),
-        source: [op("apply_rotary_pos_emb_0"), op("attention_interface_0")],
+        source: [op("apply_rotary_pos_emb_0"), attentionInterface(cfg)],
         forwardOrder: ["q_proj", "k_proj", "v_proj", "source.apply_rotary_pos_emb_0", "source.attention_interface_0", "o_proj"],
       },
       {

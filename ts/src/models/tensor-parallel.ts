@@ -5,8 +5,11 @@
  *   split their output features (whole heads / kv heads per rank for q/k/v, a block of the MLP width for
  *   gate/up/c_fc; GPT-2's fused c_attn is split per head inside each of q, k and v); row-parallel layers
  *   (o_proj, down_proj, both c_proj) split their input features, so each rank's output is a partial sum
- *   that one all-reduce completes. Embeddings, norms and the LM head are replicated for now. Heads, kv
- *   heads and the MLP width must divide by the world size (BAD_INPUT otherwise).
+ *   that one all-reduce completes. The token embedding and the LM head are split by vocabulary rows
+ *   (`vocab`): each rank holds ceil(V / world) rows (the last rank's block is padded with zero rows), looks
+ *   up only the ids in its block (one all-reduce completes the embeddings) and computes only its block of
+ *   the logits (one all-gather completes them). Norms and GPT-2's position table are replicated. Heads, kv
+ *   heads and the MLP width must divide by the world size (BAD_INPUT otherwise); the vocabulary need not.
  * - the module boundaries whose values are sharded (`boundaryOf`): q/k/v/gate/up/c_attn/c_fc outputs and
  *   the per-head attention internals live as slices on each rank; `TensorParallel.run` gathers them for a
  *   hook only when the hooks want that boundary's inputs or output, and slices what the hook hands back
@@ -25,13 +28,16 @@
 import type { Communicator } from "../cluster/communicator.js";
 import { NNsightError } from "../errors.js";
 import { untracked } from "../tensor/scope.js";
-import type { Tensor } from "../tensor/tensor.js";
+import { type Tensor, cat, fromArray, zeros } from "../tensor/tensor.js";
 import type { ModelConfig } from "./config.js";
 
 /** How one weight is split across the ranks. */
 export interface WeightSplit {
-  /** "column": output features split; "row": input features split (partial sums are all-reduced) */
-  kind: "column" | "row";
+  /**
+   * "column": output features split; "row": input features split (partial sums are all-reduced);
+   * "vocab": rows of an embedding table / LM head in blocks of `ShardPlan.vocab.shard` (the last padded)
+   */
+  kind: "column" | "row" | "vocab";
   /** the dim of the stored tensor that is split */
   dim: number;
   /** >1: the split dim holds this many equal parts (GPT-2 c_attn: q|k|v), each split across ranks */
@@ -46,6 +52,8 @@ export interface ShardPlan {
   heads: number;
   kvHeads: number;
   intermediate: number;
+  /** the vocabulary split: `size` tokens in blocks of `shard` rows per rank (null for a world of 1) */
+  vocab: { size: number; shard: number } | null;
 }
 
 /** The plan for `world` ranks (BAD_INPUT when heads, kv heads or the MLP width do not divide). */
@@ -85,12 +93,18 @@ export function shardPlan(c: ModelConfig, world: number): ShardPlan {
       splits.set(`${p}.mlp.c_proj.weight`, row(0));
     }
   }
+  const vocab: WeightSplit = { kind: "vocab", dim: 0, groups: 1 };
+  if (world > 1) {
+    // the token table (and the LM head: tied, it is the same tensor) by vocabulary rows
+    for (const n of c.modelType === "llama" ? ["model.embed_tokens.weight", "lm_head.weight", "lm_head.bias"] : ["transformer.wte.weight", "lm_head.weight"]) splits.set(n, vocab);
+  }
   return {
     world,
     splits,
     heads: c.numHeads / world,
     kvHeads: (c.modelType === "llama" ? c.numKvHeads : c.numHeads) / world,
     intermediate: c.intermediateSize / world,
+    vocab: world > 1 ? { size: c.vocabSize, shard: Math.ceil(c.vocabSize / world) } : null,
   };
 }
 
@@ -102,9 +116,23 @@ export function shardWeights(weights: Map<string, Tensor>, plan: ShardPlan, rank
   const out = new Map<string, Tensor>();
   for (const [name, t] of weights) {
     const s = plan.splits.get(name);
-    out.set(name, s ? untracked(() => sliceOf(t, { dim: s.dim, groups: s.groups }, rank, plan.world)) : t);
+    if (s?.kind === "vocab") out.set(name, untracked(() => vocabRows(t, plan.vocab!.shard, rank)));
+    else out.set(name, s ? untracked(() => sliceOf(t, { dim: s.dim, groups: s.groups }, rank, plan.world)) : t);
   }
   return out;
+}
+
+/** Rows [rank * shard, (rank + 1) * shard) of a vocabulary table (a view), zero rows past its end (a copy). */
+function vocabRows(t: Tensor, shard: number, rank: number): Tensor {
+  const V = t.shape[0]!, lo = rank * shard, n = Math.max(0, Math.min(shard, V - lo));
+  if (n === shard) return t.narrow(0, lo, shard);
+  const pad = zeros([shard - n, ...t.shape.slice(1)], { dtype: t.dtype, device: t.device });
+  if (n === 0) return pad;
+  const part = t.narrow(0, lo, n);
+  const r = cat([part, pad], 0);
+  part.dispose();
+  pad.dispose();
+  return r;
 }
 
 /** How a value at a module boundary is split: along `dim` (negative counts from the end), in `groups` parts. */
@@ -127,6 +155,10 @@ const ELEMENTWISE: Boundary = { inputs: [LAST], output: LAST };
 const ROPE: Boundary = { inputs: [HEADS, HEADS], output: [HEADS, HEADS] };
 const ATTENTION: Boundary = { inputs: [HEADS, HEADS, HEADS], output: { dim: 2 } }; // output [B, T, H, hd]
 const C_ATTN: Boundary = { inputs: [null], output: { dim: -1, groups: 3 } };
+// inside attention_interface_0: every value is [B, H, ...] with this rank's heads
+const PER_HEAD1: Boundary = { inputs: [HEADS], output: HEADS };
+const PER_HEAD2: Boundary = { inputs: [HEADS, HEADS], output: HEADS };
+const PER_HEAD3: Boundary = { inputs: [HEADS, HEADS, HEADS], output: HEADS };
 
 /** The module boundaries whose values are sharded under tensor parallelism (null: replicated). */
 export function boundaryOf(modelType: ModelConfig["modelType"], path: string): Boundary | null {
@@ -145,6 +177,9 @@ export function boundaryOf(modelType: ModelConfig["modelType"], path: string): B
     if (name === "act_fn_0" || name === "act_0") return ELEMENTWISE;
     if (name === "apply_rotary_pos_emb_0") return ROPE;
     if (name === "attention_interface_0") return ATTENTION;
+    if (name === "torch_nn_functional_scaled_dot_product_attention_0") return PER_HEAD3;
+    if (name === "torch_matmul_0" || name === "torch_matmul_1") return PER_HEAD2;
+    if (name === "nn_functional_softmax_0") return PER_HEAD1;
   }
   return null;
 }
@@ -200,6 +235,42 @@ export class TensorParallel {
   /** This rank's slice of a full value. */
   shard(x: Tensor, s: ShardDim): Tensor {
     return sliceOf(x, s, this.rank, this.world);
+  }
+
+  /**
+   * Vocabulary-parallel embedding lookup: `table` is this rank's block of rows; ids outside it read a zero
+   * row, and the all-reduce adds the one rank's row that holds each id (exact: the others add zeros).
+   * `ids` as numbers (`shape` [B, T]); ids outside the vocabulary are BAD_INPUT, as unsharded.
+   */
+  embedVocab(table: Tensor, ids: ArrayLike<number>, shape: number[], lookup: (t: Tensor, ids: Tensor) => Tensor): Tensor {
+    const { size, shard } = this.plan.vocab!;
+    const lo = this.rank * shard;
+    const local = new Int32Array(ids.length), keep = new Float32Array(ids.length);
+    for (let i = 0; i < ids.length; i++) {
+      const id = ids[i]!;
+      if (!Number.isInteger(id) || id < 0 || id >= size) throw new NNsightError("BAD_INPUT", `token id ${id} is outside the vocabulary [0, ${size})`);
+      const j = id - lo;
+      if (j >= 0 && j < shard) {
+        local[i] = j;
+        keep[i] = 1;
+      }
+    }
+    const idsT = fromArray(local, "int32", shape);
+    const rows = lookup(table, idsT);
+    const mask = fromArray(keep, "float32", [...shape, 1]);
+    const out = rows.mul(mask);
+    for (const t of [idsT, rows, mask]) t.dispose();
+    return this.comm.allReduce_(out);
+  }
+
+  /** Complete a vocabulary-parallel LM head: every rank's block of logits, joined and cut to the vocabulary. */
+  gatherVocab(part: Tensor): Tensor {
+    const full = this.comm.allGather(part, -1);
+    const V = this.plan.vocab!.size;
+    if (full.shape[full.ndim - 1] === V) return full;
+    const r = full.narrow(-1, 0, V).contiguous();
+    full.dispose();
+    return r;
   }
 
   /** Complete a row-parallel layer: sum the ranks' partial outputs (in place). */

@@ -99,6 +99,28 @@ export class TransformerLM {
     return this.weights.get(name) ?? null;
   }
 
+  /**
+   * Whether a row of a forward pass computes the same bits whatever other rows share the pass (a batch of
+   * 1 or of 20 rows). The CPU GEMM on weights packed into its panel layout (packedOf) runs one summation
+   * order for every number of rows; the unpacked paths do not (a few rows stream the weights with another
+   * order than the blocked GEMM: kernels/cpu/gemm.cpp kMatvecMaxM / kStreamMaxM), and neither do GPU
+   * libraries. So: true once every weight that goes through linear() is packed (f32 weights mapped from
+   * safetensors, on the CPU, after a first forward packed them). The service shares a forward pass between
+   * jobs only then, so that each job's result stays the one it gets alone.
+   */
+  rowsIndependent(): boolean {
+    if (this.tp) return false; // each rank would have to agree (a padded vocabulary block is not packed)
+    const tiedHead = !this.weights.has("lm_head.weight");
+    for (const [name, w] of this.weights) {
+      if (w.ndim !== 2) continue;
+      if (name.endsWith("wpe.weight")) continue; // position table: only looked up
+      if (!tiedHead && (name === "model.embed_tokens.weight" || name === "transformer.wte.weight")) continue; // looked up; the head is lm_head
+      const p = packedWeights.get(w);
+      if (!p || p.isDisposed) return false;
+    }
+    return true;
+  }
+
   /** @internal free the tables this class made (weights are owned by the model) */
   disposeTables(): void {
     this.invFreq?.dispose();
@@ -129,10 +151,14 @@ export class TransformerLM {
       const pos = fromArray(b.positions, "int32", [b.batch, b.seq]);
       const mask = b.keyMask ? fromArray(b.keyMask, "int32", [b.batch, b.keyMask.length / b.batch]) : null;
       const run = this.makeRun(hooks);
-      const ctx: Ctx = { b, pos, mask, cache, run, hooked: hooks !== null, wants: wantsOf(hooks), lastOnly: !!opts.lastOnly };
-      const logits = run("", [ids], ([x]) => (this.config.modelType === "gpt2" ? this.gpt2(x!, ctx) : this.llama(x!, ctx)));
-      if (cache) cache.advance(b.seq);
-      return logits;
+      const ctx: Ctx = { b, ids, pos, mask, cache, run, hooked: hooks !== null, wants: wantsOf(hooks), lastOnly: !!opts.lastOnly };
+      try {
+        const logits = run("", [ids], ([x]) => (this.config.modelType === "gpt2" ? this.gpt2(x!, ctx) : this.llama(x!, ctx)));
+        if (cache) cache.advance(b.seq);
+        return logits;
+      } finally {
+        freeEagerMask(ctx);
+      }
     });
   }
 
@@ -170,12 +196,13 @@ export class TransformerLM {
     };
     if (path === "lm_head") {
       const head = this.wOpt("lm_head.weight") ?? this.w(gpt2 ? "transformer.wte.weight" : "model.embed_tokens.weight");
-      return linear(x, head, null, "out_in");
+      return this.lmHead(x, head, this.wOpt("lm_head.bias"));
     }
     const name = path.split(".").pop()!;
     if (path === "model.norm" || /layernorm$/.test(name)) return x.rmsnormW(this.w(`${path}.weight`), c.normEps);
     if (path === "transformer.ln_f" || name === "ln_1" || name === "ln_2") return x.layernormW(this.w(`${path}.weight`), this.w(`${path}.bias`), c.normEps);
-    if (name === "embed_tokens" || name === "wte" || name === "wpe") return embed(this.w(`${path}.weight`), x);
+    if (name === "embed_tokens" || name === "wte") return this.embedTokens(`${path}.weight`, x, null);
+    if (name === "wpe") return embed(this.w(`${path}.weight`), x);
     if (this.weights.has(`${path}.weight`)) return wOut(path);
     // composite modules need a batch context
     const B = x.shape[0] ?? 1, T = x.shape[1] ?? 1;
@@ -184,15 +211,19 @@ export class TransformerLM {
     const batch: ForwardBatch = { batch: B, seq: T, ids: new Int32Array(B * T), positions, keyMask: null };
     return scope(() => {
       const run = this.makeRun(hooks);
-      const ctx: Ctx = { b: batch, pos: fromArray(positions, "int32", [B, T]), mask: null, cache: null, run, hooked: hooks !== null, wants: wantsOf(hooks), lastOnly: false };
+      const ctx: Ctx = { b: batch, ids: null, pos: fromArray(positions, "int32", [B, T]), mask: null, cache: null, run, hooked: hooks !== null, wants: wantsOf(hooks), lastOnly: false };
       const m = /^(model\.layers|transformer\.h)\.(\d+)(?:\.(\w+))?$/.exec(path);
       if (m) {
         const l = Number(m[2]);
         const p = `${m[1]}.${l}`;
         const sub = m[3];
-        if (!sub) return gpt2 ? this.gpt2Block(l, p, x, ctx) : this.llamaLayer(l, p, x, ctx);
-        if (sub === "mlp") return gpt2 ? this.gpt2Mlp(p, x) : this.llamaMlp(p, x, ctx);
-        if (sub === "self_attn" || sub === "attn") return this.attnModule(l, p, x, ctx);
+        try {
+          if (!sub) return gpt2 ? this.gpt2Block(l, p, x, ctx) : this.llamaLayer(l, p, x, ctx);
+          if (sub === "mlp") return gpt2 ? this.gpt2Mlp(p, x) : this.llamaMlp(p, x, ctx);
+          if (sub === "self_attn" || sub === "attn") return this.attnModule(l, p, x, ctx);
+        } finally {
+          freeEagerMask(ctx);
+        }
       }
       throw new NNsightError("UNSUPPORTED", `${path}.call() is not supported for this module`, { path });
     });
@@ -203,7 +234,7 @@ export class TransformerLM {
     const c = this.config;
     const run = ctx.run;
     let h = run("model", [ids], ([x]) => {
-      let hs = run("model.embed_tokens", [x!], ([i]) => embed(this.w("model.embed_tokens.weight"), i!));
+      let hs = run("model.embed_tokens", [x!], ([i]) => this.embedTokens("model.embed_tokens.weight", i!, ctx));
       for (let l = 0; l < c.numLayers; l++) {
         const p = `model.layers.${l}`;
         hs = run(p, [hs], ([x0]) => scope(() => this.llamaLayer(l, p, x0!, ctx)));
@@ -212,7 +243,7 @@ export class TransformerLM {
     });
     if (ctx.lastOnly) h = h.slice(1, -1);
     const head = this.wOpt("lm_head.weight") ?? this.w("model.embed_tokens.weight");
-    return run("lm_head", [h], ([x]) => linear(x!, head, this.wOpt("lm_head.bias"), "out_in"));
+    return run("lm_head", [h], ([x]) => this.lmHead(x!, head, this.wOpt("lm_head.bias")));
   }
 
   private llamaLayer(l: number, p: string, x: Tensor, ctx: Ctx): Tensor {
@@ -279,7 +310,7 @@ export class TransformerLM {
     const c = this.config;
     const run = ctx.run;
     let h = run("transformer", [ids], ([x]) => {
-      const te = run("transformer.wte", [x!], ([i]) => embed(this.w("transformer.wte.weight"), i!));
+      const te = run("transformer.wte", [x!], ([i]) => this.embedTokens("transformer.wte.weight", i!, ctx));
       const pe = run("transformer.wpe", [ctx.pos], ([i]) => embed(this.w("transformer.wpe.weight"), i!));
       let hs = te.add(pe);
       for (let l = 0; l < c.numLayers; l++) {
@@ -290,7 +321,7 @@ export class TransformerLM {
     });
     if (ctx.lastOnly) h = h.slice(1, -1);
     const head = this.wOpt("lm_head.weight") ?? this.w("transformer.wte.weight");
-    return run("lm_head", [h], ([x]) => linear(x!, head, null, "out_in"));
+    return run("lm_head", [h], ([x]) => this.lmHead(x!, head, null));
   }
 
   private gpt2Block(l: number, p: string, x: Tensor, ctx: Ctx): Tensor {
@@ -329,6 +360,29 @@ export class TransformerLM {
     return run(`${p}.mlp.c_proj`, [a], this.tp ? (u) => this.rowLinear(u[0]!, `${p}.mlp.c_proj`, "in_out") : conv("c_proj"));
   }
 
+  /**
+   * Token embeddings. Under tensor parallelism the table is this rank's block of vocabulary rows
+   * (TensorParallel.embedVocab); the ids are read from the batch (a forward pass) or from the tensor
+   * (`envoy.call`), which then waits for it.
+   */
+  private embedTokens(name: string, ids: Tensor, ctx: Ctx | null): Tensor {
+    const tp = this.tp;
+    if (!tp?.plan.vocab) return embed(this.w(name), ids);
+    if (!(ids.dtype === "int32" || ids.dtype === "int64")) throw new NNsightError("DTYPE", `embedding lookup needs integer ids, got ${ids.dtype}`);
+    // the batch's ids as numbers, unless a hook replaced the tensor (then read it: a sync point)
+    const values = ctx !== null && ids === ctx.ids ? ctx.b.ids : ids.toFloat32Array();
+    return tp.embedVocab(this.w(name), values, [...ids.shape], embed);
+  }
+
+  /** The LM head: under tensor parallelism this rank's block of the vocabulary, then every rank's logits joined. */
+  private lmHead(x: Tensor, head: Tensor, bias: Tensor | null): Tensor {
+    const y = linear(x, head, bias, "out_in");
+    if (!this.tp?.plan.vocab) return y;
+    const full = this.tp.gatherVocab(y);
+    y.dispose();
+    return full;
+  }
+
   /** A row-parallel layer (TP): this rank's partial product, summed over the ranks, then the (replicated) bias. */
   private rowLinear(x: Tensor, p: string, layout: "out_in" | "in_out"): Tensor {
     const y = linear(x, this.w(`${p}.weight`), null, layout);
@@ -349,14 +403,16 @@ export class TransformerLM {
     let k4 = k.reshape([B, T, Hkv, hd]);
     const v4 = v.reshape([B, T, Hkv, hd]);
     const ropeOp = `${m}.source.apply_rotary_pos_emb_0`, attnOp = `${m}.source.attention_interface_0`;
-    if (!ctx.hooked || (ctx.wants !== null && !ctx.wants(ropeOp) && !ctx.wants(attnOp))) {
+    const eager = c.attnImplementation === "eager";
+    if (!ctx.hooked || (ctx.wants !== null && !ctx.wants(ropeOp) && !ctx.wants(attnOp) && !wantsInside(ctx.wants, attnOp, eager))) {
       // the same computation as below without the hook points (every view is a native call)
       if (invFreq) {
         q4 = q4.rope(ctx.pos, invFreq, false);
         k4 = k4.rope(ctx.pos, invFreq, false);
       }
       const [kk, vv] = ctx.cache ? ctx.cache.append(layer, k4.permute(0, 2, 1, 3), v4.permute(0, 2, 1, 3)) : [k4.permute(0, 2, 1, 3), v4.permute(0, 2, 1, 3)];
-      const o = q4.permute(0, 2, 1, 3).attention(kk, vv, ctx.mask, scale); // [B, Hq, T, hd] view of [B, T, Hq, hd]
+      const qh = q4.permute(0, 2, 1, 3);
+      const o = eager ? this.eagerAttention(qh, kk, vv, ctx, scale, noHooks, attnOp) : qh.attention(kk, vv, ctx.mask, scale); // [B, Hq, T, hd]
       return o.permute(0, 2, 1, 3).reshape([B, T, H * hd]);
     }
     // HF layout for the source operations: q/k/v [B, H, T, hd] (views), attention output [B, T, H, hd]
@@ -372,13 +428,87 @@ export class TransformerLM {
       ]);
     }
     const [kk, vv] = ctx.cache ? ctx.cache.append(layer, kh, vh) : [kh, vh];
-    const o = run(attnOp, [qh!, kk, vv], ([a, b, d]) => a!.attention(b!, d!, ctx.mask, scale).permute(0, 2, 1, 3));
+    const o = run(attnOp, [qh!, kk, vv], ([a, b, d]) => {
+      if (eager) return this.eagerAttention(a!, b!, d!, ctx, scale, run, attnOp).permute(0, 2, 1, 3);
+      const sdpa = `${attnOp}.source.torch_nn_functional_scaled_dot_product_attention_0`;
+      if (quiet(ctx, sdpa)) return a!.attention(b!, d!, ctx.mask, scale).permute(0, 2, 1, 3);
+      return run(sdpa, [a!, b!, d!], ([x, y, z]) => x!.attention(y!, z!, ctx.mask, scale)).permute(0, 2, 1, 3);
+    });
     return o.reshape([B, T, H * hd]);
   }
+
+  /**
+   * Attention as HF's `eager_attention_forward` computes it, each step a hook point inside `op`
+   * (`<attention>.source.attention_interface_0`): raw scores q·kᵀ (`torch_matmul_0`), scaled and masked,
+   * the softmax (`nn_functional_softmax_0`: the attention probabilities), and their product with the
+   * values (`torch_matmul_1`). q [B, Hq, T, hd], k/v [B, Hkv, Tk, hd] (the cache included); keys and
+   * values are repeated over each group's query heads (HF `repeat_kv`). Returns [B, Hq, T, hd]. A query
+   * that sees no key (a padding position) gets zero probabilities and a zero output, as the fused kernel.
+   */
+  private eagerAttention(q: Tensor, k: Tensor, v: Tensor, ctx: Ctx, scale: number, run: Run, op: string): Tensor {
+    const [B, Hq, T] = q.shape as [number, number, number, number];
+    const Tk = k.shape[2]!;
+    const kr = repeatKv(k, Hq), vr = repeatKv(v, Hq);
+    const scores = run(`${op}.source.torch_matmul_0`, [q, kr.transpose(2, 3)], ([a, b]) => a!.matmul(b!));
+    const { add, keep: rowKeep } = this.eagerMask(ctx, B, T, Tk);
+    const probs = run(`${op}.source.nn_functional_softmax_0`, [scores.mul(scale).add(add)], ([x]) => x!.softmax(-1).mul(rowKeep));
+    return run(`${op}.source.torch_matmul_1`, [probs, vr], ([p, w]) => p!.matmul(w!));
+  }
+
+  /**
+   * The eager path's masks for one forward pass (made once, shared by every layer): `add` [B, 1, T, Tk]
+   * is 0 where query i (at key position Tk - T + i) may see key j (causal, and not padding) and -inf
+   * elsewhere, except on rows that see no key at all, which stay 0 so the softmax gives no NaN; `keep`
+   * [B, 1, T, 1] is 1, or 0 on those rows, which then give zero probabilities.
+   */
+  private eagerMask(ctx: Ctx, B: number, T: number, Tk: number): { add: Tensor; keep: Tensor } {
+    if (ctx.eagerMask && ctx.eagerMask.tk === Tk) return ctx.eagerMask;
+    const km = ctx.b.keyMask;
+    const add = new Float32Array(B * T * Tk), rows = new Float32Array(B * T);
+    for (let b = 0; b < B; b++) {
+      for (let i = 0; i < T; i++) {
+        const last = Tk - T + i, row = (b * T + i) * Tk;
+        let seen = 0;
+        for (let j = 0; j < Tk; j++) {
+          const ok = j <= last && (km === null || km[b * Tk + j] !== 0);
+          if (ok) seen++;
+          else add[row + j] = -Infinity;
+        }
+        if (seen === 0) add.fill(0, row, row + Tk);
+        rows[b * T + i] = seen === 0 ? 0 : 1;
+      }
+    }
+    // made outside the layer's scope (it outlives the layer); freeEagerMask releases it after the pass
+    ctx.eagerMask = untracked(() => ({ tk: Tk, add: fromArray(add, "float32", [B, 1, T, Tk]), keep: fromArray(rows, "float32", [B, 1, T, 1]) }));
+    return ctx.eagerMask;
+  }
+}
+
+function freeEagerMask(ctx: Ctx): void {
+  if (!ctx.eagerMask) return;
+  ctx.eagerMask.add.dispose();
+  ctx.eagerMask.keep.dispose();
+  ctx.eagerMask = undefined;
+}
+
+/** HF `repeat_kv`: [B, Hkv, Tk, hd] -> [B, Hq, Tk, hd], each kv head repeated for its group's query heads. */
+function repeatKv(x: Tensor, heads: number): Tensor {
+  const [B, Hkv, Tk, hd] = x.shape as [number, number, number, number];
+  if (Hkv === heads) return x;
+  return x.unsqueeze(2).expand([B, Hkv, heads / Hkv, Tk, hd]).reshape([B, heads, Tk, hd]);
+}
+
+/** Whether the hooks act on an operation inside `attention_interface_0` (`op`). */
+function wantsInside(wants: (path: string) => boolean, op: string, eager: boolean): boolean {
+  return eager
+    ? wants(`${op}.source.torch_matmul_0`) || wants(`${op}.source.nn_functional_softmax_0`) || wants(`${op}.source.torch_matmul_1`)
+    : wants(`${op}.source.torch_nn_functional_scaled_dot_product_attention_0`);
 }
 
 interface Ctx {
   b: ForwardBatch;
+  /** the ids tensor made from `b.ids` (null when the pass has none: envoy.call) */
+  ids: Tensor | null;
   pos: Tensor;
   mask: Tensor | null;
   cache: KVCache | null;
@@ -388,6 +518,8 @@ interface Ctx {
   /** which hook points the hooks act on (null: assume all) */
   wants: ((path: string) => boolean) | null;
   lastOnly: boolean;
+  /** the eager attention path's masks, made on first use in this pass (see eagerMask) */
+  eagerMask?: { tk: number; add: Tensor; keep: Tensor };
 }
 
 const wantsOf = (hooks: ModuleHooks | null): ((path: string) => boolean) | null => (hooks?.wants ? (p) => hooks.wants!(p) : null);

@@ -13,6 +13,7 @@ import WebSocket from "ws";
 
 import { NNsightError } from "../errors.js";
 import { parseModelConfig } from "../models/config.js";
+import type { EnvoyClasses } from "../trace/envoy.js";
 import { Tokenizer } from "../models/tokenizer.js";
 import type { Tensor } from "../tensor/tensor.js";
 import { type AnyGraph, STREAM_TAG } from "../trace/graph.js";
@@ -41,6 +42,8 @@ export interface ConnectOptions {
   apiKey?: string;
   /** module aliases, as in LanguageModel.load */
   rename?: Record<string, string>;
+  /** envoy classes, as in LanguageModel.load */
+  envoys?: EnvoyClasses;
   /** give up reconnecting after this many attempts in a row (default 20) */
   maxReconnects?: number;
   /** connect / request timeout in ms (default 30 s) */
@@ -341,9 +344,9 @@ export class RemoteLanguageModel extends LanguageModel {
   /** @internal */ readonly _conn: Connection;
 
   /** @internal use LanguageModel.connect */
-  constructor(url: string, served: ServedModel, conn: Connection, rename?: Record<string, string>, tokenizer?: Tokenizer) {
+  constructor(url: string, served: ServedModel, conn: Connection, rename?: Record<string, string>, tokenizer?: Tokenizer, envoys?: EnvoyClasses) {
     const spec = parseModelConfig(served.config, `${url}/models (${served.id})`);
-    super({ dir: `${url}#${served.id}`, spec, tokenizer: tokenizer as never, lm: undefined as never, generationConfig: served.generationConfig ?? null }, { rename });
+    super({ dir: `${url}#${served.id}`, spec, tokenizer: tokenizer as never, lm: undefined as never, generationConfig: served.generationConfig ?? null }, { rename, envoys });
     this.url = url;
     this.modelId = served.id;
     this._conn = conn;
@@ -401,5 +404,5 @@ export async function connect(url: string, modelId: string, opts: ConnectOptions
   }
   const conn = new Connection(url, opts);
   await conn.open();
-  return new RemoteLanguageModel(httpUrl(url), served, conn, opts.rename, await fetchTokenizer(url, modelId, opts.timeoutMs));
+  return new RemoteLanguageModel(httpUrl(url), served, conn, opts.rename, await fetchTokenizer(url, modelId, opts.timeoutMs), opts.envoys);
 }

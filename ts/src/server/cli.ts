@@ -6,7 +6,7 @@ import { listModels } from "../remote/client.js";
 import { httpUrl } from "../remote/protocol.js";
 import { parseTp, parseTpBackend, serve } from "./http.js";
 
-export const SERVE_USAGE = `usage: nnsight serve [--model ID_OR_DIR[:tp=N]]... [--tp N] [--tp-backend auto|shm|nccl] [--port N] [--host 127.0.0.1] [--api-keys keys.json]
+export const SERVE_USAGE = `usage: nnsight serve [--model ID_OR_DIR[:tp=N,backend=B,attn=eager]]... [--tp N] [--tp-backend auto|shm|nccl] [--port N] [--host 127.0.0.1] [--api-keys keys.json]
        [--results-dir DIR] [--result-ttl-s N] [--job-timeout-ms N] [--max-frame-bytes N] [--max-graph-bytes N]
        [--max-attachment-bytes N] [--max-result-bytes N] [--max-cost N] [--threads N]
        [--quota-concurrent N] [--quota-per-minute N] [--quota-result-bytes N] [--redis redis://HOST:PORT]`;

@@ -22,6 +22,7 @@ import { type ClientMessage, PROTOCOL_VERSION, type ServerLimits, decodeFrame, e
 import { DEFAULT_QUOTA, type KeyStore, type Principal, type Quota, loadKeys } from "./auth.js";
 import { JobManager } from "./jobs.js";
 import { Metrics } from "./metrics.js";
+import type { AttnImplementation } from "../models/config.js";
 import { ResultStore } from "./result-store.js";
 import { type JobService, type ModelDirectory, type Subscriber, embeddedDirectory } from "./service.js";
 import { ModelWorker } from "./worker-pool.js";
@@ -29,7 +30,8 @@ import { ModelWorker } from "./worker-pool.js";
 export interface ServeOptions {
   /**
    * model ids or directories; `name=dir` names one, a `:tp=N` suffix serves it with tensor parallelism
-   * over N ranks (`:tp=N,backend=shm|nccl` also picks the backend) (default: ["stories260K"])
+   * over N ranks (`:tp=N,backend=shm|nccl` also picks the backend), `:attn=eager` loads it with eager
+   * attention (the probabilities become hook points) (default: ["stories260K"])
    */
   models?: string[];
   /** tensor-parallel ranks per model where a model does not say (default 1: one worker process) */
@@ -87,15 +89,20 @@ const SERVER_NAME = "nnsight-ts";
 
 export type TpBackendOption = "auto" | "shm" | "nccl";
 
-/** What `--model` says about tensor parallelism (the `:tp=N,backend=B` suffix), and the model without it. */
-export function modelTp(s: string): { model: string; tp?: number; backend?: TpBackendOption } {
-  const m = /:((?:tp|backend)=[^:,=]*(?:,(?:tp|backend)=[^:,=]*)*)$/.exec(s);
+/**
+ * What `--model` says after its id (the `:tp=N,backend=B,attn=A` suffix: tensor parallelism and HF's
+ * attn_implementation), and the model without it.
+ */
+export function modelTp(s: string): { model: string; tp?: number; backend?: TpBackendOption; attn?: AttnImplementation } {
+  const m = /:((?:tp|backend|attn)=[^:,=]*(?:,(?:tp|backend|attn)=[^:,=]*)*)$/.exec(s);
   if (!m) return { model: s };
-  const out: { model: string; tp?: number; backend?: TpBackendOption } = { model: s.slice(0, m.index) };
+  const out: { model: string; tp?: number; backend?: TpBackendOption; attn?: AttnImplementation } = { model: s.slice(0, m.index) };
   for (const kv of m[1]!.split(",")) {
     const [k, v = ""] = kv.split("=") as [string, string | undefined];
     if (k === "tp") out.tp = parseTp(v, `--model ${s}`);
-    else out.backend = parseTpBackend(v, `--model ${s}`);
+    else if (k === "backend") out.backend = parseTpBackend(v, `--model ${s}`);
+    else if (v === "sdpa" || v === "eager") out.attn = v;
+    else throw new NNsightError("BAD_INPUT", `--model ${s}: attn is "sdpa" or "eager", got "${v}"`);
   }
   if (!out.model) throw new NNsightError("BAD_INPUT", `--model ${s} names no model before ":"`);
   return out;
@@ -172,7 +179,7 @@ export async function serve(opts: ServeOptions = {}): Promise<RunningServer> {
     const world = t.tp ?? defaultTp;
     const tp = world > 1 ? { world, backend: resolveTpBackend(t.backend ?? defaultBackend, world) } : undefined;
     if (tp?.backend === "nccl") checkNccl(world, id);
-    workers.set(id, new ModelWorker(id, { model: src, threads: opts.threads, tp }, opts.workerEntry));
+    workers.set(id, new ModelWorker(id, { model: src, threads: opts.threads, tp, attnImplementation: t.attn }, opts.workerEntry));
   }
   try {
     await Promise.all([...workers.values()].map((w) => w.start()));

@@ -32,6 +32,8 @@ export interface WorkerSpec {
   dtype?: "float32" | "bfloat16" | "float16";
   /** tensor parallelism over `world` ranks (1: a single worker) */
   tp?: { world: number; backend: "shm" | "nccl" };
+  /** HF's attn_implementation (`--model ID:attn=eager`); the served config carries it to clients */
+  attnImplementation?: "sdpa" | "eager";
 }
 
 export interface RunRequest {
@@ -162,7 +164,7 @@ async function run(model: LanguageModel, m: GroupJob & { maxResultBytes?: number
 async function loadModel(spec: WorkerSpec, comm: Communicator | null): Promise<LanguageModel> {
   try {
     const device = comm && comm.device !== "cpu" ? comm.device : undefined;
-    const model = await LanguageModel.load(spec.model, { threads: spec.threads, dtype: spec.dtype, device, tensorParallel: comm ?? undefined });
+    const model = await LanguageModel.load(spec.model, { threads: spec.threads, dtype: spec.dtype, device, tensorParallel: comm ?? undefined, attnImplementation: spec.attnImplementation });
     // no graph may allocate a single tensor beyond 1/8 of the machine's memory (TOO_LARGE instead of
     // an out-of-memory kill); NNSIGHT_MAX_TENSOR_MB overrides
     const capMb = Number(process.env.NNSIGHT_MAX_TENSOR_MB) || Math.floor(totalmem() / 8 / 2 ** 20);

@@ -23,6 +23,7 @@ import { type Device, defaultDeviceIndex, deviceIndexOf, deviceName, parseDevice
 import { type DType, dtypeFromId, dtypeId, dtypeSize, isFloat, parseDType, promote } from "./dtype.js";
 import { OP_IDS, type NativeOpName } from "./op-names.gen.js";
 import { formatTensor } from "./print.js";
+import { type ReduceArg, type ReduceOpts, reduceOpts } from "./reduce-arg.js";
 import { trackTensor } from "./scope.js";
 
 /** One entry per leading dim: a number, a slice ("1:3", "::2", ":" or {start, stop, step}), an array of indices, or "..." */
@@ -492,13 +493,13 @@ export class Tensor {
   where(cond: Tensor, other: TensorLike): Tensor { return where(cond, this, other); }
 
   // ---------------------------------------------------------------- reductions
-  sum(opts: ReduceOpts = {}): Tensor { return reduce("sum", this, opts); }
-  mean(opts: ReduceOpts = {}): Tensor { return reduce("mean", this, opts); }
-  max(opts: ReduceOpts = {}): Tensor { return reduce("max", this, opts); }
-  min(opts: ReduceOpts = {}): Tensor { return reduce("min", this, opts); }
-  prod(opts: ReduceOpts = {}): Tensor { return reduce("prod", this, opts); }
-  argmax(opts: { dim?: number; keepdim?: boolean } = {}): Tensor { return reduce("argmax", this, opts); }
-  argmin(opts: { dim?: number; keepdim?: boolean } = {}): Tensor { return reduce("argmin", this, opts); }
+  sum(dim: ReduceArg = {}, keepdim?: boolean): Tensor { return reduce("sum", this, reduceOpts(dim, keepdim)); }
+  mean(dim: ReduceArg = {}, keepdim?: boolean): Tensor { return reduce("mean", this, reduceOpts(dim, keepdim)); }
+  max(dim: ReduceArg = {}, keepdim?: boolean): Tensor { return reduce("max", this, reduceOpts(dim, keepdim)); }
+  min(dim: ReduceArg = {}, keepdim?: boolean): Tensor { return reduce("min", this, reduceOpts(dim, keepdim)); }
+  prod(dim: ReduceArg = {}, keepdim?: boolean): Tensor { return reduce("prod", this, reduceOpts(dim, keepdim)); }
+  argmax(dim: number | { dim?: number; keepdim?: boolean } = {}, keepdim?: boolean): Tensor { return reduce("argmax", this, reduceOpts(dim, keepdim)); }
+  argmin(dim: number | { dim?: number; keepdim?: boolean } = {}, keepdim?: boolean): Tensor { return reduce("argmin", this, reduceOpts(dim, keepdim)); }
   /** p-norm (default 2) over dims (default all). */
   norm(opts: ReduceOpts & { p?: number } = {}): Tensor {
     const p = opts.p ?? 2;
@@ -609,10 +610,7 @@ export class Tensor {
   }
 }
 
-export interface ReduceOpts {
-  dim?: number | number[];
-  keepdim?: boolean;
-}
+export type { ReduceOpts, ReduceArg };
 
 function typedView(buf: ArrayBuffer, dtype: DType) {
   switch (dtype) {

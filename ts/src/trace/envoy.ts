@@ -26,14 +26,17 @@ export class Envoy {
   /** @internal which call of the module (in a forward pass) reads and writes address; see nth() */
   readonly _call: number = 0;
 
-  /** @internal */
-  constructor(spec: ModuleSpec, owner: object, aliases: Record<string, string> = {}) {
+  /**
+   * @internal Subclasses (`LanguageModel.load(..., { envoys })`) inherit this constructor; the model
+   * builds every envoy, children first by the same rules.
+   */
+  constructor(spec: ModuleSpec, owner: object, aliases: Record<string, string> = {}, classes?: EnvoyClasses) {
     this.path = spec.path;
     this.type = spec.type;
     this._spec = spec;
     this._owner = owner;
-    this._children = spec.children.map((c) => makeEnvoy(c, owner, aliases));
-    this._source = spec.source ? new Envoy({ name: "source", path: `${spec.path}.source`, type: "Source", children: spec.source }, owner) : null;
+    this._children = spec.children.map((c) => makeEnvoy(c, owner, aliases, classes));
+    this._source = spec.source ? strictSource(new Envoy({ name: "source", path: `${spec.path}.source`, type: "Source", children: spec.source }, owner, {}, classes)) : null;
     for (const c of this._children) {
       const name = c._spec.name;
       Object.defineProperty(this, name, { value: c, enumerable: true, configurable: true });
@@ -116,7 +119,10 @@ export class Envoy {
    * `apply_rotary_pos_emb_0` (output: the tuple [q, k], each [batch, heads, seq, head_dim]) and
    * `attention_interface_0` (inputs q, k, v as [batch, heads, seq, head_dim] with k/v including the KV cache;
    * output [batch, seq, heads, head_dim], before o_proj); GPT-2 attention: `attention_interface_0`; MLPs:
-   * `act_fn_0` (Llama) / `act_0` (GPT-2), the activation function's output.
+   * `act_fn_0` (Llama) / `act_0` (GPT-2), the activation function's output. `attention_interface_0.source`
+   * holds the operations inside attention (NNsight's recursive source): the SDPA call, or with
+   * `attnImplementation: "eager"` the scores, the softmax (attention probabilities) and the weighted sum.
+   * An operation name the module does not have is BAD_PATH, listing the ones it has.
    */
   get source(): Envoy {
     if (!this._source) {
@@ -194,9 +200,58 @@ export class EnvoyList<T extends Envoy = Envoy> extends Envoy {
   readonly [i: number]: T;
 }
 
-function makeEnvoy(spec: ModuleSpec, owner: object, aliases: Record<string, string>): Envoy {
-  if (!spec.isList) return new Envoy(spec, owner, aliases);
-  const list = new EnvoyList(spec, owner, aliases);
+/** A class for envoys: Envoy or a subclass (EnvoyList or a subclass of it for list modules). */
+export type EnvoyClass = new (spec: ModuleSpec, owner: object, aliases: Record<string, string>, classes?: EnvoyClasses) => Envoy;
+
+/**
+ * Which class each module's envoy gets (NNsight's `envoys=`): one class for every module, or a record
+ * keyed by HF class name (`"LlamaAttention"`, `"Linear"`) or by path suffix (`"mlp"`, `"self_attn.o_proj"`,
+ * `"layers.0"`: whole dotted components, matched against the real path and the renamed one). A class
+ * name beats a path suffix; of two suffixes the longer wins. List modules take only EnvoyList subclasses
+ * (a single class for every module leaves them EnvoyLists).
+ */
+export type EnvoyClasses = EnvoyClass | Record<string, EnvoyClass>;
+
+function pickClass(spec: ModuleSpec, aliases: Record<string, string>, classes: EnvoyClasses | undefined): EnvoyClass | null {
+  if (classes === undefined) return null;
+  if (typeof classes === "function") return spec.isList && !(classes.prototype instanceof EnvoyList) ? null : classes;
+  const byType = Object.hasOwn(classes, spec.type) ? classes[spec.type]! : null;
+  let chosen = byType;
+  if (!chosen && spec.path !== "") {
+    const forms = pathForms(spec.path, aliases);
+    let best = -1;
+    for (const [key, C] of Object.entries(classes)) {
+      const parts = key.replace(/^\./, "").split(".");
+      if (forms.some((f) => f.length >= parts.length && parts.every((p, i) => f[f.length - parts.length + i] === p)) && parts.length > best) {
+        best = parts.length;
+        chosen = C;
+      }
+    }
+  }
+  if (chosen && spec.isList && !(chosen.prototype instanceof EnvoyList) && chosen !== (EnvoyList as unknown as EnvoyClass)) {
+    throw new NNsightError("BAD_INPUT", `envoys: ${spec.path} is a list module; its class must extend EnvoyList`, { path: spec.path });
+  }
+  return chosen;
+}
+
+/** A module path as components, as written and with the model's renames applied. */
+function pathForms(path: string, aliases: Record<string, string>): string[][] {
+  const forms = [path.split(".")];
+  for (const [from, to] of Object.entries(aliases)) {
+    const key = from.startsWith(".") ? from.slice(1) : from;
+    if (key.includes(".")) {
+      if (path === key || path.startsWith(`${key}.`)) forms.push([...to.split("."), ...path.slice(key.length).split(".").filter(Boolean)]);
+    } else if (forms[0]!.includes(key)) {
+      forms.push(forms[0]!.map((c) => (c === key ? to : c)));
+    }
+  }
+  return forms;
+}
+
+function makeEnvoy(spec: ModuleSpec, owner: object, aliases: Record<string, string>, classes?: EnvoyClasses): Envoy {
+  const C = pickClass(spec, aliases, classes);
+  if (!spec.isList) return new (C ?? Envoy)(spec, owner, aliases, classes);
+  const list = new ((C ?? EnvoyList) as typeof EnvoyList)(spec, owner, aliases, classes);
   return new Proxy(list, {
     get(target, prop, receiver) {
       if (typeof prop === "string" && /^-\d+$/.test(prop)) return target.at(Number(prop));
@@ -206,9 +261,26 @@ function makeEnvoy(spec: ModuleSpec, owner: object, aliases: Record<string, stri
   });
 }
 
+/**
+ * A Source envoy that refuses operation names it does not have (NNsight raises AttributeError), so a typo
+ * or the other attention implementation's name fails at once rather than as `undefined`. Only
+ * snake_case names are checked: JS machinery probes objects for `then`, `toJSON`, `$$typeof` and symbols.
+ */
+function strictSource(src: Envoy): Envoy {
+  return new Proxy(src, {
+    get(target, prop, receiver) {
+      if (typeof prop === "string" && !(prop in target) && /^[a-z][a-z0-9]*_[a-z0-9_]*$/.test(prop)) {
+        const have = target._children.map((c) => c._spec.name).join(", ");
+        throw new NNsightError("BAD_PATH", `${target.path} has no operation "${prop}"; it has: ${have}`, { path: `${target.path}.${prop}` });
+      }
+      return Reflect.get(target, prop, receiver);
+    },
+  });
+}
+
 /** Build the root envoy of a model from its module tree. Dotted-path aliases become root attributes. */
-export function buildEnvoys(root: ModuleSpec, owner: object, aliases: Record<string, string> = {}): Envoy {
-  const env = new Envoy(root, owner, aliases);
+export function buildEnvoys(root: ModuleSpec, owner: object, aliases: Record<string, string> = {}, classes?: EnvoyClasses): Envoy {
+  const env = makeEnvoy(root, owner, aliases, classes);
   for (const [from, to] of Object.entries(aliases)) {
     const key = from.startsWith(".") ? from.slice(1) : from;
     if (!key.includes(".")) continue;

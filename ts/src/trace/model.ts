@@ -16,7 +16,7 @@ import type { PromptInput } from "../models/batch.js";
 import { CausalLM, type CausalLMParts, type LoadModelOptions } from "../models/causal-lm.js";
 import type { GenerateOptions } from "../models/generate.js";
 import type { Tensor } from "../tensor/tensor.js";
-import { Envoy, type EnvoyList, buildEnvoys } from "./envoy.js";
+import { Envoy, type EnvoyClasses, type EnvoyList, buildEnvoys } from "./envoy.js";
 import type { ConnectOptions, RemoteLanguageModel } from "../remote/client.js";
 import type { RemoteJob } from "../remote/job.js";
 import type { AnyGraph, Arg, GraphNode, SessionGraph, TraceGraph } from "./graph.js";
@@ -73,7 +73,21 @@ export interface TraceBackend {
 }
 
 /** `envoy.source` of a module whose forward has operations `K`. */
-type WithSource<K extends string> = { readonly source: Envoy & { readonly [k in K]: Envoy } };
+type WithSource<K extends string> = { readonly source: Envoy & { readonly [k in K]: k extends "attention_interface_0" ? AttentionInterfaceEnvoy : Envoy } };
+
+/**
+ * `attention_interface_0` and the operations inside it: the SDPA call with the default
+ * `attnImplementation: "sdpa"`, the scores / softmax / weighted sum with `"eager"` (the other
+ * model's names are BAD_PATH).
+ */
+export type AttentionInterfaceEnvoy = Envoy & {
+  readonly source: Envoy & {
+    readonly torch_nn_functional_scaled_dot_product_attention_0: Envoy;
+    readonly torch_matmul_0: Envoy;
+    readonly nn_functional_softmax_0: Envoy;
+    readonly torch_matmul_1: Envoy;
+  };
+};
 
 export interface LlamaLayerEnvoy extends Envoy {
   readonly self_attn: Envoy & { readonly q_proj: Envoy; readonly k_proj: Envoy; readonly v_proj: Envoy; readonly o_proj: Envoy } & WithSource<"apply_rotary_pos_emb_0" | "attention_interface_0">;
@@ -96,6 +110,12 @@ interface EditRecord {
 export interface LanguageModelOptions extends LoadModelOptions {
   /** module aliases: `{ "layers": "blocks" }` (a child name anywhere) or `{ "model.layers": "layers" }` (a path) */
   rename?: Record<string, string>;
+  /**
+   * Envoy classes (NNsight's `envoys=`): one class for every module, or `{ LlamaAttention: Attn, mlp: Mlp }`
+   * by HF class name or path suffix, so helpers live on the envoys (`class Attn extends Envoy { get heads()
+   * { ... } }`). See EnvoyClasses.
+   */
+  envoys?: EnvoyClasses;
 }
 
 export class LanguageModel extends CausalLM {
@@ -112,13 +132,15 @@ export class LanguageModel extends CausalLM {
   /** @internal set on remote models: graphs run there */
   _backend: TraceBackend | null = null;
   private readonly renames: Record<string, string>;
+  private readonly envoyClasses: EnvoyClasses | undefined;
 
   /** @internal */
-  constructor(init: CausalLMParts, opts: { rename?: Record<string, string>; edits?: EditRecord[] } = {}) {
+  constructor(init: CausalLMParts, opts: { rename?: Record<string, string>; envoys?: EnvoyClasses; edits?: EditRecord[] } = {}) {
     super(init);
     this.renames = opts.rename ?? {};
+    this.envoyClasses = opts.envoys;
     this._edits = opts.edits ?? [];
-    this.envoy = buildEnvoys(this.moduleTree, this, this.renames);
+    this.envoy = buildEnvoys(this.moduleTree, this, this.renames, this.envoyClasses);
     for (const c of this.envoy.children()) Object.defineProperty(this, c._spec.name, { value: c, enumerable: true });
     for (const [name, c] of this.envoy._aliases) if (!(name in this)) Object.defineProperty(this, name, { value: c, enumerable: false });
   }
@@ -128,7 +150,7 @@ export class LanguageModel extends CausalLM {
     // `nnsight run script.mjs --remote URL` sets NNSIGHT_REMOTE: the same script then runs on the server
     const remote = process.env.NNSIGHT_REMOTE;
     if (remote) return LanguageModel.connect(remote, idOrDir, { apiKey: process.env.NNSIGHT_API_KEY });
-    return new LanguageModel(await CausalLM.loadParts(idOrDir, opts), { rename: opts.rename });
+    return new LanguageModel(await CausalLM.loadParts(idOrDir, opts), { rename: opts.rename, envoys: opts.envoys });
   }
 
   /**
@@ -393,7 +415,7 @@ export class LanguageModel extends CausalLM {
     }
     const copy = new LanguageModel(
       { dir: this.dir, spec: this.spec, tokenizer: this.tokenizer, lm: this._lm, generationConfig: this._generationConfig },
-      { rename: this.renames, edits: [...this._edits, e] },
+      { rename: this.renames, envoys: this.envoyClasses, edits: [...this._edits, e] },
     );
     copy._sharedFrom = true; // shares this model's weights: disposing the copy must not free them
     copy._backend = this._backend; // an edited remote model runs remotely too

@@ -12,6 +12,7 @@
  * ```
  */
 import { NNsightError } from "../errors.js";
+import { type ReduceArg, reduceOpts } from "../tensor/reduce-arg.js";
 import type { Index } from "../tensor/tensor.js";
 import { type Recorder, activeRecorder } from "./recorder.js";
 
@@ -105,13 +106,13 @@ export class TracedValue {
   reciprocal(): TracedValue { return this.op("reciprocal"); }
   softmax(dim = -1): TracedValue { return this.op("softmax", dim); }
   logSoftmax(dim = -1): TracedValue { return this.op("logSoftmax", dim); }
-  sum(opts: Dim = {}): TracedValue { return this.op("sum", opts); }
-  mean(opts: Dim = {}): TracedValue { return this.op("mean", opts); }
-  max(opts: Dim = {}): TracedValue { return this.op("max", opts); }
-  min(opts: Dim = {}): TracedValue { return this.op("min", opts); }
-  prod(opts: Dim = {}): TracedValue { return this.op("prod", opts); }
-  argmax(opts: { dim?: number; keepdim?: boolean } = {}): TracedValue { return this.op("argmax", opts); }
-  argmin(opts: { dim?: number; keepdim?: boolean } = {}): TracedValue { return this.op("argmin", opts); }
+  sum(dim: ReduceArg = {}, keepdim?: boolean): TracedValue { return this.op("sum", reduceOpts(dim, keepdim)); }
+  mean(dim: ReduceArg = {}, keepdim?: boolean): TracedValue { return this.op("mean", reduceOpts(dim, keepdim)); }
+  max(dim: ReduceArg = {}, keepdim?: boolean): TracedValue { return this.op("max", reduceOpts(dim, keepdim)); }
+  min(dim: ReduceArg = {}, keepdim?: boolean): TracedValue { return this.op("min", reduceOpts(dim, keepdim)); }
+  prod(dim: ReduceArg = {}, keepdim?: boolean): TracedValue { return this.op("prod", reduceOpts(dim, keepdim)); }
+  argmax(dim: number | { dim?: number; keepdim?: boolean } = {}, keepdim?: boolean): TracedValue { return this.op("argmax", reduceOpts(dim, keepdim)); }
+  argmin(dim: number | { dim?: number; keepdim?: boolean } = {}, keepdim?: boolean): TracedValue { return this.op("argmin", reduceOpts(dim, keepdim)); }
   norm(opts: Dim & { p?: number } = {}): TracedValue { return this.op("norm", opts); }
   cumsum(dim: number): TracedValue { return this.op("cumsum", dim); }
   /** `{ values, indices }` of the k largest entries along the last dim. */

@@ -44,7 +44,7 @@ async function main(argv: string[]): Promise<number | null> {
       return benchCommand(rest);
     default:
       console.error(
-        `usage: nnsight info [model]\n       nnsight status URL\n       nnsight run script.mjs [--remote URL] [--api-key KEY] [args...]\n       nnsight make-checkpoint PRESET DIR [--dtype float32|bfloat16|float16] [--shards N] [--seed S]\n       nnsight bench [machine|kernels|models|trace|memory|rss|compare|remote] [args...]\n${SERVE_USAGE.replace("usage: ", "       ")}\n       nnsight worker --redis redis://HOST:PORT [--model ID_OR_DIR[:tp=N]]... [--tp N] [--tp-backend auto|shm|nccl] [--threads N]`,
+        `usage: nnsight info [model]\n       nnsight status URL\n       nnsight run script.mjs [--remote URL] [--api-key KEY] [args...]\n       nnsight make-checkpoint PRESET DIR [--dtype float32|bfloat16|float16] [--shards N] [--seed S]\n       nnsight bench [machine|kernels|models|trace|memory|rss|compare|remote] [args...]\n${SERVE_USAGE.replace("usage: ", "       ")}\n       nnsight worker --redis redis://HOST:PORT [--model ID_OR_DIR[:tp=N,backend=B,attn=eager]]... [--tp N] [--tp-backend auto|shm|nccl] [--threads N]`,
       );
       return cmd ? 2 : 0;
   }

@@ -11,7 +11,7 @@ import { parseTp, parseTpBackend } from "../http.js";
 import { startRedisWorkers } from "./consumer.js";
 import { DEFAULT_PREFIX } from "./shared.js";
 
-export const WORKER_USAGE = `usage: nnsight worker --redis redis://HOST:PORT [--model ID_OR_DIR[:tp=N]]... [--tp N] [--tp-backend auto|shm|nccl] [--threads N]`;
+export const WORKER_USAGE = `usage: nnsight worker --redis redis://HOST:PORT [--model ID_OR_DIR[:tp=N,backend=B,attn=eager]]... [--tp N] [--tp-backend auto|shm|nccl] [--threads N]`;
 
 export async function workerCommand(args: string[]): Promise<number> {
   const { values } = parseArgs({

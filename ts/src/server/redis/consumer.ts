@@ -286,7 +286,7 @@ export async function startRedisWorkers(o: RedisWorkersOptions): Promise<RedisWo
     const world = t.tp ?? defaultTp;
     const tp = world > 1 ? { world, backend: resolveTpBackend(t.backend ?? defaultBackend, world) } : undefined;
     if (tp?.backend === "nccl") checkNccl(world, id);
-    const w = new ModelWorker(id, { model: src, threads: o.threads, tp }, o.workerEntry);
+    const w = new ModelWorker(id, { model: src, threads: o.threads, tp, attnImplementation: t.attn }, o.workerEntry);
     if (o.onRestart) w.on("restart", o.onRestart);
     workers.set(id, w);
   }

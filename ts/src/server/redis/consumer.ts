@@ -75,6 +75,8 @@ export class RedisConsumer {
   private timer: NodeJS.Timeout | null = null;
   private current: Current | null = null;
   private stopped = false;
+  /** the model's registration (P:model:ID) */
+  private info = "";
 
   constructor(
     private readonly r: NnRedis,
@@ -95,7 +97,8 @@ export class RedisConsumer {
   async start(): Promise<void> {
     const w = this.worker;
     const info: ModelInfo = { config: w.config, generationConfig: w.generationConfig, tokenizer: w.tokenizer, numLayers: w.numLayers, world: w.world, backend: w.backend };
-    await this.r.set(`${this.prefix}:model:${this.model}`, JSON.stringify(info));
+    this.info = JSON.stringify(info);
+    await this.r.set(`${this.prefix}:model:${this.model}`, this.info);
     const t = timing();
     await this.beat();
     this.timer = setInterval(() => void this.beat().catch(() => {}), t.heartbeatMs);
@@ -132,7 +135,7 @@ export class RedisConsumer {
   private async beat(): Promise<void> {
     if (this.stopped) return;
     const t = timing();
-    await this.r.nnHeartbeat(this.prefix, this.model, this.id, t.aliveMs);
+    if (!(await this.r.nnHeartbeat(this.prefix, this.model, this.id, t.aliveMs))) await this.r.set(`${this.prefix}:model:${this.model}`, this.info);
     await sweepOrphans(this.r, this.prefix, [this.model]);
     // a stop on the control channel is lost if it came while that connection was down: the job's state
     // says so too (cancelled, timed out, or failed by a sweep that thought this worker dead)

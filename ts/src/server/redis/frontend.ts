@@ -29,6 +29,12 @@ import { DEFAULT_PREFIX, type NnRedis, PENDING_TTL_MS, bounded, bullPrefix, conn
 
 const enc = new TextEncoder();
 
+/** Errors a client sees as they are; anything else here is Redis not answering (IO, worth a retry). */
+function asIO(e: unknown): never {
+  if (e instanceof NNsightError) throw e;
+  throw new NNsightError("IO", `the service's job store (Redis) did not answer: ${(e as Error)?.message ?? e}; try again`);
+}
+
 interface RedisJobView extends JobView {
   position?: number;
   model?: string;
@@ -90,6 +96,8 @@ interface Watch {
   held?: Buffer[];
   /** when its RUNNING event came (for the run-time metric) */
   runningAt?: number;
+  /** the last queue position sent */
+  position?: number;
 }
 
 class RedisJobs implements JobService {
@@ -168,7 +176,11 @@ class RedisJobs implements JobService {
   }
 
   // ---------------------------------------------------------------- admission
-  async submit(p: Principal, req: SubmitRequest, sub: Subscriber): Promise<{ job: JobView; fresh: boolean }> {
+  submit(p: Principal, req: SubmitRequest, sub: Subscriber): Promise<{ job: JobView; fresh: boolean }> {
+    return this.admit(p, req, sub).catch(asIO);
+  }
+
+  private async admit(p: Principal, req: SubmitRequest, sub: Subscriber): Promise<{ job: JobView; fresh: boolean }> {
     const info = await this.models.info(req.model);
     if (!info) {
       const served = (await this.models.list()).map((m) => m.id);
@@ -235,6 +247,7 @@ class RedisJobs implements JobService {
     const pos = (job as RedisJobView).position;
     const held = w.held ?? [];
     delete w.held;
+    w.position = pos;
     if (w.state === "QUEUED") for (const s of w.subs) s.send({ type: "event", job: job.id, status: "QUEUED", ...(pos !== undefined ? { position: pos } : {}) });
     for (const raw of held) this.onEvent(`${this.prefix}:ev:${job.id}`, raw);
   }
@@ -257,7 +270,7 @@ class RedisJobs implements JobService {
   }
 
   get(p: Principal, id: string): Promise<JobView> {
-    return this.read(p, id);
+    return this.read(p, id).catch(asIO);
   }
 
   position(j: JobView): number | undefined {
@@ -265,7 +278,11 @@ class RedisJobs implements JobService {
   }
 
   // ---------------------------------------------------------------- cancellation (from any front end)
-  async cancel(p: Principal, id: string): Promise<JobView> {
+  cancel(p: Principal, id: string): Promise<JobView> {
+    return this.stop(p, id).catch(asIO);
+  }
+
+  private async stop(p: Principal, id: string): Promise<JobView> {
     const j = await this.read(p, id);
     if (TERMINAL_STATES.has(j.state)) return j;
     const done = await finishJob(this.r, this.prefix, id, "CANCELLED", { error: { code: "CANCELLED", message: `job ${id} was cancelled` } });
@@ -370,7 +387,8 @@ class RedisJobs implements JobService {
           ids.forEach((id, i) => {
             const rank = res?.[i]?.[1];
             const w = this.watches.get(id);
-            if (typeof rank !== "number" || !w || w.state !== "QUEUED") return;
+            if (typeof rank !== "number" || !w || w.state !== "QUEUED" || w.position === rank) return;
+            w.position = rank; // only to jobs whose place changed
             for (const s of w.subs) s.send({ type: "event", job: id, status: "QUEUED", position: rank });
           });
         })
@@ -380,7 +398,11 @@ class RedisJobs implements JobService {
     this.moved.set(model, t);
   }
 
-  async subscribe(p: Principal, id: string, sub: Subscriber, rid?: number): Promise<void> {
+  subscribe(p: Principal, id: string, sub: Subscriber, rid?: number): Promise<void> {
+    return this.follow(p, id, sub, rid).catch(asIO);
+  }
+
+  private async follow(p: Principal, id: string, sub: Subscriber, rid?: number): Promise<void> {
     if (!isJobId(id)) throw this.noJob(id);
     // listen first, then read the state: no event can fall between the two
     await this.watch(id, sub, { state: "QUEUED" });
@@ -432,14 +454,15 @@ export async function startRedisBackend(opts: ServeOptions & { redis: string }, 
   const prefix = process.env.NNSIGHT_REDIS_PREFIX || DEFAULT_PREFIX;
   if (opts.resultsDir) opts.warn?.("--results-dir is not used in Redis mode: results live in Redis (for --result-ttl-s)");
   const metrics = new Metrics();
-  const r = await connectRedis(opts.redis);
+  // a front end answers a client with an error when Redis is unreachable (after a few tries), not never
+  const r = await connectRedis(opts.redis, { maxRetriesPerRequest: 3 });
   let sub: Redis | null = null;
   let bullConn: Redis | null = null;
   let local: RedisWorkers | null = null;
   try {
     sub = await subscriber(opts.redis);
     const { Redis: IORedis } = await import("ioredis");
-    bullConn = new IORedis(opts.redis, { maxRetriesPerRequest: null });
+    bullConn = new IORedis(opts.redis, { maxRetriesPerRequest: 3 });
     bullConn.on("error", () => {});
     if (opts.models?.length) {
       local = await startRedisWorkers({

@@ -177,14 +177,17 @@ if worker ~= '' and state ~= 'COMPLETED' then redis.call('PUBLISH', P .. ':ctl:'
 return {st, worker}
 `;
 
-/** A worker's heartbeat: ARGV prefix model worker aliveMs. Also drops workers whose heartbeat expired. */
+/**
+ * A worker's heartbeat: ARGV prefix model worker aliveMs. Returns 1 when the model's registration is
+ * there, 0 when it is missing (a Redis that restarted empty): the worker registers it again.
+ */
 const HEARTBEAT = `
 ${NOW}
 local P, model = ARGV[1], ARGV[2]
 local aliveKey = P .. ':alive:' .. model
 redis.call('ZADD', aliveKey, now + tonumber(ARGV[4]), ARGV[3])
 redis.call('SADD', P .. ':models', model)
-return now
+return redis.call('EXISTS', P .. ':model:' .. model)
 `;
 
 /**

@@ -213,6 +213,21 @@ describe.skipIf(!HAVE_REDIS)("Redis mode: two front ends and a stand-alone worke
     }
   });
 
+  it("a job admitted but never queued (its front end died in between) is failed and gives its quota back", async () => {
+    // what a front end killed between the admission script and BullMQ's add leaves behind
+    const id = "00000000-0000-4000-8000-000000000001";
+    const t = Number((await db.time())[0]) * 1000 - 120_000;
+    await db.hset(`nnt:job:${id}`, { owner: "ghost", model: "stories260K", cid: "c1", kind: "trace", scan: "0", state: "QUEUED", priority: "1", createdAt: String(t), ttl: "60000" });
+    await db.zadd("nnt:q:stories260K", 1, id);
+    await db.set("nnt:active:ghost", "1");
+    const deadline = Date.now() + 15_000;
+    while ((await db.hget(`nnt:job:${id}`, "state")) === "QUEUED" && Date.now() < deadline) await new Promise((r) => setTimeout(r, 100));
+    expect(await db.hget(`nnt:job:${id}`, "state")).toBe("ERROR");
+    expect(await db.hget(`nnt:job:${id}`, "error")).toMatch(/never queued/);
+    expect(await db.get("nnt:active:ghost")).toBe("0");
+    expect(await db.zcard("nnt:q:stories260K")).toBe(0);
+  });
+
   it("fair scheduling across keys holds for one queue fed by two front ends", async () => {
     const bob = await connect(feA, KEYS.bob);
     const alice = await connect(feB, KEYS.alice);

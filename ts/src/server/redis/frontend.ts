@@ -153,9 +153,20 @@ class RedisJobs implements JobService {
     }
   }
 
+  private sweeps = 0;
+
   private async sweep(): Promise<void> {
     try {
-      await sweepOrphans(this.r, this.prefix, await this.r.smembers(`${this.prefix}:models`));
+      const models = await this.r.smembers(`${this.prefix}:models`);
+      await sweepOrphans(this.r, this.prefix, models);
+      // now and then: jobs admitted but never queued (a front end stopped in between) give their quota back
+      if (this.sweeps++ % 16 === 0) {
+        for (const m of models) {
+          for (const id of await this.r.nnStranded(this.prefix, m, `${bullPrefix(this.prefix)}:${queueName(m)}:`, 60_000)) {
+            await finishJob(this.r, this.prefix, id, "ERROR", { error: { code: "INTERNAL", message: `job ${id} was admitted but never queued (its front end stopped meanwhile); submit it again` } });
+          }
+        }
+      }
     } catch {
       // Redis unreachable for a moment: the next sweep tries again
     }

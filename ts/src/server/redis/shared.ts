@@ -208,6 +208,22 @@ return out
 `;
 
 /**
+ * Queued jobs that never reached BullMQ (their front end stopped between admitting and queuing them):
+ * ARGV prefix model bullJobKeyPrefix graceMs. Looks at the oldest 1000 queued jobs; returns the ids of
+ * those admitted more than graceMs ago with no BullMQ job. The caller fails them (releasing the quota).
+ */
+const STRANDED = `
+${NOW}
+local P, model, bull, grace = ARGV[1], ARGV[2], ARGV[3], tonumber(ARGV[4])
+local out = {}
+for _, id in ipairs(redis.call('ZRANGE', P .. ':q:' .. model, 0, 999)) do
+  local created = tonumber(redis.call('HGET', P .. ':job:' .. id, 'createdAt') or '0')
+  if created < now - grace and redis.call('EXISTS', bull .. id) == 0 then table.insert(out, id) end
+end
+return out
+`;
+
+/**
  * The models and their queues: ARGV prefix. Returns {now, [model, info, liveWorkers, queued, running]...}
  * for every registered model with a live worker or jobs waiting.
  */
@@ -236,6 +252,7 @@ export interface Scripts {
   nnHeartbeat(...args: Array<string | number>): Promise<number>;
   nnOrphans(...args: Array<string | number>): Promise<string[]>;
   nnModels(...args: Array<string | number>): Promise<Array<string | number>>;
+  nnStranded(...args: Array<string | number>): Promise<string[]>;
 }
 export type NnRedis = Redis & Scripts;
 
@@ -257,6 +274,7 @@ export async function connectRedis(url: string, opts: RedisOptions = {}): Promis
   r.defineCommand("nnHeartbeat", { numberOfKeys: 0, lua: HEARTBEAT });
   r.defineCommand("nnOrphans", { numberOfKeys: 0, lua: ORPHANS });
   r.defineCommand("nnModels", { numberOfKeys: 0, lua: MODELS });
+  r.defineCommand("nnStranded", { numberOfKeys: 0, lua: STRANDED });
   return r as NnRedis;
 }
 

@@ -157,6 +157,11 @@ describe.skipIf(!HAVE_REDIS)("Redis mode: two front ends and a stand-alone worke
     await expectSame(await run(local), await run(a));
     const gen = (m: LanguageModel) => m.generate(P, { maxNewTokens: 8 }, () => ({ tokens: m.generator.output, h: m.model.layers[3]!.output }));
     await expectSame(await gen(local), await gen(a));
+    // a result over 1 MiB is not sent in its COMPLETED event through Redis: the front end reads it from the store
+    const big = (m: LanguageModel) => m.trace(PROMPTS.map((x) => x.repeat(10)), () => ({ logits: m.lm_head.output }));
+    const [lb, rb] = [await big(local), await big(a)];
+    expect((lb.logits as Tensor).shape.reduce((x, y) => x * y) * 4).toBeGreaterThan(1024 * 1024);
+    await expectSame(lb, rb);
   });
 
   it("a job submitted to one front end is watched, fetched and reported by the other", async () => {

@@ -200,8 +200,7 @@ export class RedisConsumer {
         this.abort(id);
       }, d.timeoutMs);
       timer.unref();
-      const payload = await this.r.getBuffer(`${P}:payload:${id}`);
-      await this.r.del(`${P}:payload:${id}`);
+      const payload = await this.r.getdelBuffer(`${P}:payload:${id}`);
       if (!payload) throw new NNsightError("INTERNAL", `the graph of job ${id} is missing from Redis`);
       if (cur.stopped) return; // cancelled or timed out already
       const gl = payload.readUInt32LE(0);
@@ -216,7 +215,7 @@ export class RedisConsumer {
       const res = await run;
       if (!cur.stopped) {
         const blob = encodeStored({ meta: { owner: d.owner, kind: d.kind, model: this.model, createdAt: Date.now() }, json: res.json, bytes: res.bytes });
-        await finishJob(this.r, P, id, "COMPLETED", { result: blob, kind: d.kind });
+        await finishJob(this.r, P, id, "COMPLETED", { result: blob, kind: d.kind, inline: { json: enc.encode(res.json), bytes: res.bytes } });
       }
     } catch (e) {
       // (no effect when the job already ended: cancelled or timed out)

@@ -223,10 +223,9 @@ class RedisJobs implements JobService {
     const g = Buffer.from(req.graph, "utf8");
     const head = Buffer.alloc(4);
     head.writeUInt32LE(g.length, 0);
-    await this.r.set(`${P}:payload:${id}`, Buffer.concat([head, g, req.attachments]), "PX", PENDING_TTL_MS);
     const q = p.quota;
-    const a = await this.r.nnAdmit(P, id, p.id, req.model, req.cid, graph.kind, req.scan ? 1 : 0, String(q.maxConcurrent), String(q.jobsPerMinute), String(q.resultBytes), PENDING_TTL_MS, Math.max(1, Math.round(this.store.ttlMs)));
-    if (a[0] !== "OK") await this.r.del(`${P}:payload:${id}`);
+    const payload = Buffer.concat([head, g, req.attachments]);
+    const a = await this.r.nnAdmit(P, id, p.id, req.model, req.cid, graph.kind, req.scan ? 1 : 0, String(q.maxConcurrent), String(q.jobsPerMinute), String(q.resultBytes), PENDING_TTL_MS, Math.max(1, Math.round(this.store.ttlMs)), payload);
     if (a[0] === "DUP") return { job: { id: String(a[1]), state: String(a[2]) as JobState }, fresh: false };
     if (a[0] === "QUOTA") {
       const n = Number(a[2]);
@@ -350,8 +349,11 @@ class RedisJobs implements JobService {
     }
     if (msg.status === "COMPLETED") {
       w.state = "COMPLETED";
-      void this.deliver(id, w, typeof msg.kind === "string" ? msg.kind : undefined);
-      return;
+      if (typeof msg.split !== "number") {
+        // a large result: read it from the store
+        void this.deliver(id, w, typeof msg.kind === "string" ? msg.kind : undefined);
+        return;
+      }
     }
     for (const s of w.subs) s.send(msg, f.payload);
     if (TERMINAL_STATES.has(msg.status as JobState)) {

@@ -55,7 +55,8 @@ const NOW = `local t = redis.call('TIME'); local now = tonumber(t[1]) * 1000 + m
 
 /**
  * Admit a job: ARGV prefix id owner model cid kind scan maxConcurrent jobsPerMinute resultBytes pendingTtl
- * retentionMs (how long the result and the record are kept once the job ends).
+ * retentionMs (how long the result and the record are kept once the job ends) payload (the graph and
+ * attachments, kept for the worker when the job is admitted).
  * Returns {"DUP", id, state} for a known client id, {"QUOTA", which, n} when a quota is full, or
  * {"OK", priority, position}. Quotas are counted here, in Redis, so they hold across front ends; the
  * priority is the owner's start tag in start-time fair queuing (see nextPriority in docs/SERVICE.md).
@@ -104,6 +105,7 @@ local jobKey = P .. ':job:' .. id
 redis.call('HSET', jobKey, 'owner', owner, 'model', model, 'cid', cid, 'kind', ARGV[6], 'scan', ARGV[7], 'state', 'QUEUED', 'priority', prio, 'createdAt', now, 'ttl', ARGV[12])
 redis.call('PEXPIRE', jobKey, tonumber(ARGV[11]))
 redis.call('SET', cidKey, id, 'PX', tonumber(ARGV[11]))
+redis.call('SET', P .. ':payload:' .. id, ARGV[13], 'PX', tonumber(ARGV[11]))
 return {'OK', prio, redis.call('ZRANK', qKey, id)}
 `;
 
@@ -246,7 +248,7 @@ return out
 `;
 
 export interface Scripts {
-  nnAdmit(...args: Array<string | number>): Promise<[string, string | number, string | number]>;
+  nnAdmit(...args: Array<string | number | Buffer>): Promise<[string, string | number, string | number]>;
   nnStart(...args: Array<string | number | Buffer>): Promise<[string, number] | null>;
   nnFinish(...args: Array<string | number | Buffer>): Promise<[string, string] | null>;
   nnHeartbeat(...args: Array<string | number>): Promise<number>;
@@ -298,18 +300,26 @@ export const eventFrame = (job: string, msg: Record<string, unknown>, ...payload
   return Buffer.from(f.buffer, f.byteOffset, f.byteLength);
 };
 
+/** Results up to this size also travel in their COMPLETED event (saving front ends a read). */
+export const INLINE_RESULT_BYTES = 1024 * 1024;
+
 /**
- * End a job (see FINISH). The event carries the state and error; a COMPLETED event carries no payload:
- * front ends read the result from P:result:ID (so a large result travels once).
+ * End a job (see FINISH). The event carries the state and error; a COMPLETED event carries the result
+ * when it is small (`inline`: its JSON and tensor bytes), else only `stored: true`: front ends read the
+ * result from P:result:ID, so a large result goes through Redis once.
  */
 export async function finishJob(
   r: NnRedis,
   prefix: string,
   id: string,
   state: "COMPLETED" | "ERROR" | "CANCELLED",
-  opts: { error?: ErrorJSON; result?: Buffer; kind?: string } = {},
+  opts: { error?: ErrorJSON; result?: Buffer; kind?: string; inline?: { json: Uint8Array; bytes: Uint8Array } } = {},
 ): Promise<{ previous: string; worker: string } | null> {
-  const frame = eventFrame(id, { status: state, ...(opts.error ? { error: opts.error } : {}), ...(state === "COMPLETED" ? { stored: true, kind: opts.kind } : {}) });
+  const small = opts.inline && opts.inline.json.length + opts.inline.bytes.length <= INLINE_RESULT_BYTES ? opts.inline : undefined;
+  const frame =
+    state === "COMPLETED" && small
+      ? eventFrame(id, { status: state, split: small.json.length, kind: opts.kind }, small.json, small.bytes)
+      : eventFrame(id, { status: state, ...(opts.error ? { error: opts.error } : {}), ...(state === "COMPLETED" ? { stored: true, kind: opts.kind } : {}) });
   const args: Array<string | number | Buffer> = [prefix, id, state, opts.error ? JSON.stringify(opts.error) : "", frame];
   if (opts.result) args.push(opts.result, opts.result.length);
   const r2 = await r.nnFinish(...args);

@@ -24,7 +24,7 @@ if (!HAVE_REDIS) {
   console.log(`redis.test.ts: skipped: ${REDIS_SERVER} not found (${found.error?.message ?? `exit ${found.status}`}); install the Debian package redis-server (.ci/run does as root)`);
 }
 
-const KEYS = { alice: "alice-key-0123456789", bob: "bob-key-0123456789", carol: "carol-key-0123456789", dave: "dave-key-0123456789" };
+const KEYS = { alice: "alice-key-0123456789", bob: "bob-key-0123456789", carol: "carol-key-0123456789", dave: "dave-key-0123456789", erin: "erin-key-0123456789" };
 const P = "Once upon a time";
 /** short liveness timings, so a dead worker is noticed within a second or two */
 /**
@@ -120,6 +120,7 @@ describe.skipIf(!HAVE_REDIS)("Redis mode: two front ends and a stand-alone worke
         { key: KEYS.bob, name: "bob" },
         { key: KEYS.carol, name: "carol", quota: { maxConcurrent: 2 } },
         { key: KEYS.dave, name: "dave", quota: { jobsPerMinute: 2 } },
+        { key: KEYS.erin, name: "erin", quota: { resultBytes: 1000 } },
       ]),
     );
     await ensureBuilt();
@@ -144,6 +145,8 @@ describe.skipIf(!HAVE_REDIS)("Redis mode: two front ends and a stand-alone worke
       expect(list.map((m) => m.id)).toEqual(["stories260K"]);
       expect(list[0]).toMatchObject({ status: "ready", workers: 1, world: 1, queue: 0, running: 0 });
       expect(list[0]!.config).toEqual(local.config);
+      const tok = (await (await fetch(`${fe.url}/models/stories260K/tokenizer`)).json()) as { eosTokenIds: number[] };
+      expect(tok.eosTokenIds).toEqual(local.tokenizer.eosTokenIds);
     }
   });
 
@@ -334,6 +337,13 @@ describe.skipIf(!HAVE_REDIS)("Redis mode: two front ends and a stand-alone worke
     expect(err2).toMatchObject({ code: "QUOTA", details: { quota: "jobsPerMinute" } });
     const err3 = await dA.trace(P, () => ({ h: dA.model.layers[1]!.output })).catch((e: unknown) => e);
     expect(err3).toMatchObject({ code: "QUOTA", details: { quota: "jobsPerMinute" } });
+
+    // stored result bytes: erin's first result (1280 bytes of tensor) fills her 1000-byte quota
+    const eA = await connect(feA, KEYS.erin);
+    const eB = await connect(feB, KEYS.erin);
+    await eA.trace(P, () => ({ h: eA.model.layers[1]!.output }));
+    const err4 = await eB.trace(P, () => ({ h: eB.model.layers[1]!.output })).catch((e: unknown) => e);
+    expect(err4).toMatchObject({ code: "QUOTA", details: { quota: "resultBytes" } });
   });
 
   /**

@@ -106,6 +106,8 @@ class RedisJobs implements JobService {
   private readonly moved = new Map<string, NodeJS.Timeout>();
   private readonly sweeper: NodeJS.Timeout;
   private closed = false;
+  /** sweeps done (every 16th also looks for stranded admissions) */
+  private sweeps = 0;
 
   constructor(
     private readonly r: NnRedis,
@@ -152,8 +154,6 @@ class RedisJobs implements JobService {
       }
     }
   }
-
-  private sweeps = 0;
 
   private async sweep(): Promise<void> {
     try {

@@ -147,8 +147,10 @@ export class RedisConsumer {
   }
 
   private async lost(jobId: string, how: string): Promise<void> {
-    const worker = (await this.r.hget(`${this.prefix}:job:${jobId}`, "worker").catch(() => null)) ?? "";
-    await finishJob(this.r, this.prefix, jobId, "ERROR", { error: lostWorkerError(jobId, this.model, worker, how) }).catch(() => {});
+    const [state, w] = (await this.r.hmget(`${this.prefix}:job:${jobId}`, "state", "worker").catch(() => null)) ?? [];
+    const worker = w ?? "";
+    // (QUEUED: a worker took it from BullMQ's queue and died before starting it)
+    await finishJob(this.r, this.prefix, jobId, "ERROR", { error: lostWorkerError(jobId, this.model, worker, how, state === "QUEUED") }).catch(() => {});
     // it lost its lock, so it is gone (or stuck): out of the live set until it beats again
     if (worker && worker !== this.id) await this.r.zrem(`${this.prefix}:alive:${this.model}`, worker).catch(() => {});
   }

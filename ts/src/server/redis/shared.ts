@@ -327,10 +327,12 @@ export async function finishJob(
 }
 
 /** Why a job whose worker vanished failed (the same words from the stalled check and the liveness sweep). */
-export function lostWorkerError(id: string, model: string, worker: string, how: string): ErrorJSON {
+export function lostWorkerError(id: string, model: string, worker: string, how: string, beforeStart = false): ErrorJSON {
   return {
     code: "INTERNAL",
-    message: `the worker ${worker || "(unknown)"} serving ${model} stopped while running job ${id} (${how}); the job was lost and is not retried`,
+    message: beforeStart
+      ? `a worker serving ${model} stopped after taking job ${id} from the queue, before starting it (${how}); the job was lost and is not retried`
+      : `the worker ${worker || "(unknown)"} serving ${model} stopped while running job ${id} (${how}); the job was lost and is not retried`,
     details: { job: id, worker },
   };
 }

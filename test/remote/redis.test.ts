@@ -28,11 +28,12 @@ const KEYS = { alice: "alice-key-0123456789", bob: "bob-key-0123456789", carol: 
 const P = "Once upon a time";
 /** short liveness timings, so a dead worker is noticed within a second or two */
 /**
- * Short liveness timings: a job's lock expires 800 ms after its worker died and the other worker's
- * stalled-job check notices within about two more checks; a worker counts as dead 5 s after its last
- * heartbeat (later, so that with a second worker alive the stalled-job check answers first).
+ * Short liveness timings: a job's lock expires within 1 s after its worker died and the other worker's
+ * stalled-job check (every second) notices within two more checks, 3 s at most; a worker counts as dead
+ * 6 s after its last heartbeat (later, so that with a second worker alive the stalled-job check answers
+ * first).
  */
-const ENV = { NNSIGHT_REDIS_HEARTBEAT_MS: "250", NNSIGHT_REDIS_ALIVE_MS: "5000", NNSIGHT_REDIS_LOCK_MS: "800", NNSIGHT_REDIS_PREFIX: "nnt" };
+const ENV = { NNSIGHT_REDIS_HEARTBEAT_MS: "250", NNSIGHT_REDIS_ALIVE_MS: "6000", NNSIGHT_REDIS_LOCK_MS: "1000", NNSIGHT_REDIS_PREFIX: "nnt" };
 const CLI = path.join(ROOT, "dist/cli/main.js");
 
 let dir: string;

@@ -3,6 +3,7 @@
  * `nnsight` command line:
  *   nnsight info [model]                      config and memory of a model
  *   nnsight serve [--model ID]... [--port N]   the NDIF service
+ *   nnsight worker --redis URL --model ID     a stand-alone worker for `serve --redis` front ends
  *   nnsight status URL                        what a server serves
  *   nnsight run script.mjs [--remote URL]     run a script; with --remote, LanguageModel.load() connects
  *   nnsight make-checkpoint PRESET DIR        a random-weight HF checkpoint (gpt2-124m, llama-1b, ...)
@@ -30,6 +31,9 @@ async function main(argv: string[]): Promise<number | null> {
     }
     case "serve":
       return serveCommand(rest);
+    case "worker":
+      // Redis mode only: loaded (with ioredis and bullmq) when asked for
+      return (await import("../server/redis/cli.js")).workerCommand(rest);
     case "status":
       return statusCommand(rest[0]);
     case "run":
@@ -40,7 +44,7 @@ async function main(argv: string[]): Promise<number | null> {
       return benchCommand(rest);
     default:
       console.error(
-        `usage: nnsight info [model]\n       nnsight status URL\n       nnsight run script.mjs [--remote URL] [--api-key KEY] [args...]\n       nnsight make-checkpoint PRESET DIR [--dtype float32|bfloat16|float16] [--shards N] [--seed S]\n       nnsight bench [machine|kernels|models|trace|memory|rss|compare|remote] [args...]\n${SERVE_USAGE.replace("usage: ", "       ")}`,
+        `usage: nnsight info [model]\n       nnsight status URL\n       nnsight run script.mjs [--remote URL] [--api-key KEY] [args...]\n       nnsight make-checkpoint PRESET DIR [--dtype float32|bfloat16|float16] [--shards N] [--seed S]\n       nnsight bench [machine|kernels|models|trace|memory|rss|compare|remote] [args...]\n${SERVE_USAGE.replace("usage: ", "       ")}\n       nnsight worker --redis redis://HOST:PORT [--model ID_OR_DIR[:tp=N,backend=B,attn=eager]]... [--tp N] [--tp-backend auto|shm|nccl] [--threads N]`,
       );
       return cmd ? 2 : 0;
   }

@@ -9,7 +9,7 @@ import { parseTp, parseTpBackend, serve } from "./http.js";
 export const SERVE_USAGE = `usage: nnsight serve [--model ID_OR_DIR[:tp=N,backend=B,attn=eager]]... [--tp N] [--tp-backend auto|shm|nccl] [--port N] [--host 127.0.0.1] [--api-keys keys.json]
        [--results-dir DIR] [--result-ttl-s N] [--job-timeout-ms N] [--max-frame-bytes N] [--max-graph-bytes N]
        [--max-attachment-bytes N] [--max-result-bytes N] [--max-cost N] [--threads N]
-       [--quota-concurrent N] [--quota-per-minute N] [--quota-result-bytes N]`;
+       [--quota-concurrent N] [--quota-per-minute N] [--quota-result-bytes N] [--redis redis://HOST:PORT]`;
 
 const num = (v: string | undefined, name: string): number | undefined => {
   if (v === undefined) return undefined;
@@ -41,6 +41,7 @@ export async function serveCommand(args: string[]): Promise<number> {
       "quota-concurrent": { type: "string" },
       "quota-per-minute": { type: "string" },
       "quota-result-bytes": { type: "string" },
+      redis: { type: "string" },
     },
     strict: true,
   });
@@ -84,6 +85,7 @@ export async function serveCommand(args: string[]): Promise<number> {
     threads: num(values.threads, "threads"),
     limits,
     quota,
+    redis: values.redis,
   });
   process.stdout.write(`listening on ${server.url}\n`);
   for (const w of warnings) process.stderr.write(`warning: ${w}\n`);

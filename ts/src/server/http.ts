@@ -20,10 +20,11 @@ import { NNsightError } from "../errors.js";
 import { cudaInfo } from "../tensor/device.js";
 import { type ClientMessage, PROTOCOL_VERSION, type ServerLimits, decodeFrame, encodeFrame, errorToJSON, parseClientMessage, splitPayload } from "../remote/protocol.js";
 import { DEFAULT_QUOTA, type KeyStore, type Principal, type Quota, loadKeys } from "./auth.js";
-import { JobManager, type Subscriber } from "./jobs.js";
+import { JobManager } from "./jobs.js";
 import { Metrics } from "./metrics.js";
 import type { AttnImplementation } from "../models/config.js";
 import { ResultStore } from "./result-store.js";
+import { type JobService, type ModelDirectory, type Subscriber, embeddedDirectory } from "./service.js";
 import { ModelWorker } from "./worker-pool.js";
 
 export interface ServeOptions {
@@ -56,6 +57,12 @@ export interface ServeOptions {
   workerEntry?: string;
   /** where warnings go (default: stderr) */
   warn?: (msg: string) => void;
+  /**
+   * Redis mode (`redis://HOST:PORT`): jobs go to one BullMQ queue per model shared by every front end on
+   * that Redis, results and job records live there, and `models` are served by this process's workers
+   * for that queue (none: a front end only). See redis/frontend.ts and docs/SERVICE.md.
+   */
+  redis?: string;
 }
 
 export interface RunningServer {
@@ -152,6 +159,16 @@ export async function serve(opts: ServeOptions = {}): Promise<RunningServer> {
   const keys = opts.keys ?? loadKeys(opts.apiKeys, process.env.NNSIGHT_API_KEYS, quota);
   if (keys.open) warn("no API keys configured (--api-keys or NNSIGHT_API_KEYS): this server is open to anyone who can reach it");
 
+  if (opts.redis) {
+    // loaded only here: the embedded default never loads ioredis or bullmq
+    const { startRedisBackend } = await import("./redis/frontend.js");
+    const backend = await startRedisBackend({ ...opts, warn, redis: opts.redis }, limits);
+    return listen(opts, limits, keys, backend.jobs, backend.models, backend.metrics, {
+      workerPids: backend.workerPids,
+      groupPids: backend.groupPids,
+      close: backend.close,
+    });
+  }
   const workers = new Map<string, ModelWorker>();
   const defaultTp = parseTp(opts.tp ?? 1, "--tp");
   const defaultBackend = parseTpBackend(opts.tpBackend ?? "auto", "--tp-backend");
@@ -173,8 +190,33 @@ export async function serve(opts: ServeOptions = {}): Promise<RunningServer> {
   const store = new ResultStore({ dir: opts.resultsDir, ttlMs: opts.resultTtlMs });
   const metrics = new Metrics();
   const jobs = new JobManager(workers, store, metrics, limits);
+  return listen(opts, limits, keys, jobs, embeddedDirectory(workers, jobs), metrics, {
+    workerPids: () => Object.fromEntries([...workers].map(([id, w]) => [id, w.pid])),
+    groupPids: () => Object.fromEntries([...workers].map(([id, w]) => [id, w.pids])),
+    async close() {
+      jobs.close();
+      for (const w of workers.values()) w.stop();
+      await store.close();
+    },
+  });
+}
 
-  const http = createServer((req, res) => handleHttp(req, res));
+/** The HTTP + WebSocket front end over a job service and a model directory (embedded or Redis). */
+async function listen(
+  opts: ServeOptions,
+  limits: ServerLimits,
+  keys: KeyStore,
+  jobs: JobService,
+  models: ModelDirectory,
+  metrics: Metrics,
+  backend: Pick<RunningServer, "workerPids" | "groupPids" | "close">,
+): Promise<RunningServer> {
+  const http = createServer((req, res) => {
+    handleHttp(req, res).catch((e: unknown) => {
+      if (!res.headersSent) json(res, 500, { error: (e as Error)?.message ?? String(e) });
+      else res.destroy();
+    });
+  });
   const wss = new WebSocketServer({ noServer: true, maxPayload: limits.maxFrameBytes * 2 + 1024, perMessageDeflate: false });
   http.on("upgrade", (req: IncomingMessage, socket: Duplex, head: Buffer) => {
     const url = new URL(req.url ?? "/", "http://x");
@@ -190,36 +232,26 @@ export async function serve(opts: ServeOptions = {}): Promise<RunningServer> {
     res.writeHead(code, { "content-type": "application/json", "content-length": Buffer.byteLength(s) });
     res.end(s);
   }
-  function handleHttp(req: IncomingMessage, res: ServerResponse): void {
+  async function handleHttp(req: IncomingMessage, res: ServerResponse): Promise<void> {
     const url = new URL(req.url ?? "/", "http://x");
     if (req.method !== "GET") return json(res, 405, { error: "only GET" });
     switch (url.pathname) {
       case "/health":
-        return json(res, 200, { status: "ok", server: SERVER_NAME, protocol: PROTOCOL_VERSION, models: [...workers.values()].map((w) => ({ id: w.id, status: w.state, world: w.world })) });
+        return json(res, 200, { status: "ok", server: SERVER_NAME, protocol: PROTOCOL_VERSION, models: (await models.list()).map((w) => ({ id: w.id, status: w.status, world: w.world })) });
       case "/models":
-        return json(res, 200, {
-          models: [...workers.values()].map((w) => ({
-            id: w.id,
-            status: w.state,
-            queue: jobs.queueLength(w.id),
-            running: jobs.runningCount(w.id),
-            // tensor parallelism: ranks in the model's worker group (1: one worker) and how they talk
-            world: w.world,
-            backend: w.backend,
-            config: w.config,
-            generationConfig: w.generationConfig,
-          })),
-        });
+        // per model: status, queue, running, world and backend (tensor parallelism: ranks in its worker
+        // group, 1 for one worker, and how they talk), config, generationConfig (Redis mode: workers)
+        return json(res, 200, { models: await models.list() });
       case "/metrics": {
-        const body = metrics.render([...workers.keys()].map((m) => ({ model: m, queued: jobs.queueLength(m), running: jobs.runningCount(m) })));
+        const body = metrics.render((await models.list()).map((m) => ({ model: m.id, queued: m.queue, running: m.running })));
         res.writeHead(200, { "content-type": "text/plain; version=0.0.4" });
         res.end(body);
         return;
       }
       default: {
         const m = /^\/models\/([^/]+)\/tokenizer$/.exec(url.pathname);
-        const w = m ? workers.get(decodeURIComponent(m[1]!)) : undefined;
-        if (w?.tokenizer) return json(res, 200, w.tokenizer);
+        const t = m ? await models.tokenizer(decodeURIComponent(m[1]!)) : null;
+        if (t) return json(res, 200, t);
         return json(res, 404, { error: `no route ${url.pathname}` });
       }
     }
@@ -282,7 +314,7 @@ export async function serve(opts: ServeOptions = {}): Promise<RunningServer> {
           const { json: graph, bytes } = splitPayload(payload, msg.split);
           let res;
           try {
-            res = jobs.submit(p, { model: msg.model, cid: msg.cid, scan: msg.scan, graph, attachments: bytes.slice() }, sub);
+            res = await jobs.submit(p, { model: msg.model, cid: msg.cid, scan: msg.scan, graph, attachments: bytes.slice() }, sub);
           } catch (e) {
             if (e instanceof NNsightError) metrics.jobRejected(e.code);
             throw e;
@@ -293,12 +325,12 @@ export async function serve(opts: ServeOptions = {}): Promise<RunningServer> {
           return;
         }
         case "cancel": {
-          const j = jobs.cancel(p, msg.job);
+          const j = await jobs.cancel(p, msg.job);
           sub.send({ type: "ack", rid: msg.rid, job: j.id, state: j.state });
           return;
         }
         case "status": {
-          const j = jobs.get(p, msg.job);
+          const j = await jobs.get(p, msg.job);
           const pos = jobs.position(j);
           sub.send({ type: "ack", rid: msg.rid, job: j.id, state: j.state, ...(pos !== undefined ? { position: pos } : {}), ...(j.error ? { error: j.error } : {}) });
           return;
@@ -325,8 +357,8 @@ export async function serve(opts: ServeOptions = {}): Promise<RunningServer> {
     url: `http://${shownHost}:${port}`,
     host,
     port,
-    workerPids: () => Object.fromEntries([...workers].map(([id, w]) => [id, w.pid])),
-    groupPids: () => Object.fromEntries([...workers].map(([id, w]) => [id, w.pids])),
+    workerPids: backend.workerPids,
+    groupPids: backend.groupPids,
     close() {
       closed ??= (async () => {
         for (const c of wss.clients) c.terminate();
@@ -334,9 +366,7 @@ export async function serve(opts: ServeOptions = {}): Promise<RunningServer> {
         const done = new Promise<void>((r) => http.close(() => r()));
         http.closeAllConnections();
         await done;
-        jobs.close();
-        for (const w of workers.values()) w.stop();
-        await store.close();
+        await backend.close();
       })();
       return closed;
     },

@@ -101,25 +101,7 @@ export class JobManager {
     if (!worker) throw new NNsightError("UNKNOWN_MODEL", `this server does not serve "${req.model}"; it serves: ${[...this.workers.keys()].join(", ")}`);
     if (worker.state === "failed") throw new NNsightError("INTERNAL", `the model ${req.model} failed to load on this server`);
     const L = this.limits;
-    if (req.graph.length > L.maxGraphBytes) throw new NNsightError("TOO_LARGE", `the graph is ${req.graph.length} bytes; this server accepts at most ${L.maxGraphBytes}`);
-    if (req.attachments.length > L.maxAttachmentBytes) throw new NNsightError("TOO_LARGE", `the attachments are ${req.attachments.length} bytes; this server accepts at most ${L.maxAttachmentBytes}`);
-    let raw: unknown;
-    try {
-      raw = JSON.parse(req.graph);
-    } catch (e) {
-      throw new NNsightError("INVALID_GRAPH", `the graph is not valid JSON: ${(e as Error).message}`);
-    }
-    let count = 0;
-    if (req.attachments.length) {
-      try {
-        count = parseSafetensorsHeader(req.attachments, req.attachments.length, "attachments").tensors.size;
-      } catch (e) {
-        throw new NNsightError("INVALID_GRAPH", `the attachments are not a valid safetensors buffer: ${(e as Error).message}`);
-      }
-    }
-    const graph = validateGraph(raw, { attachments: count, ops: ALLOWED_OPS });
-    const cost = estimateCost(graph, worker.numLayers);
-    if (cost > L.maxCost) throw new NNsightError("TOO_LARGE", `the estimated cost ${cost} (tokens × layers × nodes) exceeds this server's limit of ${L.maxCost}`, { cost, limit: L.maxCost });
+    const { graph, cost } = checkSubmission(req, L, worker.numLayers);
     // quotas
     const s = this.stats(p.id);
     const now = Date.now();
@@ -321,6 +303,34 @@ function inputTokens(inp: InputJSON | null): number {
 }
 
 /** tokens × layers × nodes, summed over the traces of the graph. */
+/**
+ * What every front end checks before a job is queued (embedded and Redis mode): sizes of the graph and its
+ * attachments, valid JSON, a valid safetensors buffer, a valid graph of allow-listed ops, and the cost
+ * estimate. Returns the validated graph and its cost; throws the NNsightError the client should see.
+ */
+export function checkSubmission(req: { graph: string; attachments: Uint8Array }, L: ServerLimits, numLayers: number): { graph: AnyGraph; cost: number } {
+  if (req.graph.length > L.maxGraphBytes) throw new NNsightError("TOO_LARGE", `the graph is ${req.graph.length} bytes; this server accepts at most ${L.maxGraphBytes}`);
+  if (req.attachments.length > L.maxAttachmentBytes) throw new NNsightError("TOO_LARGE", `the attachments are ${req.attachments.length} bytes; this server accepts at most ${L.maxAttachmentBytes}`);
+  let raw: unknown;
+  try {
+    raw = JSON.parse(req.graph);
+  } catch (e) {
+    throw new NNsightError("INVALID_GRAPH", `the graph is not valid JSON: ${(e as Error).message}`);
+  }
+  let count = 0;
+  if (req.attachments.length) {
+    try {
+      count = parseSafetensorsHeader(req.attachments, req.attachments.length, "attachments").tensors.size;
+    } catch (e) {
+      throw new NNsightError("INVALID_GRAPH", `the attachments are not a valid safetensors buffer: ${(e as Error).message}`);
+    }
+  }
+  const graph = validateGraph(raw, { attachments: count, ops: ALLOWED_OPS });
+  const cost = estimateCost(graph, numLayers);
+  if (cost > L.maxCost) throw new NNsightError("TOO_LARGE", `the estimated cost ${cost} (tokens × layers × nodes) exceeds this server's limit of ${L.maxCost}`, { cost, limit: L.maxCost });
+  return { graph, cost };
+}
+
 export function estimateCost(g: AnyGraph, layers: number): number {
   const traces: TraceGraph[] = g.kind === "session" ? g.traces : [g];
   let cost = 0;

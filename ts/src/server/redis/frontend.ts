@@ -14,12 +14,9 @@ import type { Redis } from "ioredis";
 
 import { NNsightError } from "../../errors.js";
 import { type ErrorJSON, type JobState, type ServedTokenizer, type ServerLimits, TERMINAL_STATES, decodeFrame } from "../../remote/protocol.js";
-import { parseSafetensorsHeader } from "../../tensor/safetensors-format.js";
-import { validateGraph } from "../../trace/graph.js";
-import { ALLOWED_OPS } from "../../trace/ops.js";
 import type { Principal } from "../auth.js";
 import type { ServeOptions } from "../http.js";
-import { estimateCost } from "../jobs.js";
+import { checkSubmission } from "../jobs.js";
 import { Metrics } from "../metrics.js";
 import { isJobId } from "../result-store.js";
 import type { JobService, JobView, ModelDirectory, ModelView, Subscriber, SubmitRequest } from "../service.js";
@@ -198,25 +195,7 @@ class RedisJobs implements JobService {
       throw new NNsightError("UNKNOWN_MODEL", `this service does not serve "${req.model}"; it serves: ${served.join(", ") || "nothing (no worker has registered a model)"}`);
     }
     const L = this.limits;
-    if (req.graph.length > L.maxGraphBytes) throw new NNsightError("TOO_LARGE", `the graph is ${req.graph.length} bytes; this server accepts at most ${L.maxGraphBytes}`);
-    if (req.attachments.length > L.maxAttachmentBytes) throw new NNsightError("TOO_LARGE", `the attachments are ${req.attachments.length} bytes; this server accepts at most ${L.maxAttachmentBytes}`);
-    let raw: unknown;
-    try {
-      raw = JSON.parse(req.graph);
-    } catch (e) {
-      throw new NNsightError("INVALID_GRAPH", `the graph is not valid JSON: ${(e as Error).message}`);
-    }
-    let count = 0;
-    if (req.attachments.length) {
-      try {
-        count = parseSafetensorsHeader(req.attachments, req.attachments.length, "attachments").tensors.size;
-      } catch (e) {
-        throw new NNsightError("INVALID_GRAPH", `the attachments are not a valid safetensors buffer: ${(e as Error).message}`);
-      }
-    }
-    const graph = validateGraph(raw, { attachments: count, ops: ALLOWED_OPS });
-    const cost = estimateCost(graph, info.numLayers);
-    if (cost > L.maxCost) throw new NNsightError("TOO_LARGE", `the estimated cost ${cost} (tokens × layers × nodes) exceeds this server's limit of ${L.maxCost}`, { cost, limit: L.maxCost });
+    const { graph } = checkSubmission(req, L, info.numLayers);
 
     const id = randomUUID();
     const P = this.prefix;

@@ -152,6 +152,26 @@ export function modelSpec(s: string): [string, string] {
   return [s, s];
 }
 
+/**
+ * One worker (or tensor-parallel group) per `--model` spec (`ID_OR_DIR[:tp=N,backend=B,attn=A]`), not yet
+ * started; the embedded server and Redis-mode workers both build theirs here.
+ */
+export function modelWorkers(models: string[], o: { tp?: number; tpBackend?: TpBackendOption; threads?: number; workerEntry?: string }): Map<string, ModelWorker> {
+  const workers = new Map<string, ModelWorker>();
+  const defaultTp = parseTp(o.tp ?? 1, "--tp");
+  const defaultBackend = parseTpBackend(o.tpBackend ?? "auto", "--tp-backend");
+  for (const m of models) {
+    const t = modelTp(m);
+    const [id, src] = modelSpec(t.model);
+    if (workers.has(id)) throw new NNsightError("BAD_INPUT", `the model id "${id}" is served twice`);
+    const world = t.tp ?? defaultTp;
+    const tp = world > 1 ? { world, backend: resolveTpBackend(t.backend ?? defaultBackend, world) } : undefined;
+    if (tp?.backend === "nccl") checkNccl(world, id);
+    workers.set(id, new ModelWorker(id, { model: src, threads: o.threads, tp, attnImplementation: t.attn }, o.workerEntry));
+  }
+  return workers;
+}
+
 export async function serve(opts: ServeOptions = {}): Promise<RunningServer> {
   const warn = opts.warn ?? ((m: string) => process.stderr.write(`warning: ${m}\n`));
   const limits: ServerLimits = { ...DEFAULT_LIMITS, ...(opts.limits ?? {}) };
@@ -169,18 +189,7 @@ export async function serve(opts: ServeOptions = {}): Promise<RunningServer> {
       close: backend.close,
     });
   }
-  const workers = new Map<string, ModelWorker>();
-  const defaultTp = parseTp(opts.tp ?? 1, "--tp");
-  const defaultBackend = parseTpBackend(opts.tpBackend ?? "auto", "--tp-backend");
-  for (const m of opts.models?.length ? opts.models : ["stories260K"]) {
-    const t = modelTp(m);
-    const [id, src] = modelSpec(t.model);
-    if (workers.has(id)) throw new NNsightError("BAD_INPUT", `the model id "${id}" is served twice`);
-    const world = t.tp ?? defaultTp;
-    const tp = world > 1 ? { world, backend: resolveTpBackend(t.backend ?? defaultBackend, world) } : undefined;
-    if (tp?.backend === "nccl") checkNccl(world, id);
-    workers.set(id, new ModelWorker(id, { model: src, threads: opts.threads, tp, attnImplementation: t.attn }, opts.workerEntry));
-  }
+  const workers = modelWorkers(opts.models?.length ? opts.models : ["stories260K"], opts);
   try {
     await Promise.all([...workers.values()].map((w) => w.start()));
   } catch (e) {

@@ -23,8 +23,8 @@ import type { Redis } from "ioredis";
 
 import { NNsightError } from "../../errors.js";
 import { errorToJSON } from "../../remote/protocol.js";
-import { checkNccl, modelSpec, modelTp, parseTp, parseTpBackend, resolveTpBackend, type TpBackendOption } from "../http.js";
-import { ModelWorker } from "../worker-pool.js";
+import { modelWorkers, type TpBackendOption } from "../http.js";
+import type { ModelWorker } from "../worker-pool.js";
 import { encodeStored } from "./result-store.js";
 import { DEFAULT_PREFIX, type NnRedis, bounded, bullPrefix, connectRedis, eventFrame, finishJob, lostWorkerError, queueName, subscriber, timing } from "./shared.js";
 
@@ -280,20 +280,8 @@ export interface RedisWorkers {
 export async function startRedisWorkers(o: RedisWorkersOptions): Promise<RedisWorkers> {
   const log = o.log ?? ((m: string) => process.stderr.write(`${m}\n`));
   const prefix = o.prefix ?? DEFAULT_PREFIX;
-  const workers = new Map<string, ModelWorker>();
-  const defaultTp = parseTp(o.tp ?? 1, "--tp");
-  const defaultBackend = parseTpBackend(o.tpBackend ?? "auto", "--tp-backend");
-  for (const m of o.models) {
-    const t = modelTp(m);
-    const [id, src] = modelSpec(t.model);
-    if (workers.has(id)) throw new NNsightError("BAD_INPUT", `the model id "${id}" is served twice`);
-    const world = t.tp ?? defaultTp;
-    const tp = world > 1 ? { world, backend: resolveTpBackend(t.backend ?? defaultBackend, world) } : undefined;
-    if (tp?.backend === "nccl") checkNccl(world, id);
-    const w = new ModelWorker(id, { model: src, threads: o.threads, tp, attnImplementation: t.attn }, o.workerEntry);
-    if (o.onRestart) w.on("restart", o.onRestart);
-    workers.set(id, w);
-  }
+  const workers = modelWorkers(o.models, o);
+  if (o.onRestart) for (const w of workers.values()) w.on("restart", o.onRestart);
   const r = await connectRedis(o.redis);
   const sub = await subscriber(o.redis);
   const consumers: RedisConsumer[] = [];

@@ -220,11 +220,24 @@ export async function serve(opts: ServeOptions = {}): Promise<RunningServer> {
 
   function onConnection(ws: WebSocket): void {
     let principal: Principal | null = null;
+    // frames sent in one tick (an ack and its QUEUED event, ...) leave in one write: the socket stays
+    // corked until the tick ends (ws's own cork/uncork per frame nests inside)
+    const socket = (ws as unknown as { _socket?: Duplex })._socket;
+    let corked = false;
+    const uncork = () => {
+      corked = false;
+      socket?.uncork();
+    };
     const sub: Subscriber = {
       send(msg, ...payload) {
         if (ws.readyState !== WebSocket.OPEN) return;
         const f = encodeFrame(msg, ...payload);
         metrics.bytesOut += f.length;
+        if (socket && !corked) {
+          corked = true;
+          socket.cork();
+          process.nextTick(uncork);
+        }
         ws.send(f);
       },
     };

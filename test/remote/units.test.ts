@@ -1,5 +1,5 @@
 // The service's parts without a server: fair queue, key store, result store, value encoding, cost.
-import { mkdtempSync, readdirSync, rmSync, utimesSync } from "node:fs";
+import { appendFileSync, mkdtempSync, readdirSync, rmSync, utimesSync, writeFileSync } from "node:fs";
 import { tmpdir } from "node:os";
 import path from "node:path";
 
@@ -58,24 +58,93 @@ describe("KeyStore", () => {
 });
 
 describe("ResultStore", () => {
+  const meta = (createdAt = Date.now()) => ({ owner: "o", kind: "trace", model: "m", createdAt });
+  const idOf = (n: number) => `0123abcd-0000-4000-8000-${n.toString(16).padStart(12, "0")}`;
+  const tmp = () => mkdtempSync(path.join(tmpdir(), "nnsight-store-"));
+
   it("keeps results on disk by job id, refuses other names, expires them", async () => {
-    const dir = mkdtempSync(path.join(tmpdir(), "nnsight-store-"));
-    const id = "0123abcd-0000-4000-8000-0123456789ab";
+    const dir = tmp();
+    const id = idOf(1);
     const store = new ResultStore({ dir, ttlMs: 60_000, maxCacheBytes: 0 });
-    store.put(id, { meta: { owner: "o", kind: "trace", model: "m", createdAt: Date.now() }, json: '{"x":1}', bytes: new Uint8Array([1, 2, 3]) });
+    await store.put(id, { meta: meta(), json: '{"x":1}', bytes: new Uint8Array([1, 2, 3]) });
     const r = await store.get(id);
     expect(r?.json).toBe('{"x":1}');
     expect(Array.from(r!.bytes)).toEqual([1, 2, 3]);
     expect(await store.get("../../etc/passwd")).toBeNull();
+    await expect(store.put("../x", { meta: meta(), json: "{}", bytes: new Uint8Array(0) })).rejects.toThrow();
     const expired: string[] = [];
     store.onExpire = (x) => expired.push(x);
+    await store.sweep(Date.now() + 30_000);
+    expect(expired).toEqual([]);
+    await store.sweep(Date.now() + 120_000);
+    expect(expired).toEqual([id]);
+    expect(readdirSync(dir)).toEqual([]);
+    expect(await store.get(id)).toBeNull();
+    await store.close();
+    rmSync(dir, { recursive: true, force: true });
+  });
+
+  it("writes the results of one turn in one segment; a new store on the same dir finds them (a torn tail is ignored)", async () => {
+    const dir = tmp();
+    const store = new ResultStore({ dir, ttlMs: 60_000, maxCacheBytes: 0 });
+    const big = new Uint8Array(100_000).map((_, i) => i % 251);
+    await Promise.all(Array.from({ length: 50 }, (_, i) => store.put(idOf(i), { meta: meta(), json: `{"i":${i}}`, bytes: i === 7 ? big : new Uint8Array([i]) })));
+    expect(readdirSync(dir).length).toBe(1);
+    expect((await store.get(idOf(7)))!.bytes).toEqual(big);
+    await store.close();
+    expect(readdirSync(dir).length).toBe(1); // a results dir of its own is kept
+    // a crash mid-write leaves a partial record at the end
+    const seg = path.join(dir, readdirSync(dir)[0]!);
+    appendFileSync(seg, Buffer.from("NXR1" + idOf(99) + "\x05\x00"));
+    const again = new ResultStore({ dir, ttlMs: 60_000, maxCacheBytes: 0 });
+    for (const i of [0, 7, 49]) {
+      const r = await again.get(idOf(i));
+      expect(r?.json).toBe(`{"i":${i}}`);
+      expect(r!.bytes.length).toBe(i === 7 ? big.length : 1);
+    }
+    expect(await again.get(idOf(99))).toBeNull();
+    await again.put(idOf(100), { meta: meta(), json: "{}", bytes: new Uint8Array(0) });
+    expect(readdirSync(dir).length).toBe(2); // new results go to a new segment
+    await again.close();
+    rmSync(dir, { recursive: true, force: true });
+  });
+
+  it("reads and expires one-file-per-result files of earlier versions", async () => {
+    const dir = tmp();
+    const id = idOf(5);
+    const m = Buffer.from(JSON.stringify(meta()));
+    const head = Buffer.alloc(8);
+    head.writeUInt32LE(m.length, 0);
+    head.writeUInt32LE(2, 4);
+    writeFileSync(path.join(dir, `${id}.result`), Buffer.concat([head, m, Buffer.from("{}"), Buffer.from([4, 2])]));
+    const store = new ResultStore({ dir, ttlMs: 60_000 });
+    expect(Array.from((await store.get(id))!.bytes)).toEqual([4, 2]);
     const old = new Date(Date.now() - 120_000);
     utimesSync(path.join(dir, `${id}.result`), old, old);
+    const expired: string[] = [];
+    store.onExpire = (x) => expired.push(x);
     await store.sweep();
     expect(expired).toEqual([id]);
     expect(readdirSync(dir)).toEqual([]);
     await store.close();
     rmSync(dir, { recursive: true, force: true });
+  });
+
+  it("a write that fails keeps the result in memory (served, then expired)", async () => {
+    const dir = tmp();
+    const store = new ResultStore({ dir, ttlMs: 60_000, maxCacheBytes: 0 });
+    const warnings: string[] = [];
+    store.warn = (w) => warnings.push(w);
+    rmSync(dir, { recursive: true, force: true }); // nowhere to write
+    await store.put(idOf(1), { meta: meta(), json: '{"k":1}', bytes: new Uint8Array([7]) });
+    expect(warnings.length).toBe(1);
+    expect((await store.get(idOf(1)))?.json).toBe('{"k":1}');
+    const expired: string[] = [];
+    store.onExpire = (x) => expired.push(x);
+    await store.sweep(Date.now() + 120_000);
+    expect(expired).toEqual([idOf(1)]);
+    expect(await store.get(idOf(1))).toBeNull();
+    await store.close();
   });
 });
 

@@ -293,9 +293,16 @@ export class JobManager {
     const json = enc.encode(res.json);
     job.resultBytes = json.length + res.bytes.length;
     this.stats(job.owner).resultBytes += job.resultBytes;
-    this.store.put(job.id, { meta: { owner: job.owner, kind: job.kind, model: job.model, createdAt: Date.now() }, json: res.json, bytes: res.bytes });
-    this.emit(job, { status: "COMPLETED", split: json.length, kind: job.kind }, json, res.bytes);
+    // COMPLETED goes out once the result is in the store (a reported result is never lost); the job is
+    // done at once (the worker takes the next job meanwhile), and whoever asks for it in between gets it
+    // when the write is done (ResultStore.get waits for it)
+    const written = this.store.put(job.id, { meta: { owner: job.owner, kind: job.kind, model: job.model, createdAt: Date.now() }, json: res.json, bytes: res.bytes });
+    const subscribers = [...job.subscribers];
     this.finish(job, "COMPLETED");
+    const m = { type: "event", job: job.id, status: "COMPLETED", split: json.length, kind: job.kind };
+    void written.then(() => {
+      for (const s of subscribers) s.send(m, json, res.bytes);
+    });
   }
 
   /** The one place a job ends: idempotent, so a job is answered once. */

@@ -7,7 +7,7 @@
  * each process spent per trace during the timed part (`cpu_ms_per_trace`: client, and server and workers
  * when this script started them or `--pids SERVER,WORKER,...` names them).
  *
- *   node bench/remote-load.mjs [--clients 64] [--traces 100] [--threads N] [--url http://127.0.0.1:PORT [--pids P,...]]
+ *   node bench/remote-load.mjs [--clients 64] [--traces 100] [--threads N] [--max-batch N] [--url http://127.0.0.1:PORT [--pids P,...]]
  *
  * Imports the built package (dist/): run `npm run build:ts` after changing the sources.
  */
@@ -21,7 +21,7 @@ import { parseArgs } from "node:util";
 import { LanguageModel } from "../dist/index.js";
 
 const ROOT = dirname(dirname(fileURLToPath(import.meta.url)));
-const { values } = parseArgs({ options: { clients: { type: "string" }, traces: { type: "string" }, threads: { type: "string" }, url: { type: "string" }, pids: { type: "string" } } });
+const { values } = parseArgs({ options: { clients: { type: "string" }, traces: { type: "string" }, threads: { type: "string" }, "max-batch": { type: "string" }, url: { type: "string" }, pids: { type: "string" } } });
 const CLIENTS = Number(values.clients ?? 64);
 const TRACES = Number(values.traces ?? 100);
 
@@ -46,6 +46,7 @@ let url = values.url;
 if (!url) {
   const args = [join(ROOT, "dist/cli/main.js"), "serve", "--port", "0", "--host", "127.0.0.1", "--quota-per-minute", "1000000", "--quota-concurrent", "100000"];
   if (values.threads) args.push("--threads", values.threads);
+  if (values["max-batch"]) args.push("--max-batch", values["max-batch"]);
   server = spawn(process.execPath, args, { stdio: ["ignore", "pipe", "ignore"], env: { ...process.env, NNSIGHT_API_KEYS: "" } });
   url = await new Promise((resolve, reject) => {
     let out = "";

@@ -50,6 +50,8 @@ export interface ServeOptions {
   resultTtlMs?: number;
   /** native threads per worker */
   threads?: number;
+  /** plain traces handed to a model's worker at once to share forward passes (default 32; 1: none) */
+  maxBatch?: number;
   /** worker entry (default dist/server/worker.js) */
   workerEntry?: string;
   /** where warnings go (default: stderr) */
@@ -165,7 +167,7 @@ export async function serve(opts: ServeOptions = {}): Promise<RunningServer> {
   }
   const store = new ResultStore({ dir: opts.resultsDir, ttlMs: opts.resultTtlMs });
   const metrics = new Metrics();
-  const jobs = new JobManager(workers, store, metrics, limits);
+  const jobs = new JobManager(workers, store, metrics, limits, { maxBatch: opts.maxBatch });
 
   const http = createServer((req, res) => handleHttp(req, res));
   const wss = new WebSocketServer({ noServer: true, maxPayload: limits.maxFrameBytes * 2 + 1024, perMessageDeflate: false });

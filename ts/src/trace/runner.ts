@@ -239,7 +239,9 @@ export interface BatchItem {
 
 /** A batchable graph's rows, or null (not batchable, or rows of different lengths, or padded ones). */
 export function prepareBatchItem(model: CausalLM, graph: TraceGraph, attachments: Tensor[]): BatchItem | null {
-  if (!batchableGraph(graph)) return null;
+  // CPU kernels sum a row's terms in the same order whatever the number of rows (kernels/cpu/gemm.cpp);
+  // a GPU library promises no such thing: a model on a GPU runs every job alone
+  if (!batchableGraph(graph) || "deviceIndex" in model._lm) return null;
   const { rows, ranges } = invokeRows(model, graph);
   const length = rows[0]!.ids.length;
   for (const r of rows) if (r.ids.length !== length || r.mask.some((m) => m !== 1)) return null;

@@ -85,6 +85,8 @@ export class JobManager {
   /** per model: a job taken from the queue that did not fit the batch it was taken for; it runs next */
   private readonly held = new Map<string, Job>();
   private readonly maxBatch: number;
+  /** per subscriber, the unfinished jobs it watches (so a closed connection lets go of them quickly) */
+  private readonly watched = new Map<Subscriber, Set<Job>>();
   private readonly sweeper: NodeJS.Timeout;
   /** per model: the pending position update, and when the last one went out */
   private readonly positionTimers = new Map<string, NodeJS.Timeout>();
@@ -180,8 +182,9 @@ export class JobManager {
       state: "QUEUED",
       createdAt: now,
       resultBytes: 0,
-      subscribers: new Set([sub]),
+      subscribers: new Set(),
     };
+    this.watch(job, sub);
     this.jobs.set(job.id, job);
     this.byCid.set(`${p.id}:${req.cid}`, job.id);
     this.queues.get(req.model)!.push(job);
@@ -219,7 +222,7 @@ export class JobManager {
       return;
     }
     if (j.owner !== p.id) throw new NNsightError("BAD_INPUT", `no job ${id} of yours on this server`, { job: id });
-    if (!TERMINAL_STATES.has(j.state)) j.subscribers.add(sub);
+    if (!TERMINAL_STATES.has(j.state)) this.watch(j, sub);
     await this.sendState(j, sub, rid);
   }
 
@@ -240,8 +243,17 @@ export class JobManager {
     }
   }
 
+  private watch(job: Job, sub: Subscriber): void {
+    job.subscribers.add(sub);
+    let w = this.watched.get(sub);
+    if (!w) this.watched.set(sub, (w = new Set()));
+    w.add(job);
+  }
+
   unsubscribe(sub: Subscriber): void {
-    for (const j of this.jobs.values()) j.subscribers.delete(sub);
+    // the unfinished jobs it watched (not every job kept for the result TTL)
+    for (const j of this.watched.get(sub) ?? []) j.subscribers.delete(sub);
+    this.watched.delete(sub);
   }
 
   // ---------------------------------------------------------------- cancellation
@@ -383,6 +395,11 @@ export class JobManager {
     }
     this.metrics.jobFinished(job.model, error?.code === "TIMEOUT" ? "TIMEOUT" : state);
     if (state !== "COMPLETED") this.emit(job, { status: state, error });
+    for (const s of job.subscribers) {
+      const w = this.watched.get(s);
+      w?.delete(job);
+      if (w?.size === 0) this.watched.delete(s);
+    }
     job.subscribers.clear();
   }
 

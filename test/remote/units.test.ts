@@ -11,6 +11,7 @@ import { KeyStore } from "../../ts/src/server/auth.js";
 import { estimateCost } from "../../ts/src/server/jobs.js";
 import { FairQueue } from "../../ts/src/server/queue.js";
 import { ResultStore } from "../../ts/src/server/result-store.js";
+import { ModelWorker } from "../../ts/src/server/worker-pool.js";
 import type { TraceGraph } from "../../ts/src/trace/graph.js";
 
 describe("FairQueue", () => {
@@ -169,5 +170,45 @@ describe("wire values", () => {
   it("estimates cost as tokens × layers × nodes", () => {
     const g = { version: 1, kind: "generate", invokes: [{ input: [[1, 2, 3]] }], nodes: [{}, {}], blocks: [], result: null, saves: [], generate: { maxNewTokens: 7 } } as unknown as TraceGraph;
     expect(estimateCost(g, 5)).toBe((3 + 7) * 5 * 2);
+  });
+});
+
+describe("ModelWorker batches", () => {
+  // a stand-in worker: answers a batch's jobs only when told to (by a job named in an abort it ignores)
+  const FAKE = `
+    const held = new Map();
+    process.on("message", (m) => {
+      if (m.type === "batch") for (const j of m.jobs) held.set(j.job, j);
+      if (m.type === "abort" && m.job === "release") {
+        for (const id of held.keys()) if (id !== "stuck") process.send({ type: "done", job: id, json: JSON.stringify(id), bytes: new Uint8Array(0) });
+      }
+    });
+    process.on("disconnect", () => process.exit(0));
+    process.send({ type: "ready", config: {}, generationConfig: {}, numLayers: 1, tokenizer: { json: null, config: {}, eosTokenIds: [] } });
+  `;
+
+  it("a cancelled job of a batch does not kill the worker while the others run; all of them stopped does", async () => {
+    const dir = mkdtempSync(path.join(tmpdir(), "nnsight-fake-worker-"));
+    const entry = path.join(dir, "worker.cjs");
+    writeFileSync(entry, FAKE);
+    const w = new ModelWorker("fake", { model: "none" }, entry);
+    await w.start();
+    const pid = w.pid;
+    const req = (job: string) => ({ req: { job, scan: false, graph: "{}", attachments: new Uint8Array(0), maxResultBytes: 1e6 }, onLog: () => {} });
+    const runs = w.runBatch([req("a-0000"), req("stuck"), req("release")]);
+    const settled = runs.map((p) => p.then((r) => r.json, (e: NNsightError) => e.code));
+    expect(w.idle).toBe(false);
+    w.kill("stuck", 50); // the others are still running: no SIGKILL
+    await new Promise((r) => setTimeout(r, 200));
+    expect(w.pid).toBe(pid);
+    w.kill("release", 50); // makes the fake answer a-0000 and release; "stuck" (stopped) remains alone
+    expect(await settled[0]).toBe('"a-0000"');
+    expect(await settled[2]).toBe('"release"');
+    // every unanswered job of the batch was stopped: the worker is killed after the grace period
+    expect(await settled[1]).toBe("INTERNAL");
+    await new Promise<void>((r) => (w.state === "ready" && w.pid !== pid ? r() : w.once("ready", () => r())));
+    expect(w.pid).not.toBe(pid);
+    w.stop();
+    rmSync(dir, { recursive: true, force: true });
   });
 });

@@ -181,6 +181,8 @@ export class ModelWorker extends EventEmitter {
           } else if (m.type === "failed" && m.restart) {
             // rank 0 cannot go on (its group broke): answer the job with why, then restart the group
             breakDown(new NNsightError("INTERNAL", `the tensor-parallel group for ${this.id} broke while running this job (${m.error.code}: ${m.error.message}); the job was lost, the group restarts (all ${procs.length} ranks)`, { cause: m.error.code }), `rank 0: ${m.error.message}`);
+          } else if (m.type === "many") {
+            for (const x of m.messages) this.onMessage(x);
           } else this.onMessage(m);
         });
         proc.on("error", () => {}); // reported through "exit"

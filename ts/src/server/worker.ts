@@ -70,7 +70,9 @@ export type WorkerMessage =
   /** shared: the number of jobs whose rows were in the forward pass (absent: the job ran alone) */
   | { type: "done"; job: string; json: string; bytes: Uint8Array; shared?: number }
   /** restart: the worker (group) cannot run another job and must be restarted */
-  | { type: "failed"; job: string; error: ErrorJSON; restart?: boolean };
+  | { type: "failed"; job: string; error: ErrorJSON; restart?: boolean }
+  /** the answers of a shared pass's jobs, in one message */
+  | { type: "many"; messages: Array<Extract<WorkerMessage, { type: "done" | "failed" }>> };
 
 const send = (m: WorkerMessage): void => {
   process.send?.(m);
@@ -172,13 +174,13 @@ async function run(model: LanguageModel, m: GroupJob & { maxResultBytes?: number
 }
 
 /** Answer a job with its result (TOO_LARGE past the limit). */
-function sendResult(m: Omit<RunRequest, "type">, res: RunResult, shared?: number): void {
+function sendResult(m: Omit<RunRequest, "type">, res: RunResult, shared?: number, to: (msg: WorkerMessage) => void = send): void {
   const out = encodeRunResult(res, { meta: m.scan });
   const size = out.json.length + out.bytes.length;
   if (size > m.maxResultBytes) {
     throw new NNsightError("TOO_LARGE", `the result is ${size} bytes; this server returns at most ${m.maxResultBytes} bytes per job (return or save less)`);
   }
-  send({ type: "done", job: m.job, json: out.json, bytes: out.bytes, ...(shared ? { shared } : {}) });
+  to({ type: "done", job: m.job, json: out.json, bytes: out.bytes, ...(shared ? { shared } : {}) });
 }
 
 /** A batch (see BatchRequest): groups of batchable traces of one row length share a pass; the rest run alone. */
@@ -222,6 +224,11 @@ async function runBatch(model: LanguageModel, jobs: Array<Omit<RunRequest, "type
       for (const { m } of group) alone.push(m);
       continue;
     }
+    // one message for the whole pass (one write, one wake-up of the front end)
+    const answers: Array<Extract<WorkerMessage, { type: "done" | "failed" }>> = [];
+    const collect = (msg: WorkerMessage) => {
+      if (msg.type === "done" || msg.type === "failed") answers.push(msg);
+    };
     results.forEach((r, k) => {
       const { m } = group[k]!;
       const owned = new Set<Tensor>();
@@ -229,13 +236,14 @@ async function runBatch(model: LanguageModel, jobs: Array<Omit<RunRequest, "type
         const res: RunResult = { result: r.result, saved: r.saved };
         collectTensors(res.result, owned, isTensor);
         for (const v of res.saved.values()) collectTensors(v, owned, isTensor);
-        sendResult(m, res, group.length);
+        sendResult(m, res, group.length, collect);
       } catch (e) {
-        send({ type: "failed", job: m.job, error: errorToJSON(e) });
+        answers.push({ type: "failed", job: m.job, error: errorToJSON(e) });
       } finally {
         for (const t of owned) t.dispose();
       }
     });
+    send({ type: "many", messages: answers });
     release();
   }
   for (const m of alone) await run(model, m, ctx);

@@ -58,6 +58,8 @@ export interface JobManagerOptions {
 }
 
 export const DEFAULT_MAX_BATCH = 32;
+/** the subscribers of every finished job (nobody is added to a finished job) */
+const NO_SUBSCRIBERS: Set<Subscriber> = new Set();
 /** a batch stops growing at this many (estimated) tokens */
 const MAX_BATCH_TOKENS = 4096;
 
@@ -244,6 +246,7 @@ export class JobManager {
   }
 
   private watch(job: Job, sub: Subscriber): void {
+    if (job.subscribers === NO_SUBSCRIBERS) return;
     job.subscribers.add(sub);
     let w = this.watched.get(sub);
     if (!w) this.watched.set(sub, (w = new Set()));
@@ -386,6 +389,7 @@ export class JobManager {
     job.finishedAt = Date.now();
     if (error) job.error = error;
     if (job.timer) clearTimeout(job.timer);
+    job.timer = undefined; // finished jobs are kept until their results expire: keep them small
     job.graph = "";
     job.attachments = new Uint8Array(0);
     this.stats(job.owner).active--;
@@ -400,7 +404,7 @@ export class JobManager {
       w?.delete(job);
       if (w?.size === 0) this.watched.delete(s);
     }
-    job.subscribers.clear();
+    job.subscribers = NO_SUBSCRIBERS;
   }
 
   private emit(job: Job, msg: Record<string, unknown>, ...payload: Uint8Array[]): void {

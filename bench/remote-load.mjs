@@ -2,10 +2,12 @@
 /**
  * Load on the remote service: starts `nnsight serve` (the bundled model) on 127.0.0.1, connects N
  * clients (default 64), each sending M small traces (default 100) one after another, all clients at
- * once. Prints ONE JSON line: throughput (traces/s), p50/p99 latency (ms), errors, and the RSS of the
- * server front end and its model worker before and after.
+ * once. Prints ONE JSON line: throughput (traces/s), p50/p99 latency (ms), errors, the RSS of the
+ * server front end and its model worker before and after, and the CPU time (user + system, all threads)
+ * each process spent per trace during the timed part (`cpu_ms_per_trace`: client, and server and workers
+ * when this script started them or `--pids SERVER,WORKER,...` names them).
  *
- *   node bench/remote-load.mjs [--clients 64] [--traces 100] [--threads N] [--url http://127.0.0.1:PORT]
+ *   node bench/remote-load.mjs [--clients 64] [--traces 100] [--threads N] [--max-batch N] [--url http://127.0.0.1:PORT [--pids P,...]]
  *
  * Imports the built package (dist/): run `npm run build:ts` after changing the sources.
  */
@@ -19,7 +21,7 @@ import { parseArgs } from "node:util";
 import { LanguageModel } from "../dist/index.js";
 
 const ROOT = dirname(dirname(fileURLToPath(import.meta.url)));
-const { values } = parseArgs({ options: { clients: { type: "string" }, traces: { type: "string" }, threads: { type: "string" }, url: { type: "string" } } });
+const { values } = parseArgs({ options: { clients: { type: "string" }, traces: { type: "string" }, threads: { type: "string" }, "max-batch": { type: "string" }, url: { type: "string" }, pids: { type: "string" } } });
 const CLIENTS = Number(values.clients ?? 64);
 const TRACES = Number(values.traces ?? 100);
 
@@ -44,6 +46,7 @@ let url = values.url;
 if (!url) {
   const args = [join(ROOT, "dist/cli/main.js"), "serve", "--port", "0", "--host", "127.0.0.1", "--quota-per-minute", "1000000", "--quota-concurrent", "100000"];
   if (values.threads) args.push("--threads", values.threads);
+  if (values["max-batch"]) args.push("--max-batch", values["max-batch"]);
   server = spawn(process.execPath, args, { stdio: ["ignore", "pipe", "ignore"], env: { ...process.env, NNSIGHT_API_KEYS: "" } });
   url = await new Promise((resolve, reject) => {
     let out = "";
@@ -55,7 +58,19 @@ if (!url) {
     server.on("exit", (c) => reject(new Error(`server exited with ${c}`)));
   });
 }
-const pids = server ? [server.pid, ...childrenOf(server.pid)] : [];
+const pids = server ? [server.pid, ...childrenOf(server.pid)] : (values.pids ?? "").split(",").filter(Boolean).map(Number);
+const TICK_MS = 10; // USER_HZ = 100 on Linux
+/** user + system CPU ms of a process (all its threads) */
+const cpuMs = (pid) => {
+  try {
+    const f = readFileSync(`/proc/${pid}/stat`, "utf8");
+    const rest = f.slice(f.lastIndexOf(")") + 2).split(" ");
+    return (Number(rest[11]) + Number(rest[12])) * TICK_MS;
+  } catch {
+    return null;
+  }
+};
+const cpuAll = () => ({ client: (() => { const u = process.cpuUsage(); return (u.user + u.system) / 1000; })(), ...Object.fromEntries(pids.map((p, i) => [i === 0 ? "server" : `worker${i}`, cpuMs(p)])) });
 const rss = () => Object.fromEntries(pids.map((p, i) => [i === 0 ? "server" : `worker${i}`, rssMiB(p)]));
 
 const P = "Once upon a time";
@@ -68,6 +83,7 @@ const clientRssBefore = Math.round(process.memoryUsage().rss / 104857.6) / 10;
 const lat = [];
 let errors = 0;
 const firstErrors = [];
+const cpu0 = cpuAll();
 const t0 = performance.now();
 await Promise.all(
   clients.map(async (m) => {
@@ -85,6 +101,8 @@ await Promise.all(
   }),
 );
 const wall = (performance.now() - t0) / 1000;
+const cpu1 = cpuAll();
+const cpuPerTrace = Object.fromEntries(Object.keys(cpu1).map((k) => [k, cpu0[k] === null || cpu1[k] === null || !lat.length ? null : Math.round(((cpu1[k] - cpu0[k]) / lat.length) * 1000) / 1000]));
 const rssAfter = rss();
 await Promise.all(clients.map((m) => m.dispose()));
 if (server) {
@@ -107,6 +125,8 @@ console.log(
     throughput_per_s: Math.round((lat.length / wall) * 10) / 10,
     p50_ms: q(0.5),
     p99_ms: q(0.99),
+    cpu_ms_per_trace: cpuPerTrace,
+    loadavg: readFileSync("/proc/loadavg", "utf8").split(" ").slice(0, 3).map(Number),
     rss_mib_before: { ...rssBefore, client: clientRssBefore },
     rss_mib_after: { ...rssAfter, client: Math.round(process.memoryUsage().rss / 104857.6) / 10 },
   }),

@@ -2,7 +2,7 @@
 // sessions, generation with interventions, edits and scans; plus the job handle and the HTTP endpoints.
 import { afterAll, beforeAll, describe, expect, it } from "vitest";
 
-import { LanguageModel, type RemoteLanguageModel, Tensor, tensor } from "../../ts/src/index.js";
+import { LanguageModel, type NNsightError, type RemoteJob, type RemoteLanguageModel, Tensor, tensor } from "../../ts/src/index.js";
 import { type TestServer, expectMatching, f32, sameBits, startServer } from "./helpers.js";
 
 let server: TestServer;
@@ -153,6 +153,32 @@ describe("job handles", () => {
     expect((await job.status()).state).toBe("COMPLETED");
     expect(logged[0]![0]).toBe("mean");
     expect(logged[0]![1]).toBeInstanceOf(Tensor);
+  });
+
+  it("an error names the failing node's user line remotely as it does locally (blocking or not)", async () => {
+    const bad = tensor([1, 2, 3], { dtype: "float32", shape: [3, 1] });
+    const fail = (m: LanguageModel, opts?: object) => m.trace("Once upon a time", () => ({ x: m.model.layers[2]!.output.matmul(bad) }), opts as never);
+    const message = async (p: Promise<unknown>) => {
+      try {
+        await p;
+      } catch (e) {
+        return e as NNsightError;
+      }
+      throw new Error("expected an error");
+    };
+    const l = await message(fail(local));
+    const r = await message(fail(remote));
+    const line = /recorded at (\S+?):(\d+):\d+\]$/.exec(l.message);
+    expect(line, l.message).not.toBeNull();
+    expect(r.code).toBe(l.code);
+    expect(r.message).toBe(l.message);
+    expect(r.details.source).toBe(l.details.source);
+    const job = (await fail(remote, { blocking: false })) as unknown as RemoteJob<unknown>;
+    const j = await message(job.result());
+    const events: Array<{ status: string; error?: NNsightError }> = [];
+    for await (const e of job) events.push(e);
+    expect(j.message).toBe(l.message);
+    expect(events.at(-1)!.error!.message).toBe(l.message);
   });
 
   it("serves /health, /models and /metrics", async () => {

@@ -242,23 +242,31 @@ export class Connection implements JobLink {
   }
 
   /** Submit a graph; returns the job handle once the server has queued it. */
-  async submit<T>(model: string, graph: AnyGraph, attachments: Tensor[], scan: boolean, finish: (r: RunResult, kind: string | undefined) => T, setup?: (job: RemoteJob<T>) => void): Promise<RemoteJob<T>> {
+  async submit<T>(
+    model: string,
+    graph: AnyGraph,
+    attachments: Tensor[],
+    scan: boolean,
+    finish: (r: RunResult, kind: string | undefined) => T,
+    setup?: (job: RemoteJob<T>) => void,
+    mapError?: (e: NNsightError) => unknown,
+  ): Promise<RemoteJob<T>> {
     for (const t of graph.kind === "session" ? graph.traces : [graph]) withSources(t);
     const json = new TextEncoder().encode(JSON.stringify(graph));
     const att = tensorsToBuffer(attachments);
     let job: RemoteJob<T> | undefined;
     // the job is registered as the ack arrives, so events right behind it find it
     await this.request({ type: "submit", model, cid: randomUUID(), scan, split: json.length }, [json, att], (m) => {
-      job = this.track(m.job as string, finish);
+      job = this.track(m.job as string, finish, mapError);
       setup?.(job); // listeners attached before any event of the job is handled
     });
     return job!;
   }
 
-  private track<T>(id: string, finish: (r: RunResult, kind: string | undefined) => T): RemoteJob<T> {
+  private track<T>(id: string, finish: (r: RunResult, kind: string | undefined) => T, mapError?: (e: NNsightError) => unknown): RemoteJob<T> {
     const existing = this.jobs.get(id);
     if (existing) return existing as RemoteJob<T>;
-    const job = new RemoteJob<T>(id, this, finish);
+    const job = new RemoteJob<T>(id, this, finish, mapError);
     this.jobs.set(id, job as RemoteJob<unknown>);
     return job;
   }
@@ -297,7 +305,7 @@ export class RemoteBackend implements TraceBackend {
     readonly modelId: string,
   ) {}
 
-  async run(req: { graph: AnyGraph; attachments: Tensor[]; scan: boolean; opts: TraceOptions }, finish: (r: RunResult) => unknown): Promise<unknown> {
+  async run(req: { graph: AnyGraph; attachments: Tensor[]; scan: boolean; opts: TraceOptions; mapError?: (e: unknown) => unknown }, finish: (r: RunResult) => unknown): Promise<unknown> {
     const log = req.opts.log ?? ((...v: unknown[]) => console.log(...v));
     const onLog = (values: unknown[]) => {
       if (values[0] === STREAM_TAG) {
@@ -307,8 +315,14 @@ export class RemoteBackend implements TraceBackend {
       }
       log(...values);
     };
-    const job = await this.conn.submit(this.modelId, req.graph, req.attachments, req.scan, (r) => finish(r), (j) =>
-      j.on("LOG", (e: { values?: unknown[] }) => onLog(e.values ?? [])),
+    const job = await this.conn.submit(
+      this.modelId,
+      req.graph,
+      req.attachments,
+      req.scan,
+      (r) => finish(r),
+      (j) => j.on("LOG", (e: { values?: unknown[] }) => onLog(e.values ?? [])),
+      req.mapError,
     );
     if (req.opts.blocking === false) return job;
     const stop = showProgress(job);

@@ -38,6 +38,7 @@ export class RemoteJob<T = unknown> extends EventEmitter implements AsyncIterabl
   state: JobState = "QUEUED";
   private readonly link: JobLink;
   private readonly finish: (r: RunResult, kind: string | undefined) => T;
+  private readonly mapError: ((e: NNsightError) => unknown) | undefined;
   private settled = false;
   private raw: { json: string; bytes: Uint8Array; kind?: string } | null = null;
   private failure: NNsightError | null = null;
@@ -46,11 +47,13 @@ export class RemoteJob<T = unknown> extends EventEmitter implements AsyncIterabl
   private readonly history: JobEvent[] = [];
 
   /** @internal */
-  constructor(id: string, link: JobLink, finish: (r: RunResult, kind: string | undefined) => T) {
+  /** mapError: what an error becomes (the recording model adds the failing node's source line) */
+  constructor(id: string, link: JobLink, finish: (r: RunResult, kind: string | undefined) => T, mapError?: (e: NNsightError) => unknown) {
     super();
     this.id = id;
     this.link = link;
     this.finish = finish;
+    this.mapError = mapError;
   }
 
   /** true once COMPLETED, ERROR or CANCELLED arrived */
@@ -98,6 +101,10 @@ export class RemoteJob<T = unknown> extends EventEmitter implements AsyncIterabl
     if (status !== "LOG") this.state = status;
     if (status === "ERROR" || status === "CANCELLED") {
       ev.error = status === "CANCELLED" && !extra.error ? new NNsightError("CANCELLED", `job ${this.id} was cancelled`, { job: this.id }) : errorFromJSON(extra.error, this.id);
+      if (this.mapError) {
+        const m = this.mapError(ev.error);
+        if (m instanceof NNsightError) ev.error = m;
+      }
       this.failure = ev.error;
     }
     if (status === "COMPLETED") this.raw = extra.result ?? { json: '{"result":null,"saved":[]}', bytes: new Uint8Array(0) };

@@ -8,7 +8,7 @@ import { parseTp, parseTpBackend, serve } from "./http.js";
 
 export const SERVE_USAGE = `usage: nnsight serve [--model ID_OR_DIR[:tp=N,backend=B,attn=eager]]... [--tp N] [--tp-backend auto|shm|nccl] [--port N] [--host 127.0.0.1] [--api-keys keys.json]
        [--results-dir DIR] [--result-ttl-s N] [--job-timeout-ms N] [--max-frame-bytes N] [--max-graph-bytes N]
-       [--max-attachment-bytes N] [--max-result-bytes N] [--max-cost N] [--threads N]
+       [--max-attachment-bytes N] [--max-result-bytes N] [--max-cost N] [--threads N] [--max-batch N]
        [--quota-concurrent N] [--quota-per-minute N] [--quota-result-bytes N] [--redis redis://HOST:PORT]`;
 
 const num = (v: string | undefined, name: string): number | undefined => {
@@ -38,6 +38,7 @@ export async function serveCommand(args: string[]): Promise<number> {
       "max-result-bytes": { type: "string" },
       "max-cost": { type: "string" },
       threads: { type: "string" },
+      "max-batch": { type: "string" },
       "quota-concurrent": { type: "string" },
       "quota-per-minute": { type: "string" },
       "quota-result-bytes": { type: "string" },
@@ -83,6 +84,7 @@ export async function serveCommand(args: string[]): Promise<number> {
     resultsDir: values["results-dir"],
     resultTtlMs: ttl === undefined ? undefined : ttl * 1000,
     threads: num(values.threads, "threads"),
+    maxBatch: num(values["max-batch"], "max-batch"),
     limits,
     quota,
     redis: values.redis,

@@ -53,6 +53,8 @@ export interface ServeOptions {
   resultTtlMs?: number;
   /** native threads per worker */
   threads?: number;
+  /** plain traces handed to a model's worker at once to share forward passes (default 32; 1: none) */
+  maxBatch?: number;
   /** worker entry (default dist/server/worker.js) */
   workerEntry?: string;
   /** where warnings go (default: stderr) */
@@ -198,7 +200,7 @@ export async function serve(opts: ServeOptions = {}): Promise<RunningServer> {
   }
   const store = new ResultStore({ dir: opts.resultsDir, ttlMs: opts.resultTtlMs });
   const metrics = new Metrics();
-  const jobs = new JobManager(workers, store, metrics, limits);
+  const jobs = new JobManager(workers, store, metrics, limits, { maxBatch: opts.maxBatch });
   return listen(opts, limits, keys, jobs, embeddedDirectory(workers, jobs), metrics, {
     workerPids: () => Object.fromEntries([...workers].map(([id, w]) => [id, w.pid])),
     groupPids: () => Object.fromEntries([...workers].map(([id, w]) => [id, w.pids])),
@@ -268,11 +270,24 @@ async function listen(
 
   function onConnection(ws: WebSocket): void {
     let principal: Principal | null = null;
+    // frames sent in one tick (an ack and its QUEUED event, ...) leave in one write: the socket stays
+    // corked until the tick ends (ws's own cork/uncork per frame nests inside)
+    const socket = (ws as unknown as { _socket?: Duplex })._socket;
+    let corked = false;
+    const uncork = () => {
+      corked = false;
+      socket?.uncork();
+    };
     const sub: Subscriber = {
       send(msg, ...payload) {
         if (ws.readyState !== WebSocket.OPEN) return;
         const f = encodeFrame(msg, ...payload);
         metrics.bytesOut += f.length;
+        if (socket && !corked) {
+          corked = true;
+          socket.cork();
+          process.nextTick(uncork);
+        }
         ws.send(f);
       },
     };

@@ -9,13 +9,14 @@ import { randomUUID } from "node:crypto";
 import { NNsightError } from "../errors.js";
 import { type ErrorJSON, type JobState, type ServerLimits, TERMINAL_STATES, errorToJSON } from "../remote/protocol.js";
 import { parseSafetensorsHeader } from "../tensor/safetensors-format.js";
-import { type AnyGraph, type InputJSON, type TraceGraph, validateGraph } from "../trace/graph.js";
+import { type AnyGraph, type InputJSON, type TraceGraph, batchableGraph, validateGraph } from "../trace/graph.js";
 import { ALLOWED_OPS } from "../trace/ops.js";
 import type { Principal } from "./auth.js";
 import type { Metrics } from "./metrics.js";
 import { FairQueue } from "./queue.js";
 import { type ResultStore, isJobId } from "./result-store.js";
-import type { ModelWorker } from "./worker-pool.js";
+import type { JobOutput, ModelWorker } from "./worker-pool.js";
+import type { RunRequest } from "./worker.js";
 
 /** Someone listening to a job's events (a WebSocket connection). */
 export interface Subscriber {
@@ -40,7 +41,27 @@ export interface Job {
   resultBytes: number;
   subscribers: Set<Subscriber>;
   timer?: NodeJS.Timeout;
+  /** the queue position its subscribers last heard */
+  position?: number;
+  /** a plain trace that may share its worker's forward pass with other such jobs (runner.ts batchableGraph) */
+  batchable: boolean;
+  /** upper bound on its tokens (bounds the rows of a shared pass) */
+  tokens: number;
 }
+
+export interface JobManagerOptions {
+  /**
+   * at most this many queued plain traces go to a model's (single) worker at once, to share forward
+   * passes (default DEFAULT_MAX_BATCH; 1: one job at a time)
+   */
+  maxBatch?: number;
+}
+
+export const DEFAULT_MAX_BATCH = 32;
+/** the subscribers of every finished job (nobody is added to a finished job) */
+const NO_SUBSCRIBERS: Set<Subscriber> = new Set();
+/** a batch stops growing at this many (estimated) tokens */
+const MAX_BATCH_TOKENS = 4096;
 
 interface OwnerStats {
   active: number;
@@ -50,20 +71,37 @@ interface OwnerStats {
 
 const enc = new TextEncoder();
 
+/**
+ * Queue positions go out at most this often per model (the first change after a quiet spell at once).
+ * Telling every waiting job its new place on every dispatch cost one frame per waiting job per job run:
+ * with 64 jobs queued, 63 frames per job, most of the front end's time under load.
+ */
+export const POSITION_INTERVAL_MS = 100;
+
 export class JobManager {
   private readonly jobs = new Map<string, Job>();
   private readonly byCid = new Map<string, string>();
   private readonly queues = new Map<string, FairQueue<Job>>();
   private readonly owners = new Map<string, OwnerStats>();
-  private readonly running = new Map<string, Job>();
+  private readonly running = new Map<string, Set<Job>>();
+  /** per model: a job taken from the queue that did not fit the batch it was taken for; it runs next */
+  private readonly held = new Map<string, Job>();
+  private readonly maxBatch: number;
+  /** per subscriber, the unfinished jobs it watches (so a closed connection lets go of them quickly) */
+  private readonly watched = new Map<Subscriber, Set<Job>>();
   private readonly sweeper: NodeJS.Timeout;
+  /** per model: the pending position update, and when the last one went out */
+  private readonly positionTimers = new Map<string, NodeJS.Timeout>();
+  private readonly positionsSentAt = new Map<string, number>();
 
   constructor(
     private readonly workers: Map<string, ModelWorker>,
     private readonly store: ResultStore,
     private readonly metrics: Metrics,
     readonly limits: ServerLimits,
+    opts: JobManagerOptions = {},
   ) {
+    this.maxBatch = Math.max(1, Math.floor(opts.maxBatch ?? DEFAULT_MAX_BATCH));
     for (const [id, w] of workers) {
       this.queues.set(id, new FairQueue<Job>());
       w.on("ready", () => this.dispatch(id));
@@ -79,10 +117,10 @@ export class JobManager {
   }
 
   queueLength(model: string): number {
-    return this.queues.get(model)?.length ?? 0;
+    return (this.queues.get(model)?.length ?? 0) + (this.held.has(model) ? 1 : 0);
   }
   runningCount(model: string): number {
-    return this.running.has(model) ? 1 : 0;
+    return this.running.get(model)?.size ?? 0;
   }
 
   private stats(owner: string): OwnerStats {
@@ -121,13 +159,16 @@ export class JobManager {
       kind: graph.kind,
       scan: !!req.scan,
       cost,
+      batchable: !req.scan && graph.kind === "trace" && batchableGraph(graph),
+      tokens: graph.kind === "session" ? Infinity : graph.invokes.reduce((a, i) => a + inputTokens(i.input), 0),
       graph: req.graph,
       attachments: req.attachments,
       state: "QUEUED",
       createdAt: now,
       resultBytes: 0,
-      subscribers: new Set([sub]),
+      subscribers: new Set(),
     };
+    this.watch(job, sub);
     this.jobs.set(job.id, job);
     this.byCid.set(`${p.id}:${req.cid}`, job.id);
     this.queues.get(req.model)!.push(job);
@@ -136,7 +177,7 @@ export class JobManager {
 
   /** After the ack went out: announce QUEUED and start what can start. */
   announce(job: Job): void {
-    if (job.state === "QUEUED") this.emit(job, { status: "QUEUED", position: this.queues.get(job.model)!.position(job) });
+    if (job.state === "QUEUED") this.emit(job, { status: "QUEUED", position: (job.position = this.position(job)) });
     this.dispatch(job.model);
   }
 
@@ -148,7 +189,9 @@ export class JobManager {
   }
 
   position(j: Job): number | undefined {
-    return j.state === "QUEUED" ? this.queues.get(j.model)!.position(j) : undefined;
+    if (j.state !== "QUEUED") return undefined;
+    const h = this.held.get(j.model);
+    return h === j ? 0 : (h ? 1 : 0) + this.queues.get(j.model)!.position(j);
   }
 
   /** Subscribe to a job and send its current state (with the result when COMPLETED). */
@@ -163,7 +206,7 @@ export class JobManager {
       return;
     }
     if (j.owner !== p.id) throw new NNsightError("BAD_INPUT", `no job ${id} of yours on this server`, { job: id });
-    if (!TERMINAL_STATES.has(j.state)) j.subscribers.add(sub);
+    if (!TERMINAL_STATES.has(j.state)) this.watch(j, sub);
     await this.sendState(j, sub, rid);
   }
 
@@ -179,19 +222,30 @@ export class JobManager {
       sub.send({ type: "event", job: j.id, status: "COMPLETED", split: json.length, kind: j.kind, ...r }, json, res.bytes);
     } else {
       const pos = this.position(j);
+      if (pos !== j.position) j.position = undefined; // the next update goes to every subscriber
       sub.send({ type: "event", job: j.id, status: j.state, ...(pos !== undefined ? { position: pos } : {}), ...(j.error ? { error: j.error } : {}), ...r });
     }
   }
 
+  private watch(job: Job, sub: Subscriber): void {
+    if (job.subscribers === NO_SUBSCRIBERS) return;
+    job.subscribers.add(sub);
+    let w = this.watched.get(sub);
+    if (!w) this.watched.set(sub, (w = new Set()));
+    w.add(job);
+  }
+
   unsubscribe(sub: Subscriber): void {
-    for (const j of this.jobs.values()) j.subscribers.delete(sub);
+    // the unfinished jobs it watched (not every job kept for the result TTL)
+    for (const j of this.watched.get(sub) ?? []) j.subscribers.delete(sub);
+    this.watched.delete(sub);
   }
 
   // ---------------------------------------------------------------- cancellation
   cancel(p: Principal, id: string): Job {
     const j = this.get(p, id);
     if (TERMINAL_STATES.has(j.state)) return j;
-    if (j.state === "QUEUED") this.queues.get(j.model)!.remove(j);
+    if (j.state === "QUEUED" && !this.queues.get(j.model)!.remove(j) && this.held.get(j.model) === j) this.held.delete(j.model);
     const wasRunning = j.state === "RUNNING";
     this.finish(j, "CANCELLED", { code: "CANCELLED", message: `job ${j.id} was cancelled` });
     if (wasRunning) this.workers.get(j.model)!.kill(j.id);
@@ -203,43 +257,110 @@ export class JobManager {
     const w = this.workers.get(model)!;
     const q = this.queues.get(model)!;
     let moved = false;
-    while (w.idle && q.length > 0) {
+    const next = (): Job | undefined => {
+      const h = this.held.get(model);
+      if (h) this.held.delete(model);
+      return h ?? q.pop();
+    };
+    while (w.idle && this.queueLength(model) > 0) {
       moved = true;
-      const job = q.pop()!;
-      job.state = "RUNNING";
-      job.startedAt = Date.now();
-      this.running.set(model, job);
-      this.metrics.observeWait(model, (job.startedAt - job.createdAt) / 1000);
-      this.emit(job, { status: "RUNNING" });
-      job.timer = setTimeout(() => {
-        this.finish(job, "ERROR", { code: "TIMEOUT", message: `job ${job.id} ran longer than this server's limit of ${this.limits.jobTimeoutMs} ms`, details: { limitMs: this.limits.jobTimeoutMs } });
-        w.kill(job.id);
-      }, this.limits.jobTimeoutMs);
-      job.timer.unref();
-      const req = { job: job.id, scan: job.scan, graph: job.graph, attachments: job.attachments, maxResultBytes: this.limits.maxResultBytes };
-      job.graph = "";
-      job.attachments = new Uint8Array(0);
-      w.run(req, (json, bytes) => {
-        if (job.state !== "RUNNING") return;
-        const j = enc.encode(json);
-        this.emit(job, { status: "LOG", split: j.length }, j, bytes);
-      }).then(
-        (res) => this.complete(job, res),
-        (e) => this.finish(job, "ERROR", errorToJSON(e)),
-      );
+      // a plain trace takes the plain traces queued behind it along (in queue order, up to maxBatch jobs
+      // and MAX_BATCH_TOKENS tokens): the worker runs those of equal row lengths in one forward pass
+      const batch = [next()!];
+      if (batch[0]!.batchable && w.world === 1) {
+        let tokens = batch[0]!.tokens;
+        while (batch.length < this.maxBatch && q.length > 0) {
+          const j = q.pop()!;
+          if (!j.batchable || tokens + j.tokens > MAX_BATCH_TOKENS) {
+            this.held.set(model, j);
+            break;
+          }
+          tokens += j.tokens;
+          batch.push(j);
+        }
+      }
+      if (batch.length > 1) this.metrics.batchDispatched(model, batch.length);
+      const runs = w.runBatch(batch.map((job) => ({ req: this.start(job, w), onLog: (json: string, bytes: Uint8Array) => this.log(job, json, bytes) })));
+      runs.forEach((p, k) => {
+        const job = batch[k]!;
+        p.then(
+          (res) => this.complete(job, res),
+          (e) => this.finish(job, "ERROR", errorToJSON(e)),
+        );
+      });
     }
-    // the queue moved: tell waiting jobs (the first few hundred that someone watches) their new place
-    if (moved) for (const j of q.some(256)) if (j.subscribers.size > 0) this.emit(j, { status: "QUEUED", position: q.position(j) });
+    if (moved) this.queueMoved(model);
   }
 
-  private complete(job: Job, res: { json: string; bytes: Uint8Array }): void {
+  /** A job leaves the queue for its worker: RUNNING, its run-time limit, its request (the job drops its graph). */
+  private start(job: Job, w: ModelWorker): Omit<RunRequest, "type"> {
+    const model = job.model;
+    job.state = "RUNNING";
+    job.startedAt = Date.now();
+    let set = this.running.get(model);
+    if (!set) this.running.set(model, (set = new Set()));
+    set.add(job);
+    this.metrics.observeWait(model, (job.startedAt - job.createdAt) / 1000);
+    this.emit(job, { status: "RUNNING" });
+    job.timer = setTimeout(() => {
+      this.finish(job, "ERROR", { code: "TIMEOUT", message: `job ${job.id} ran longer than this server's limit of ${this.limits.jobTimeoutMs} ms`, details: { limitMs: this.limits.jobTimeoutMs } });
+      w.kill(job.id);
+    }, this.limits.jobTimeoutMs);
+    job.timer.unref();
+    const req = { job: job.id, scan: job.scan, graph: job.graph, attachments: job.attachments, maxResultBytes: this.limits.maxResultBytes };
+    job.graph = "";
+    job.attachments = new Uint8Array(0);
+    return req;
+  }
+
+  private log(job: Job, json: string, bytes: Uint8Array): void {
     if (job.state !== "RUNNING") return;
+    const j = enc.encode(json);
+    this.emit(job, { status: "LOG", split: j.length }, j, bytes);
+  }
+
+  /** The queue moved: tell waiting jobs their new place now, or, within POSITION_INTERVAL_MS of the last time, then. */
+  private queueMoved(model: string): void {
+    if (this.positionTimers.has(model)) return;
+    const wait = POSITION_INTERVAL_MS - (Date.now() - (this.positionsSentAt.get(model) ?? 0));
+    if (wait <= 0) return this.sendPositions(model);
+    const t = setTimeout(() => {
+      this.positionTimers.delete(model);
+      this.sendPositions(model);
+    }, wait);
+    t.unref();
+    this.positionTimers.set(model, t);
+  }
+
+  /** Waiting jobs (the first few hundred that someone watches) whose place changed hear it. */
+  private sendPositions(model: string): void {
+    this.positionsSentAt.set(model, Date.now());
+    const q = this.queues.get(model)!;
+    for (const j of q.some(256)) {
+      if (j.subscribers.size === 0) continue;
+      const position = q.position(j);
+      if (position === j.position) continue;
+      j.position = position;
+      this.emit(j, { status: "QUEUED", position });
+    }
+  }
+
+  private complete(job: Job, res: JobOutput): void {
+    if (job.state !== "RUNNING") return;
+    if (res.shared) this.metrics.sharedPass(job.model);
     const json = enc.encode(res.json);
     job.resultBytes = json.length + res.bytes.length;
     this.stats(job.owner).resultBytes += job.resultBytes;
-    this.store.put(job.id, { meta: { owner: job.owner, kind: job.kind, model: job.model, createdAt: Date.now() }, json: res.json, bytes: res.bytes });
-    this.emit(job, { status: "COMPLETED", split: json.length, kind: job.kind }, json, res.bytes);
+    // COMPLETED goes out once the result is in the store (a reported result is never lost); the job is
+    // done at once (the worker takes the next job meanwhile), and whoever asks for it in between gets it
+    // when the write is done (ResultStore.get waits for it)
+    const written = this.store.put(job.id, { meta: { owner: job.owner, kind: job.kind, model: job.model, createdAt: Date.now() }, json: res.json, bytes: res.bytes });
+    const subscribers = [...job.subscribers];
     this.finish(job, "COMPLETED");
+    const m = { type: "event", job: job.id, status: "COMPLETED", split: json.length, kind: job.kind };
+    void written.then(() => {
+      for (const s of subscribers) s.send(m, json, res.bytes);
+    });
   }
 
   /** The one place a job ends: idempotent, so a job is answered once. */
@@ -250,16 +371,22 @@ export class JobManager {
     job.finishedAt = Date.now();
     if (error) job.error = error;
     if (job.timer) clearTimeout(job.timer);
+    job.timer = undefined; // finished jobs are kept until their results expire: keep them small
     job.graph = "";
     job.attachments = new Uint8Array(0);
     this.stats(job.owner).active--;
     if (wasRunning) {
-      this.running.delete(job.model);
+      this.running.get(job.model)?.delete(job);
       this.metrics.observeRun(job.model, (job.finishedAt - (job.startedAt ?? job.finishedAt)) / 1000);
     }
     this.metrics.jobFinished(job.model, error?.code === "TIMEOUT" ? "TIMEOUT" : state);
     if (state !== "COMPLETED") this.emit(job, { status: state, error });
-    job.subscribers.clear();
+    for (const s of job.subscribers) {
+      const w = this.watched.get(s);
+      w?.delete(job);
+      if (w?.size === 0) this.watched.delete(s);
+    }
+    job.subscribers = NO_SUBSCRIBERS;
   }
 
   private emit(job: Job, msg: Record<string, unknown>, ...payload: Uint8Array[]): void {
@@ -269,6 +396,9 @@ export class JobManager {
 
   private failQueued(model: string, error: ErrorJSON): void {
     const q = this.queues.get(model)!;
+    const h = this.held.get(model);
+    this.held.delete(model);
+    if (h) this.finish(h, "ERROR", error);
     for (let j = q.pop(); j; j = q.pop()) this.finish(j, "ERROR", error);
   }
 
@@ -289,6 +419,7 @@ export class JobManager {
 
   close(): void {
     clearInterval(this.sweeper);
+    for (const t of this.positionTimers.values()) clearTimeout(t);
     for (const j of this.jobs.values()) if (j.timer) clearTimeout(j.timer);
   }
 }

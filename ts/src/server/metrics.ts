@@ -27,6 +27,8 @@ export class Metrics {
   private readonly rejected = new Map<string, number>();
   private readonly wait = new Map<string, Histogram>();
   private readonly run = new Map<string, Histogram>();
+  /** per model: batches of 2+ jobs handed to a worker at once, and the jobs in them */
+  private readonly batches = new Map<string, { batches: number; jobs: number; shared: number }>();
   bytesIn = 0;
   bytesOut = 0;
   workerRestarts = 0;
@@ -37,6 +39,20 @@ export class Metrics {
   }
   jobRejected(code: string): void {
     this.rejected.set(code, (this.rejected.get(code) ?? 0) + 1);
+  }
+  batchDispatched(model: string, jobs: number): void {
+    const b = this.batch(model);
+    b.batches++;
+    b.jobs += jobs;
+  }
+  /** a job completed that ran in a forward pass shared with other jobs */
+  sharedPass(model: string): void {
+    this.batch(model).shared++;
+  }
+  private batch(model: string): { batches: number; jobs: number; shared: number } {
+    let b = this.batches.get(model);
+    if (!b) this.batches.set(model, (b = { batches: 0, jobs: 0, shared: 0 }));
+    return b;
   }
   observeWait(model: string, seconds: number): void {
     hist(this.wait, model).observe(seconds);
@@ -58,6 +74,12 @@ export class Metrics {
     for (const [m, h] of this.wait) out.push(...h.render("nnsight_queue_wait_seconds", `model="${esc(m)}"`));
     out.push("# HELP nnsight_run_seconds Time a job ran on its worker.", "# TYPE nnsight_run_seconds histogram");
     for (const [m, h] of this.run) out.push(...h.render("nnsight_run_seconds", `model="${esc(m)}"`));
+    out.push("# HELP nnsight_batches_total Batches of plain traces handed to a worker at once (2 or more jobs; those of equal row lengths share a forward pass).", "# TYPE nnsight_batches_total counter");
+    for (const [m, b] of this.batches) out.push(`nnsight_batches_total{model="${esc(m)}"} ${b.batches}`);
+    out.push("# HELP nnsight_batched_jobs_total Jobs handed to a worker in such batches.", "# TYPE nnsight_batched_jobs_total counter");
+    for (const [m, b] of this.batches) out.push(`nnsight_batched_jobs_total{model="${esc(m)}"} ${b.jobs}`);
+    out.push("# HELP nnsight_shared_pass_jobs_total Jobs completed that ran in a forward pass shared with other jobs (each on its own rows).", "# TYPE nnsight_shared_pass_jobs_total counter");
+    for (const [m, b] of this.batches) out.push(`nnsight_shared_pass_jobs_total{model="${esc(m)}"} ${b.shared}`);
     out.push("# HELP nnsight_bytes_in_total Bytes received over WebSockets.", "# TYPE nnsight_bytes_in_total counter", `nnsight_bytes_in_total ${this.bytesIn}`);
     out.push("# HELP nnsight_bytes_out_total Bytes sent over WebSockets.", "# TYPE nnsight_bytes_out_total counter", `nnsight_bytes_out_total ${this.bytesOut}`);
     out.push("# HELP nnsight_worker_restarts_total Model workers restarted after a crash, kill or cancellation.", "# TYPE nnsight_worker_restarts_total counter", `nnsight_worker_restarts_total ${this.workerRestarts}`);

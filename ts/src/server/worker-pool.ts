@@ -20,7 +20,7 @@ import { launchRanks } from "../cluster/launch.js";
 import { NNsightError } from "../errors.js";
 import { PACKAGE_ROOT } from "../native/binding.js";
 import { type ErrorJSON, errorFromJSON } from "../remote/protocol.js";
-import type { RunRequest, WorkerMessage, WorkerSpec } from "./worker.js";
+import type { BatchRequest, RunRequest, WorkerMessage, WorkerSpec } from "./worker.js";
 
 export function defaultWorkerEntry(): string {
   return path.join(PACKAGE_ROOT, "dist", "server", "worker.js");
@@ -28,15 +28,35 @@ export function defaultWorkerEntry(): string {
 
 export type WorkerState = "starting" | "ready" | "busy" | "failed" | "stopped";
 
-interface Current {
-  job: string;
+interface RunningJob {
   onLog: (json: string, bytes: Uint8Array) => void;
-  resolve: (r: { json: string; bytes: Uint8Array }) => void;
+  resolve: (r: JobOutput) => void;
   reject: (e: NNsightError) => void;
+  /** asked to stop (cancel or time-out; whoever asked answers the job) */
+  stopping?: boolean;
+}
+
+/** A job's result; `shared`: the jobs whose rows were in its forward pass (absent: it ran alone) */
+export interface JobOutput {
+  json: string;
+  bytes: Uint8Array;
+  shared?: number;
+}
+
+/** What the worker is running: one job, or a batch of them (each answered on its own). */
+interface Current {
+  /** the jobs not answered yet */
+  jobs: Map<string, RunningJob>;
   /** why we killed the worker (the job is answered by whoever killed it) */
   killed?: boolean;
   /** the SIGKILL fallback of a cooperative abort */
   abortTimer?: NodeJS.Timeout;
+}
+
+/** A job to run: the request and where its log events go. */
+export interface JobToRun {
+  req: Omit<RunRequest, "type">;
+  onLog: RunningJob["onLog"];
 }
 
 /** Emits "ready" whenever the worker can take a job, "restart" after a crash or kill. */
@@ -120,8 +140,8 @@ export class ModelWorker extends EventEmitter {
         this.current = null;
         if (cur) {
           if (cur.abortTimer) clearTimeout(cur.abortTimer);
-          // a killed worker's job was already answered by whoever killed it: this rejection is ignored
-          cur.reject(new NNsightError("INTERNAL", cause.message, { ...cause.details, job: cur.job }));
+          // a killed worker's jobs were already answered by whoever killed it: these rejections are ignored
+          for (const [job, r] of cur.jobs) r.reject(new NNsightError("INTERNAL", cause.message, { ...cause.details, job }));
         }
         if (this.state === "stopped") return;
         wasStarting = this.state === "starting";
@@ -161,6 +181,8 @@ export class ModelWorker extends EventEmitter {
           } else if (m.type === "failed" && m.restart) {
             // rank 0 cannot go on (its group broke): answer the job with why, then restart the group
             breakDown(new NNsightError("INTERNAL", `the tensor-parallel group for ${this.id} broke while running this job (${m.error.code}: ${m.error.message}); the job was lost, the group restarts (all ${procs.length} ranks)`, { cause: m.error.code }), `rank 0: ${m.error.message}`);
+          } else if (m.type === "many") {
+            for (const x of m.messages) this.onMessage(x);
           } else this.onMessage(m);
         });
         proc.on("error", () => {}); // reported through "exit"
@@ -180,28 +202,45 @@ export class ModelWorker extends EventEmitter {
 
   private onMessage(m: WorkerMessage): void {
     const cur = this.current;
-    if (!cur || !("job" in m) || m.job !== cur.job) return;
+    const r = cur && "job" in m ? cur.jobs.get(m.job) : undefined;
+    if (!cur || !r) return;
     if (m.type === "log") {
-      cur.onLog(m.json, m.bytes);
+      r.onLog(m.json, m.bytes);
       return;
     }
-    this.current = null;
-    this.state = "ready";
-    if (cur.abortTimer) clearTimeout(cur.abortTimer);
-    if (m.type === "done") cur.resolve({ json: m.json, bytes: m.bytes });
-    else if (m.type === "failed") cur.reject(errorFromJSON(m.error));
-    this.emit("ready");
+    if (m.type !== "done" && m.type !== "failed") return;
+    cur.jobs.delete(m.job);
+    if (cur.jobs.size === 0) {
+      this.current = null;
+      this.state = "ready";
+      if (cur.abortTimer) clearTimeout(cur.abortTimer);
+    } else this.armKill(cur);
+    if (m.type === "done") r.resolve({ json: m.json, bytes: m.bytes, shared: m.shared });
+    else r.reject(errorFromJSON(m.error));
+    if (this.current === null) this.emit("ready");
   }
 
   /** Run one job (the worker must be idle). */
-  run(req: Omit<RunRequest, "type">, onLog: Current["onLog"]): Promise<{ json: string; bytes: Uint8Array }> {
+  run(req: Omit<RunRequest, "type">, onLog: RunningJob["onLog"]): Promise<JobOutput> {
+    return this.runBatch([{ req, onLog }])[0]!;
+  }
+
+  /**
+   * Run several jobs as one batch (a single worker; see worker.ts BatchRequest): one promise per job,
+   * settled as the worker answers that job. The worker is busy until every job is answered.
+   */
+  runBatch(jobs: JobToRun[]): Array<Promise<JobOutput>> {
     const proc = this.procs?.[0];
-    if (!this.idle || !proc) return Promise.reject(new NNsightError("INTERNAL", "the worker is not idle"));
+    if (!this.idle || !proc || jobs.length === 0 || (jobs.length > 1 && this.world > 1)) {
+      return jobs.map(() => Promise.reject(new NNsightError("INTERNAL", "the worker is not idle")));
+    }
     this.state = "busy";
-    return new Promise((resolve, reject) => {
-      this.current = { job: req.job, onLog, resolve, reject };
-      proc.send({ type: "run", ...req } satisfies RunRequest);
-    });
+    const cur: Current = { jobs: new Map() };
+    const out = jobs.map(({ req, onLog }) => new Promise<JobOutput>((resolve, reject) => cur.jobs.set(req.job, { onLog, resolve, reject })));
+    this.current = cur;
+    if (jobs.length === 1) proc.send({ type: "run", ...jobs[0]!.req } satisfies RunRequest);
+    else proc.send({ type: "batch", jobs: jobs.map((j) => j.req) } satisfies BatchRequest);
+    return out;
   }
 
   /**
@@ -213,13 +252,25 @@ export class ModelWorker extends EventEmitter {
   kill(job: string, graceMs = 1500): void {
     const cur = this.current;
     const procs = this.procs;
-    if (cur?.job !== job || !procs) return;
+    const r = cur?.jobs.get(job);
+    if (!cur || !r || !procs) return;
+    r.stopping = true;
     procs[0]!.send({ type: "abort", job });
+    this.graceMs = graceMs;
+    this.armKill(cur);
+  }
+
+  private graceMs = 1500;
+
+  /** A batch is killed only once all its unanswered jobs were stopped: the others' results still come. */
+  private armKill(cur: Current): void {
+    const procs = this.procs;
+    if (!procs || cur.abortTimer || [...cur.jobs.values()].some((x) => !x.stopping)) return;
     cur.abortTimer = setTimeout(() => {
       if (this.current !== cur || this.procs !== procs) return;
       cur.killed = true;
       for (const p of procs) p.kill("SIGKILL");
-    }, graceMs);
+    }, this.graceMs);
     cur.abortTimer.unref();
   }
 

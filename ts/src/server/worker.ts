@@ -13,7 +13,7 @@ import { NNsightError } from "../errors.js";
 import { collectTensors } from "../tensor/scope.js";
 import { Tensor } from "../tensor/tensor.js";
 import { LanguageModel } from "../trace/model.js";
-import { executeSession, executeTrace } from "../trace/runner.js";
+import { type BatchItem, executeSession, executeTrace, executeTraceBatch, prepareBatchItem } from "../trace/runner.js";
 import { deserializeGraph } from "../trace/serialize.js";
 import type { ServedTokenizer } from "../remote/protocol.js";
 import { native } from "../native/binding.js";
@@ -45,6 +45,17 @@ export interface RunRequest {
   maxResultBytes: number;
 }
 
+/**
+ * Several queued jobs at once (a single worker only): plain traces whose rows have the same length run
+ * in one forward pass, each on its own rows (runner.ts executeTraceBatch), the rest one after another.
+ * Each job is answered on its own (done / failed); a batch that fails is rerun job by job, so a job that
+ * fails does not fail the others.
+ */
+export interface BatchRequest {
+  type: "batch";
+  jobs: Array<Omit<RunRequest, "type">>;
+}
+
 /** Stop a job at its next step boundary (cancel or time-out) without restarting the worker. */
 export interface AbortRequest {
   type: "abort";
@@ -58,9 +69,12 @@ export type WorkerMessage =
   | { type: "ready"; config: Record<string, unknown>; generationConfig: Record<string, unknown>; numLayers: number; tokenizer: ServedTokenizer }
   | { type: "fatal"; error: ErrorJSON }
   | { type: "log"; job: string; json: string; bytes: Uint8Array }
-  | { type: "done"; job: string; json: string; bytes: Uint8Array }
+  /** shared: the number of jobs whose rows were in the forward pass (absent: the job ran alone) */
+  | { type: "done"; job: string; json: string; bytes: Uint8Array; shared?: number }
   /** restart: the worker (group) cannot run another job and must be restarted */
-  | { type: "failed"; job: string; error: ErrorJSON; restart?: boolean };
+  | { type: "failed"; job: string; error: ErrorJSON; restart?: boolean }
+  /** the answers of a shared pass's jobs, in one message */
+  | { type: "many"; messages: Array<Extract<WorkerMessage, { type: "done" | "failed" }>> };
 
 const send = (m: WorkerMessage): void => {
   process.send?.(m);
@@ -146,18 +160,95 @@ async function run(model: LanguageModel, m: GroupJob & { maxResultBytes?: number
     }
     if (error !== null) throw error;
     if (!root) return;
-    out ??= encodeRunResult(res!, { meta: m.scan });
-    const size = out.json.length + out.bytes.length;
-    if (size > (m.maxResultBytes ?? Infinity)) {
-      throw new NNsightError("TOO_LARGE", `the result is ${size} bytes; this server returns at most ${m.maxResultBytes} bytes per job (return or save less)`);
-    }
-    send({ type: "done", job: m.job, json: out.json, bytes: out.bytes });
+    if (out) {
+      const size = out.json.length + out.bytes.length;
+      if (size > (m.maxResultBytes ?? Infinity)) {
+        throw new NNsightError("TOO_LARGE", `the result is ${size} bytes; this server returns at most ${m.maxResultBytes} bytes per job (return or save less)`);
+      }
+      send({ type: "done", job: m.job, json: out.json, bytes: out.bytes });
+    } else sendResult({ ...m, maxResultBytes: m.maxResultBytes ?? Infinity }, res!);
   } catch (e) {
     if (root) send({ type: "failed", job: m.job, error: errorToJSON(e) });
     else process.stderr.write(`rank ${channel?.rank}: job ${m.job} failed: ${(e as Error)?.message ?? e}\n`);
   } finally {
     for (const t of owned) t.dispose();
   }
+}
+
+/** Answer a job with its result (TOO_LARGE past the limit). */
+function sendResult(m: Omit<RunRequest, "type">, res: RunResult, shared?: number, to: (msg: WorkerMessage) => void = send): void {
+  const out = encodeRunResult(res, { meta: m.scan });
+  const size = out.json.length + out.bytes.length;
+  if (size > m.maxResultBytes) {
+    throw new NNsightError("TOO_LARGE", `the result is ${size} bytes; this server returns at most ${m.maxResultBytes} bytes per job (return or save less)`);
+  }
+  to({ type: "done", job: m.job, json: out.json, bytes: out.bytes, ...(shared ? { shared } : {}) });
+}
+
+/** A batch (see BatchRequest): groups of batchable traces of one row length share a pass; the rest run alone. */
+async function runBatch(model: LanguageModel, jobs: Array<Omit<RunRequest, "type">>, ctx: RunContext): Promise<void> {
+  const alone: Array<Omit<RunRequest, "type">> = [];
+  const groups = new Map<number, Array<{ m: Omit<RunRequest, "type">; item: BatchItem }>>();
+  for (const m of jobs) {
+    let item: BatchItem | null = null;
+    let attachments: Tensor[] = [];
+    try {
+      const d = deserializeGraph({ json: m.graph, attachments: m.attachments });
+      attachments = d.attachments;
+      if (d.graph.kind === "trace" && !m.scan) item = prepareBatchItem(model, d.graph, attachments);
+    } catch {
+      item = null; // run alone, which reports the error
+    }
+    if (!item) {
+      for (const t of attachments) t.dispose();
+      alone.push(m);
+      continue;
+    }
+    let g = groups.get(item.length);
+    if (!g) groups.set(item.length, (g = []));
+    g.push({ m, item });
+  }
+  for (const group of groups.values()) {
+    const release = () => {
+      for (const { item } of group) for (const t of item.attachments) t.dispose();
+    };
+    if (group.length === 1) {
+      release();
+      alone.push(group[0]!.m);
+      continue;
+    }
+    let results;
+    try {
+      results = await executeTraceBatch(model, group.map((x) => x.item));
+    } catch {
+      // one graph failed the shared pass: every job runs again alone and answers for itself
+      release();
+      for (const { m } of group) alone.push(m);
+      continue;
+    }
+    // one message for the whole pass (one write, one wake-up of the front end)
+    const answers: Array<Extract<WorkerMessage, { type: "done" | "failed" }>> = [];
+    const collect = (msg: WorkerMessage) => {
+      if (msg.type === "done" || msg.type === "failed") answers.push(msg);
+    };
+    results.forEach((r, k) => {
+      const { m } = group[k]!;
+      const owned = new Set<Tensor>();
+      try {
+        const res: RunResult = { result: r.result, saved: r.saved };
+        collectTensors(res.result, owned, isTensor);
+        for (const v of res.saved.values()) collectTensors(v, owned, isTensor);
+        sendResult(m, res, group.length, collect);
+      } catch (e) {
+        answers.push({ type: "failed", job: m.job, error: errorToJSON(e) });
+      } finally {
+        for (const t of owned) t.dispose();
+      }
+    });
+    send({ type: "many", messages: answers });
+    release();
+  }
+  for (const m of alone) await run(model, m, ctx);
 }
 
 /** Load the model (its shard, in a group) and cap single allocations; reports `fatal` and exits on failure. */
@@ -219,9 +310,23 @@ function serveJobs(model: LanguageModel, channel: JobChannel | null): void {
         });
     }, heartbeatMs);
   };
-  process.on("message", (m: RunRequest | AbortRequest) => {
+  process.on("message", (m: RunRequest | BatchRequest | AbortRequest) => {
     if (m?.type === "abort") {
       aborted.add(m.job);
+      return;
+    }
+    if (m?.type === "batch" && !channel) {
+      pending++;
+      chain = chain
+        .then(() => runBatch(model, m.jobs, { root: true, channel }))
+        .catch((e) => {
+          // not expected (runBatch answers each job itself); the front end ignores answers to answered jobs
+          for (const j of m.jobs) send({ type: "failed", job: j.job, error: errorToJSON(e) });
+        })
+        .finally(() => {
+          for (const j of m.jobs) aborted.delete(j.job);
+          pending--;
+        });
       return;
     }
     if (!m || m.type !== "run") return;

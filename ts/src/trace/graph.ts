@@ -17,6 +17,7 @@ import { z } from "zod";
 
 import { NNsightError } from "../errors.js";
 import type { GenerateOptions } from "../models/generate.js";
+import { CONTROL_OPS } from "./ops.js";
 
 export const GRAPH_VERSION = 1;
 
@@ -270,4 +271,33 @@ export function refsOf(a: Arg, out: number[] = []): number[] {
   if (isTensorRef(a)) return out;
   for (const v of Object.values(a)) refsOf(v, out);
   return out;
+}
+
+/**
+ * The control ops a graph may use and still share a forward pass: module reads. Every other control op
+ * keeps it alone, `swap` too: alone, a replaced value is used as it is (its dtype, its layout), while in a
+ * shared pass it would be copied into the batch's rows (in-place edits, `set`, are shareable).
+ */
+const SHAREABLE_CONTROL: ReadonlySet<string> = new Set(["module"]);
+const CONTROL: ReadonlySet<string> = new Set(CONTROL_OPS);
+
+/**
+ * Whether a graph may run in one forward pass with other graphs, each on its own rows: a plain trace
+ * (no generation) whose every invoke has an input, no blocks, whose module reads each belong to an
+ * invoke (so they see only that invoke's rows) and address the module's own call, and no control op
+ * but module reads (no swap, skip, stop, cache, module calls, or logs, which a rerun after a failure
+ * would repeat). Tensor ops and in-place edits are fine. Checked by the front end to pick jobs and again
+ * by the worker.
+ */
+export function batchableGraph(g: TraceGraph): boolean {
+  if (g.kind !== "trace" || g.blocks.length > 0 || g.invokes.length === 0 || g.invokes.some((i) => i.input === null)) return false;
+  for (const n of g.nodes) {
+    if ((CONTROL.has(n.op) && !SHAREABLE_CONTROL.has(n.op)) || n.block !== null || n.step !== 0) return false;
+    if (n.op === "module") {
+      if (n.invoke === null) return false;
+      const c = n.args[2];
+      if (c !== undefined && c !== null && c !== 0) return false;
+    }
+  }
+  return true;
 }

@@ -51,7 +51,7 @@ export interface TraceOptions {
    * name the user's source line of the failing node in error messages. `true` (the default): found when
    * such an error leaves the trace, by recording the callback once more (it only records, so anything
    * else it does, such as logging, happens a second time then); `"eager"`: captured for every node while
-   * recording (about 4 µs a node; sessions and remote models always do this); `false`: never.
+   * recording (about 4 µs a node; sessions and remote models with edits always do this); `false`: never.
    */
   sourceLines?: boolean | "eager";
 }
@@ -69,7 +69,8 @@ export interface BackendResult {
  * RemoteJob when `opts.blocking === false`.
  */
 export interface TraceBackend {
-  run(req: { graph: AnyGraph; attachments: Tensor[]; scan: boolean; opts: TraceOptions }, finish: (r: BackendResult) => unknown): Promise<unknown>;
+  /** mapError: what a job's error becomes (a lazily sourced graph names the failing node's line) */
+  run(req: { graph: AnyGraph; attachments: Tensor[]; scan: boolean; opts: TraceOptions; mapError?: (e: unknown) => unknown }, finish: (r: BackendResult) => unknown): Promise<unknown>;
 }
 
 /** `envoy.source` of a module whose forward has operations `K`. */
@@ -196,10 +197,11 @@ export class LanguageModel extends CausalLM {
     this._checkAlive();
     const editNodes = this._edits.reduce((n, e) => n + e.graph.nodes.length, 0);
     const rec = new Recorder(this, kind, firstId + editNodes);
-    // sessions (one callback records several traces) and remote graphs (their lines travel to the
-    // server) capture while recording; local traces find a failing node's line when an error needs it
+    // sessions (one callback records several traces) and remote graphs with edits (their lines travel to
+    // the server) capture while recording; local and remote traces find a failing node's line when an
+    // error naming it comes back (remote: the client adds it, as locally)
     if (sourceLines === false) rec.sources = "off";
-    else if (sourceLines === "eager" || sessionPeers.length > 0 || this._backend) rec.sources = "eager";
+    else if (sourceLines === "eager" || sessionPeers.length > 0 || (this._backend && this._edits.length > 0)) rec.sources = "eager";
     else {
       rec.sources = "lazy";
       rec.lazySource = replaySources(() => this.recordTrace(kind, input, fn, firstId, [], "eager").graph.nodes);
@@ -261,7 +263,12 @@ export class LanguageModel extends CausalLM {
         publish(rec, res.result, res.saved, graph);
         return mergeResult(res.result);
       };
-      return (await this._backend.run({ graph, attachments, scan, opts }, finish)) as Value;
+      const mapError = (e: unknown) => withSourceLine(e, graph, rec);
+      try {
+        return (await this._backend.run({ graph, attachments, scan, opts, mapError }, finish)) as Value;
+      } catch (e) {
+        throw mapError(e);
+      }
     }
     if (opts.blocking === false) throw new NNsightError("UNSUPPORTED", "{ blocking: false } needs a remote model (LanguageModel.connect)");
     let g = graph, att = attachments;

@@ -11,7 +11,8 @@ import { native } from "../native/binding.js";
 import { OwnedScope, collectTensors } from "../tensor/scope.js";
 import { Tensor, fromArray } from "../tensor/tensor.js";
 import type { GenerateOptions } from "../models/generate.js";
-import { type Arg, type GraphNode, STREAM_TAG, type SessionGraph, type TraceGraph } from "./graph.js";
+import type { ModuleHooks } from "../models/transformer.js";
+import { type Arg, type GraphNode, STREAM_TAG, type SessionGraph, type TraceGraph, batchableGraph } from "./graph.js";
 import { type InterleaveContext, Interleaver, type RowRange, StopSignal } from "./interleaver.js";
 import type { Value } from "./ops.js";
 
@@ -223,4 +224,106 @@ export function mergeResult(result: Value): Value {
     }
   }
   return out;
+}
+
+// ------------------------------------------------------------------ batches of jobs (the service)
+/** A graph prepared to share a pass: its rows, and their common length (null where it cannot share one). */
+export interface BatchItem {
+  graph: TraceGraph;
+  attachments: Tensor[];
+  rows: Row[];
+  ranges: RowRange[];
+  /** the length of every row: graphs share a pass only with graphs of the same length (no padding) */
+  length: number;
+}
+
+/** A batchable graph's rows, or null (not batchable, or rows of different lengths, or padded ones). */
+export function prepareBatchItem(model: CausalLM, graph: TraceGraph, attachments: Tensor[]): BatchItem | null {
+  // Only where a row computes the same bits whatever rows share its pass (TransformerLM.rowsIndependent:
+  // every weight packed for the CPU GEMM). Unpacked weights (bf16, converted dtypes) take another summation
+  // order for a few rows than for many, and GPU libraries promise nothing: those models run every job alone.
+  if (!batchableGraph(graph) || !model._lm.rowsIndependent()) return null;
+  const { rows, ranges } = invokeRows(model, graph);
+  const length = rows[0]!.ids.length;
+  for (const r of rows) if (r.ids.length !== length || r.mask.some((m) => m !== 1)) return null;
+  return { graph, attachments, rows, ranges: ranges as RowRange[], length };
+}
+
+/** Hooks that run each graph's interleaver around the same module call, each on its own rows. */
+function composeHooks(ils: Interleaver[]): ModuleHooks {
+  return {
+    call: <T extends Tensor | Tensor[]>(path: string, inputs: Tensor[], body: (x: Tensor[]) => T): T => {
+      let f = body;
+      for (let i = ils.length - 1; i >= 0; i--) {
+        const il = ils[i]!;
+        if (!il.wants(path)) continue;
+        const inner = f;
+        f = (x: Tensor[]) => il.call(path, x, inner);
+      }
+      return f(inputs);
+    },
+    wants: (path: string, kind?: "input" | "output") => ils.some((il) => il.wants(path, kind)),
+  };
+}
+
+/**
+ * Run several batchable graphs of the same row length in ONE forward pass: the rows of all of them
+ * form one batch, and each graph's interleaver sees only its own rows (its invokes' ranges moved to
+ * where its rows sit). Every row is computed as it would be alone (no padding; the kernels treat rows
+ * independently), so each result equals that graph's own executeTrace bit for bit
+ * (test/remote/batching.test.ts). Any error fails the whole call: the caller reruns the graphs alone,
+ * so a graph that fails does not fail the others.
+ */
+export async function executeTraceBatch(model: CausalLM, items: BatchItem[]): Promise<ExecResult[]> {
+  if (items.some((it) => it.length !== items[0]!.length)) throw new NNsightError("INTERNAL", "a batch of graphs with rows of different lengths");
+  const rows: Row[] = [];
+  const offsets: number[] = [];
+  for (const it of items) {
+    offsets.push(rows.length);
+    rows.push(...it.rows);
+  }
+  const scope = new OwnedScope();
+  const events = eventOrderOf(model);
+  const ils = items.map(
+    (it, k) =>
+      new Interleaver({
+        graph: it.graph,
+        lm: model._lm,
+        events,
+        attachments: it.attachments,
+        rows: it.ranges.map((r) => ({ start: r.start + offsets[k]!, count: r.count })),
+        batchSize: rows.length,
+        outer: new Map(),
+        scope,
+        kind: "trace",
+      }),
+  );
+  try {
+    for (const il of ils) il.beginStep(0);
+    const active = ils.filter((_, k) => items[k]!.graph.nodes.length > 0);
+    const logits = model._forwardRows(rows, active.length ? composeHooks(active) : null);
+    logits.dispose();
+    for (const il of ils) il.endStep();
+    for (const il of ils) il.runPost(null);
+    await native.sync();
+    const keepSet = new Set<Tensor>();
+    const out: ExecResult[] = ils.map((il, k) => {
+      const g = items[k]!.graph;
+      const result = il.resolveLenient(g.result as Arg, null);
+      const saved = new Map<number, Value>();
+      for (const id of g.saves) saved.set(id, il.resolveLenient({ $ref: id }, null));
+      collectTensors(result, keepSet, isTensor);
+      for (const v of saved.values()) collectTensors(v, keepSet, isTensor);
+      return { result, saved, values: il.values, stopped: false };
+    });
+    for (const t of keepSet) {
+      const err = native.errorOf(t._handle());
+      if (err) throw toNNsightError(err);
+    }
+    scope.close(keepSet);
+    return out;
+  } catch (e) {
+    scope.close(new Set());
+    throw e;
+  }
 }

@@ -41,6 +41,7 @@
 #include <unordered_map>
 #include <vector>
 
+#include "spin.h"
 #include "tensor.h"
 
 namespace nx {
@@ -64,6 +65,9 @@ class Executor {
   void after(std::function<void()> fn);
   // Block the caller until all work queued so far has run.
   void sync();
+  // What sync() does once the work is done (the host allocation cache's epoch), for a task queued with
+  // after() that stands in for a sync: call it from that task, on the executor thread.
+  void sync_point();
   // Inline mode (NX_SYNC=1): run every task on the caller's thread at submit time (debugging).
   bool inline_mode() const { return inline_; }
   size_t pending();
@@ -104,6 +108,7 @@ class Executor {
   int throttled_ = 0;                // submitters waiting on throttle_cv_ for inflight_ <= limit / 2
   std::condition_variable throttle_cv_;
   bool sleeping_ = false;
+  SpinBudget budget_;  // how long loop() spins for the next op before sleeping (spin.h)
   bool stop_ = false;
   bool inline_ = false;
   std::thread thread_;

@@ -1,8 +1,11 @@
 // threadpool.cpp: the one pool every CPU kernel shares (declared in kernels/common.h).
 //
-// Workers spin briefly, then sleep on a condition variable, so back-to-back kernels (a forward pass
-// issues hundreds) do not pay a futex wake-up each, while an idle process burns no CPU. The caller
-// of parallel_for takes part as worker 0. A parallel_for issued from inside a task runs serially.
+// Workers spin while kernels are coming and sleep on a condition variable once they stop, so back-to-back
+// kernels (a forward pass issues hundreds) do not pay a futex wake-up each, while an idle process burns no
+// CPU. How long they spin is learned from the gaps between parallel regions and bounded (spin.h); the
+// executor cuts the spin short when it goes to sleep itself, and wakes the workers as soon as it wakes
+// (pool.h). The caller of parallel_for takes part as worker 0. A parallel_for
+// issued from inside a task runs serially.
 #include <atomic>
 #include <exception>
 #include <condition_variable>
@@ -11,6 +14,8 @@
 #include <vector>
 
 #include "../../../kernels/common.h"
+#include "pool.h"
+#include "spin.h"
 
 namespace nx {
 namespace {
@@ -49,13 +54,22 @@ class Pool {
     begin_ = begin;
     end_ = end;
     nchunks_ = nchunks;
-    next_chunk_.store(0);
+    // pending_ before next_chunk_: a worker still leaving the previous region may claim a chunk of this
+    // one as soon as next_chunk_ is reset, and its completion must count against this region's total
     pending_.store(nchunks);
-    {
-      std::lock_guard<std::mutex> lk(mu_);
-      generation_.fetch_add(1, std::memory_order_acq_rel);
+    next_chunk_.store(0);
+    region_start_ns_.store(spin_now_ns(), std::memory_order_relaxed);  // published by the generation bump
+    // seq_cst on both sides (here: bump, then read sleepers_; a worker: count itself in sleepers_, then
+    // read the generation) means at least one of the two sees the other, so no wake-up is lost; the
+    // futex call is made only when some worker is really asleep
+    generation_.fetch_add(1, std::memory_order_seq_cst);
+    // waking_: a worker already notified but not yet running (tens of microseconds on a loaded machine)
+    // needs no second futex call from the regions issued meanwhile; it clears the flag once awake, before
+    // it reads the generation, so it cannot miss the region whose wake-up was skipped
+    if (sleepers_.load(std::memory_order_seq_cst) > 0 && !waking_.exchange(true, std::memory_order_seq_cst)) {
+      { std::lock_guard<std::mutex> lk(mu_); }  // a worker between its check and its wait holds mu_
+      cv_.notify_all();
     }
-    cv_.notify_all();
     work_until_done();
     // the other chunks finish within microseconds: pause-spin (a sched_yield syscall per check cost ~4%
     // of decode time), yielding only if a worker was descheduled
@@ -101,26 +115,54 @@ class Pool {
     }
   }
   void worker_loop(int) {
-    uint64_t seen = 0;
+    uint64_t seen = generation_seen();
+    int64_t quiet_since = spin_now_ns();  // when this worker last had (or was told of) work
     for (;;) {
-      // spin a little before sleeping: kernels come in bursts
-      bool got = false;
-      for (int spin = 0; spin < 2000; spin++) {
-        if (generation_seen() != seen || stop_) { got = true; break; }
-#if defined(__x86_64__)
-        __builtin_ia32_pause();
-#endif
-      }
-      if (!got) {
-        std::unique_lock<std::mutex> lk(mu_);
-        cv_.wait(lk, [&] { return generation_.load() != seen || stop_; });
+      bool slept = false;
+      if (generation_seen() == seen && !stop_) {
+        const int64_t budget = budget_.ns();
+        const SpinEnd end = spin_wait(
+            [&] { return generation_seen() != seen || stop_; },
+            [&] { return quiet_since + budget; },
+            [&] { return executor_idle_.load(std::memory_order_relaxed); });
+        if (end == SpinEnd::kPreempted) budget_.preempted();
+        if (end != SpinEnd::kReady) {
+          std::unique_lock<std::mutex> lk(mu_);
+          const uint64_t prewake = prewake_;
+          sleepers_.fetch_add(1, std::memory_order_seq_cst);
+          cv_.wait(lk, [&] { return generation_.load(std::memory_order_seq_cst) != seen || stop_ || prewake_ != prewake; });
+          sleepers_.fetch_sub(1, std::memory_order_seq_cst);
+          waking_.store(false, std::memory_order_seq_cst);
+          slept = true;
+        }
       }
       if (stop_) return;
-      seen = generation_seen();
+      const uint64_t g = generation_seen();
+      if (g == seen) {  // woken ahead of work (pool_executor_awake): spin again from now
+        quiet_since = spin_now_ns();
+        continue;
+      }
+      budget_.learn(region_start_ns_.load(std::memory_order_relaxed) - quiet_since, slept);
+      seen = g;
       work_until_done();
+      quiet_since = spin_now_ns();
     }
   }
   uint64_t generation_seen() { return generation_.load(std::memory_order_acquire); }
+
+ public:
+  void executor_idle() { executor_idle_.store(true, std::memory_order_relaxed); }
+  void executor_awake() {
+    executor_idle_.store(false, std::memory_order_relaxed);
+    if (sleepers_.load(std::memory_order_seq_cst) == 0 || waking_.exchange(true, std::memory_order_seq_cst)) return;
+    {
+      std::lock_guard<std::mutex> lk(mu_);
+      prewake_++;
+    }
+    cv_.notify_all();
+  }
+
+ private:
   void stop_workers() {
     {
       std::lock_guard<std::mutex> lk(mu_);
@@ -138,6 +180,12 @@ class Pool {
   std::condition_variable cv_;
   std::atomic<uint64_t> generation_{0};
   std::atomic<bool> stop_{false};
+  std::atomic<int> sleepers_{0};            // workers waiting on cv_
+  std::atomic<bool> waking_{false};         // sleepers were notified and have not all woken yet
+  uint64_t prewake_ = 0;                    // bumped (under mu_) by executor_awake
+  std::atomic<int64_t> region_start_ns_{0};  // when the current region was issued
+  std::atomic<bool> executor_idle_{false};   // the executor is asleep: nothing is coming
+  SpinBudget budget_;                        // shared by the workers: they all see the same gaps
   const std::function<void(int64_t, int64_t)>* fn_ = nullptr;
   int64_t begin_ = 0, end_ = 0;
   int nchunks_ = 0;
@@ -161,6 +209,8 @@ void parallel_for(int64_t begin, int64_t end, int64_t grain, const std::function
   pool().run(begin, end, grain, fn);
 }
 int num_threads() { return pool().size(); }
+void pool_executor_idle() { pool().executor_idle(); }
+void pool_executor_awake() { pool().executor_awake(); }
 void set_num_threads(int n) { pool().resize(n); }
 
 }  // namespace nx

@@ -154,6 +154,11 @@ class Pool {
   void executor_idle() { executor_idle_.store(true, std::memory_order_relaxed); }
   void executor_awake() {
     executor_idle_.store(false, std::memory_order_relaxed);
+    // only a process that ran parallel regions lately (kProbablyParallelNs) gets its workers woken ahead:
+    // one whose ops are all single-threaded (a server running a tiny model) would pay a futex call and a
+    // worker's useless spin per burst
+    constexpr int64_t kProbablyParallelNs = 100'000'000;
+    if (spin_now_ns() - region_start_ns_.load(std::memory_order_relaxed) > kProbablyParallelNs) return;
     if (sleepers_.load(std::memory_order_seq_cst) == 0 || waking_.exchange(true, std::memory_order_seq_cst)) return;
     {
       std::lock_guard<std::mutex> lk(mu_);

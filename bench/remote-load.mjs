@@ -3,7 +3,8 @@
  * Load on the remote service: starts `nnsight serve` (the bundled model) on 127.0.0.1, connects N
  * clients (default 64), each sending M small traces (default 100) one after another, all clients at
  * once. Prints ONE JSON line: throughput (traces/s), p50/p99 latency (ms), errors, and the RSS of the
- * server front end and its model worker before and after.
+ * server front end and its model worker before and after, the CPU seconds each process used during the run
+ * (`cpu_s`: spinning threads show there) and the load average.
  *
  *   node bench/remote-load.mjs [--clients 64] [--traces 100] [--threads N] [--url http://127.0.0.1:PORT]
  *
@@ -57,6 +58,17 @@ if (!url) {
 }
 const pids = server ? [server.pid, ...childrenOf(server.pid)] : [];
 const rss = () => Object.fromEntries(pids.map((p, i) => [i === 0 ? "server" : `worker${i}`, rssMiB(p)]));
+// CPU seconds each process used during the run (user + system): spinning threads show up here even when
+// throughput hides them (the processes share the machine's cores)
+const cpuSecOf = (pid) => {
+  try {
+    const f = readFileSync(`/proc/${pid}/stat`, "utf8").split(") ")[1].split(" ");
+    return (Number(f[11]) + Number(f[12])) / 100;  // utime, stime in clock ticks (USER_HZ = 100 on Linux)
+  } catch {
+    return null;
+  }
+};
+const cpuSec = () => ({ ...Object.fromEntries(pids.map((p, i) => [i === 0 ? "server" : `worker${i}`, cpuSecOf(p)])), client: (process.cpuUsage().user + process.cpuUsage().system) / 1e6 });
 
 const P = "Once upon a time";
 const clients = await Promise.all(Array.from({ length: CLIENTS }, () => LanguageModel.connect(url, "stories260K", { apiKey: process.env.NNSIGHT_API_KEY })));
@@ -68,6 +80,7 @@ const clientRssBefore = Math.round(process.memoryUsage().rss / 104857.6) / 10;
 const lat = [];
 let errors = 0;
 const firstErrors = [];
+const cpuBefore = cpuSec();
 const t0 = performance.now();
 await Promise.all(
   clients.map(async (m) => {
@@ -86,6 +99,7 @@ await Promise.all(
 );
 const wall = (performance.now() - t0) / 1000;
 const rssAfter = rss();
+const cpuAfter = cpuSec();
 await Promise.all(clients.map((m) => m.dispose()));
 if (server) {
   const exited = new Promise((r) => server.once("exit", r));
@@ -107,6 +121,8 @@ console.log(
     throughput_per_s: Math.round((lat.length / wall) * 10) / 10,
     p50_ms: q(0.5),
     p99_ms: q(0.99),
+    cpu_s: Object.fromEntries(Object.entries(cpuAfter).map(([k, v]) => [k, v === null || cpuBefore[k] === null ? null : Math.round((v - cpuBefore[k]) * 100) / 100])),
+    loadavg: readFileSync("/proc/loadavg", "utf8").split(" ").slice(0, 3).map(Number),
     rss_mib_before: { ...rssBefore, client: clientRssBefore },
     rss_mib_after: { ...rssAfter, client: Math.round(process.memoryUsage().rss / 104857.6) / 10 },
   }),

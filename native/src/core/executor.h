@@ -24,6 +24,10 @@
 // GPT-2 prefill). Waiting costs no throughput: the queue still holds work while recording refills it.
 // The executor thread itself is never made to wait.
 //
+// Waiting: with nothing queued the executor thread spins for a learned budget (at most NX_SPIN_US, default
+// 2 ms; none while other threads wait for a CPU), then sleeps; it tells the thread pool when it sleeps and
+// wakes, so the pool's workers sleep and wake with it (spin.h, pool.h).
+//
 // Profiling (NX_PROFILE=1, or set_profiling(true)): the executor times every task it runs and adds the
 // wall time to a table keyed by the label the submitter gave (op name and shape class, see ops.cpp),
 // plus "(idle)": time the executor waited for work with nothing queued (JS recording slower than the

@@ -16,8 +16,8 @@
 //   - a spin that lost its core (the clock jumped by more than kPreemptedNs between two checks: another
 //     runnable thread, of this process or another, needed the core) stops at once, sleeps, and halves the
 //     budget: on an oversubscribed machine spinning only delays the thread that has real work;
-//   - while other threads are waiting for a CPU (cpu_contended(): the kernel's CPU pressure), waiters do
-//     not spin at all and the budget does not grow. The scheduler does not preempt a spinner at once when
+//   - while other threads are waiting for a CPU (cpu_contended(): more runnable tasks than CPUs), waiters
+//     do not spin at all and the budget does not grow. The scheduler does not preempt a spinner at once when
 //     a thread wakes, so a spinner rarely notices that it is in the way: on a loaded machine three
 //     processes sharing 2 cores served 20-45% fewer requests with spins of 2 ms and only the check above,
 //     ~10% fewer with spins of 20 us, and ~10% more with no spin at all than with the old fixed spins.
@@ -55,11 +55,11 @@ inline int64_t spin_max_ns() {
   return v;
 }
 
-// Whether runnable threads are waiting for a CPU, now or lately: the share of wall time during which at
-// least one task of the machine was runnable without a CPU (Linux PSI, /proc/pressure/cpu "some"), over
-// the time since the previous sample, above 10%. Sampled at most every 2 ms (a read of /proc costs a few
-// microseconds); where PSI is missing, whether /proc/loadavg counts more runnable tasks than CPUs.
-// Implemented in threadpool.cpp.
+// Whether threads are waiting for a CPU right now: the kernel's count of runnable tasks on the machine
+// (/proc/loadavg, the caller included) above the number of CPUs. Sampled at most every 250 us (a read of
+// /proc costs a few microseconds), so the answer may be that old. (The CPU pressure in /proc/pressure/cpu
+// would say the same over time, but its running total is only brought up to date every ~2 s.) False where
+// /proc is unreadable. Implemented in threadpool.cpp.
 bool cpu_contended();
 
 class SpinBudget {

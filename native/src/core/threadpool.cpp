@@ -218,16 +218,9 @@ Pool& pool() {
 class Contention {
  public:
   Contention() {
-    fd_ = ::open("/proc/pressure/cpu", O_RDONLY | O_CLOEXEC);
-    if (fd_ < 0 || read_psi_us() < 0) {  // no PSI (old kernel, psi=0): fall back to the runnable count
-      if (fd_ >= 0) ::close(fd_);
-      fd_ = ::open("/proc/loadavg", O_RDONLY | O_CLOEXEC);
-      psi_ = false;
-    }
+    fd_ = ::open("/proc/loadavg", O_RDONLY | O_CLOEXEC);
     unsigned hw = std::thread::hardware_concurrency();
     ncpu_ = hw == 0 ? 1 : static_cast<int>(hw);
-    last_ns_ = spin_now_ns();
-    last_total_us_ = psi_ ? read_psi_us() : 0;
   }
   bool get() {
     const int64_t now = spin_now_ns();
@@ -235,29 +228,13 @@ class Contention {
     std::unique_lock<std::mutex> lk(mu_, std::try_to_lock);
     if (!lk.owns_lock()) return contended_.load(std::memory_order_relaxed);
     checked_ns_.store(now, std::memory_order_relaxed);
-    bool c;
-    if (psi_) {
-      const int64_t total = read_psi_us();
-      c = total >= 0 && now > last_ns_ && (total - last_total_us_) * 1000 * 10 > (now - last_ns_);  // > 10%
-      if (total >= 0) last_total_us_ = total;
-      last_ns_ = now;
-    } else {
-      c = read_runnable() > ncpu_;
-    }
+    const bool c = read_runnable() > ncpu_;
     contended_.store(c, std::memory_order_relaxed);
     return c;
   }
 
  private:
-  static constexpr int64_t kEveryNs = 2'000'000;
-  int64_t read_psi_us() {  // "some avg10=.. avg60=.. avg300=.. total=<us>" on the first line
-    char buf[256];
-    ssize_t n = ::pread(fd_, buf, sizeof buf - 1, 0);
-    if (n <= 0) return -1;
-    buf[n] = '\0';
-    const char* t = std::strstr(buf, "total=");
-    return t && std::strncmp(buf, "some", 4) == 0 ? std::atoll(t + 6) : -1;
-  }
+  static constexpr int64_t kEveryNs = 250'000;
   int read_runnable() {  // "0.52 0.58 0.59 3/123 4567": runnable/total tasks, the caller included
     char buf[128];
     ssize_t n = ::pread(fd_, buf, sizeof buf - 1, 0);
@@ -268,10 +245,8 @@ class Contention {
     return p ? std::atoi(p + 1) : 0;
   }
   int fd_ = -1;
-  bool psi_ = true;
   int ncpu_ = 1;
   std::mutex mu_;
-  int64_t last_ns_ = 0, last_total_us_ = 0;
   std::atomic<int64_t> checked_ns_{0};
   std::atomic<bool> contended_{false};
 };

@@ -3,25 +3,27 @@
 // (threadpool.cpp).
 //
 // Why: waking a sleeping thread on this kind of machine (a 2-vCPU KVM guest) costs the waker a 5-15 us
-// futex syscall and the sleeper tens of microseconds before it runs again, so a multi-threaded kernel that
-// starts after a pause pays 50-100 us before the other threads join in. A fixed short spin (the old 1000
-// and 2000 `pause`s, ~25-80 us depending on load) missed gaps a little longer than itself (a bench loop's
-// round trip through the event loop, the JS work between two decode steps); a fixed long spin would burn
-// CPU in an idle process and take cores from the other processes of a machine that shares them.
+// futex syscall, and the sleeper runs 3-50 us later on a quiet machine, 100-200 us later on a loaded one,
+// so a multi-threaded kernel that starts after a pause runs on one thread until the other arrives. A fixed
+// short spin (the old 1000 and 2000 `pause`s, ~25-80 us depending on load) missed gaps a little longer
+// than itself (a bench loop's round trip through the event loop, the JS work between two decode steps); a
+// fixed long spin would burn CPU in an idle process and take cores from the other processes of a machine
+// that shares them.
 //
-// So every waiter spins for a learned budget after the last activity, then sleeps:
-//   - a wait that slept and was woken within kMaxNs was a gap worth spinning through: the budget grows to
-//     cover it (at least doubled, and 1.25x the gap);
-//   - a wait longer than kMaxNs (the process went idle) halves the budget, down to the minimum;
+// So every waiter spins for a learned budget after its last work, then sleeps:
+//   - a wait that slept and was woken within the maximum (spin_max_ns) was a gap worth spinning through:
+//     the budget grows to cover it (at least doubled, and 1.25x the gap);
+//   - a wait longer than the maximum (the process went idle) halves the budget, down to kMinNs;
 //   - a spin that lost its core (the clock jumped by more than kPreemptedNs between two checks: another
 //     runnable thread, of this process or another, needed the core) stops at once, sleeps, and halves the
-//     budget: on an oversubscribed machine spinning only delays the thread that has real work;
-//   - while other threads are waiting for a CPU (cpu_contended(): more runnable tasks than CPUs), waiters
-//     do not spin at all and the budget does not grow. The scheduler does not preempt a spinner at once when
-//     a thread wakes, so a spinner rarely notices that it is in the way: on a loaded machine three
-//     processes sharing 2 cores served 20-45% fewer requests with spins of 2 ms and only the check above,
-//     ~10% fewer with spins of 20 us, and ~10% more with no spin at all than with the old fixed spins.
-// An idle process therefore spins at most kMaxNs per thread after its last op, then burns nothing.
+//     budget;
+//   - while more threads are runnable than the machine has CPUs (cpu_contended()), waiters do not spin at
+//     all and the budget does not grow: spinning then only delays a thread with real work. The check
+//     above is not enough, because the scheduler does not preempt a spinner at once when a thread wakes,
+//     so a spinner rarely notices that it is in the way: with it alone, three processes sharing the 2
+//     cores (bench/remote-load.mjs) served 15% fewer requests than with the old fixed spins, their model
+//     worker using 40% more CPU; with this one too, as many as with the old spins, or with none.
+// An idle process therefore spins at most NX_SPIN_US per thread after its last op, then burns nothing.
 #pragma once
 #include <algorithm>
 #include <atomic>

@@ -15,7 +15,8 @@
  *
  * Timing: every timed call queues the op and awaits `native.sync()` (completion), then disposes the
  * result; warm-ups first; ms = median, best_ms = fastest. The cost of that round trip alone (a one-element
- * op + sync) is reported as `kernels.overhead` and carried in each line as overhead_ms (not subtracted).
+ * op + sync) is reported as `kernels.overhead` and carried in each line as overhead_ms (not subtracted);
+ * `kernels.idle_cpu` is the CPU the process uses once that loop stopped (waiting threads must sleep).
  */
 import { readFileSync } from "node:fs";
 import { join } from "node:path";
@@ -66,6 +67,19 @@ const ov = await timeOp(() => one.add(one), { minMs: 300, reps: 50 });
 const syncOnly = await timeit(() => native.sync(), { warmup: 5, reps: 200 });
 const overheadMs = ov.median;
 emit({ bench: "kernels.overhead", what: "one-element add + await sync()", shape: [1], threads: T, ms: round(ov.median, 4), best_ms: round(ov.best, 4), reps: ov.reps, sync_only_ms: round(syncOnly.median, 4) });
+// Idle: the executor and the pool's workers spin for a bounded, learned time after the last op, then
+// sleep (native/src/core/spin.h). CPU this process used in a 200 ms window starting 20 ms after the loop
+// above stopped, as a share of the window (~0 when nothing spins; 1 per spinning thread).
+{
+  const sleep = (ms) => new Promise((r) => setTimeout(r, ms));
+  await sleep(20);
+  const c0 = process.cpuUsage();
+  const w0 = performance.now();
+  await sleep(200);
+  const c = process.cpuUsage(c0);
+  const wall = performance.now() - w0;
+  emit({ bench: "kernels.idle_cpu", what: "process CPU / wall, 20-220 ms after the last op", shape: null, threads: T, ms: null, window_ms: round(wall, 1), cpu_frac: round((c.user + c.system) / 1000 / wall, 4), loadavg: loadAvg() });
+}
 
 const results = {};
 

@@ -4,6 +4,8 @@
 #include <chrono>
 #include <cstdlib>
 
+#include "pool.h"
+
 namespace nx {
 
 std::atomic<bool> Executor::profiling_{[] {
@@ -151,6 +153,16 @@ void Executor::sync() {
   if (epoch) host_cache_epoch();
 }
 
+void Executor::sync_point() {
+  bool epoch;
+  {
+    std::lock_guard<std::mutex> lk(mu_);
+    epoch = completed_ != epoch_mark_;  // completed_ counts every task before the caller's
+    epoch_mark_ = completed_;
+  }
+  if (epoch) host_cache_epoch();
+}
+
 size_t Executor::pending() {
   std::lock_guard<std::mutex> lk(mu_);
   return static_cast<size_t>(submitted_ - completed_);
@@ -162,22 +174,33 @@ void Executor::loop() {
     const bool prof = profiling();
     Clock::time_point idle0;
     if (prof) idle0 = Clock::now();
-    // Spin briefly for the next op (JS records ops a few microseconds apart), then sleep.
-    for (int spin = 0; spin < 1000 && queued_.load(std::memory_order_acquire) == taken_; spin++) {
-#if defined(__x86_64__)
-      __builtin_ia32_pause();
-#endif
+    // Wait for the next op: spin for the learned budget (JS records ops microseconds apart, and the next
+    // burst often follows within a millisecond), then sleep; see spin.h.
+    const int64_t wait0 = spin_now_ns();
+    const bool waited = queued_.load(std::memory_order_acquire) == taken_;
+    if (waited) {
+      const int64_t deadline = wait0 + budget_.ns();
+      const SpinEnd end = spin_wait([&] { return queued_.load(std::memory_order_acquire) != taken_; },
+                                    [&] { return deadline; }, [] { return false; });
+      if (end == SpinEnd::kPreempted) budget_.preempted();
     }
+    bool slept = false;
     {
       std::unique_lock<std::mutex> lk(mu_);
-      sleeping_ = true;
-      cv_.wait(lk, [&] { return stop_ || !queue_.empty(); });
-      sleeping_ = false;
+      if (queue_.empty() && !stop_) {
+        sleeping_ = true;
+        pool_executor_idle();  // nothing is coming: the pool's workers stop spinning too
+        cv_.wait(lk, [&] { return stop_ || !queue_.empty(); });
+        sleeping_ = false;
+        slept = true;
+      }
       if (queue_.empty()) return;  // stop requested and drained
       t = std::move(queue_.front());
       queue_.pop_front();
       taken_++;
     }
+    if (slept) pool_executor_awake();  // the workers' wake-up now overlaps this task's start
+    if (waited) budget_.learn(spin_now_ns() - wait0, slept);
     if (prof) profile_add("(idle)", ms_between(idle0, Clock::now()));  // waited with nothing queued
     if (profiling()) {  // re-read: set_profiling may have switched it on while this thread waited
       run_timed(t);

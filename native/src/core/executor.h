@@ -24,6 +24,10 @@
 // GPT-2 prefill). Waiting costs no throughput: the queue still holds work while recording refills it.
 // The executor thread itself is never made to wait.
 //
+// Waiting: with nothing queued the executor thread spins for a learned budget (at most NX_SPIN_US, default
+// 2 ms; none while other threads wait for a CPU), then sleeps; it tells the thread pool when it sleeps and
+// wakes, so the pool's workers sleep and wake with it (spin.h, pool.h).
+//
 // Profiling (NX_PROFILE=1, or set_profiling(true)): the executor times every task it runs and adds the
 // wall time to a table keyed by the label the submitter gave (op name and shape class, see ops.cpp),
 // plus "(idle)": time the executor waited for work with nothing queued (JS recording slower than the
@@ -41,6 +45,7 @@
 #include <unordered_map>
 #include <vector>
 
+#include "spin.h"
 #include "tensor.h"
 
 namespace nx {
@@ -64,6 +69,9 @@ class Executor {
   void after(std::function<void()> fn);
   // Block the caller until all work queued so far has run.
   void sync();
+  // What sync() does once the work is done (the host allocation cache's epoch), for a task queued with
+  // after() that stands in for a sync: call it from that task, on the executor thread.
+  void sync_point();
   // Inline mode (NX_SYNC=1): run every task on the caller's thread at submit time (debugging).
   bool inline_mode() const { return inline_; }
   size_t pending();
@@ -104,6 +112,7 @@ class Executor {
   int throttled_ = 0;                // submitters waiting on throttle_cv_ for inflight_ <= limit / 2
   std::condition_variable throttle_cv_;
   bool sleeping_ = false;
+  SpinBudget budget_;  // how long loop() spins for the next op before sleeping (spin.h)
   bool stop_ = false;
   bool inline_ = false;
   std::thread thread_;

@@ -386,8 +386,17 @@ void pack_b_rowmajor(const typename L::T* b, int64_t ldb, int64_t kc, int64_t nc
     int64_t nr = std::min<int64_t>(NR, nc - j0);
     float* d = dst + j0 * kc;
     if (nr == NR) {
+      // The rows of a panel are ldb apart (12 KiB for GPT-2's c_fc): too far for the hardware
+      // prefetchers to follow, so each row's lines were demand misses. Fetch the row kPackAhead rows on
+      // while packing this one (M=128, N=3072, K=768 on 2 threads: ~2-3% faster, best of 6 A/B rounds).
+      constexpr int64_t kPackAhead = 16;
+      constexpr int64_t kRowBytes = NR * static_cast<int64_t>(sizeof(typename L::T));
       for (int64_t k = 0; k < kc; k++) {
         const typename L::T* s = b + k * ldb + j0;
+        if (k + kPackAhead < kc) {
+          const char* q = reinterpret_cast<const char*>(s + kPackAhead * ldb);
+          for (int64_t o = 0; o < kRowBytes + 63; o += 64) __builtin_prefetch(q + o, 0, 3);
+        }
 #pragma GCC unroll 4
         for (int j = 0; j < NV; j++) vstore(d + k * NR + j * VL, L::vec(s + j * VL));
       }

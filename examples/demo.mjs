@@ -63,7 +63,7 @@ try {
     legend: "restored",
   }));
   console.log(`   heat map: ${file}`);
-  console.log(`\ndone in ${((performance.now() - started) / 1000).toFixed(1)} s. More in examples/: logit-lens, patching, steering, head-ablation.`);
+  console.log(`\ndone in ${((performance.now() - started) / 1000).toFixed(1)} s. More in examples/: logit-lens, patching, steering, head-ablation, attention-pattern.`);
 } finally {
   await model.dispose();
 }

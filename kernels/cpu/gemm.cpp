@@ -50,6 +50,9 @@
 #include "gemm.h"
 
 #include <algorithm>
+#include <array>
+#include <cstddef>
+#include <utility>
 #include <atomic>
 #include "elementwise.h"
 #include <cstdlib>
@@ -312,20 +315,24 @@ void micro_kernel(int64_t kc, const float* __restrict ap, const float* __restric
   store_tile<ROWS>(acc, c, ldc, ncols, mode, bias);
 }
 
+// A kernel specialised by row count, picked at run time: K::fn<R>() for R = 1..MR, in one static table.
+template <class K, std::size_t... I>
+constexpr std::array<typename K::Fn, sizeof...(I)> rows_table(std::index_sequence<I...>) {
+  return {K::template fn<static_cast<int>(I) + 1>()...};
+}
+template <class K>
+inline typename K::Fn for_rows(int rows) {
+  static constexpr auto table = rows_table<K>(std::make_index_sequence<MR>{});
+  return table[rows - 1];
+}
+
 using MicroFn = void (*)(int64_t, const float*, const float*, float*, int64_t, int, int, const float*);
-template <int... R>
-struct MicroTable {
-  static constexpr MicroFn fns[sizeof...(R)] = {&micro_kernel<R + 1>...};
+struct MicroKernels {
+  using Fn = MicroFn;
+  template <int R>
+  static constexpr Fn fn() { return &micro_kernel<R>; }
 };
-template <int... R>
-constexpr MicroFn MicroTable<R...>::fns[sizeof...(R)];
-template <int N, int... R>
-struct MakeTable : MakeTable<N - 1, N - 1, R...> {};
-template <int... R>
-struct MakeTable<0, R...> {
-  using type = MicroTable<R...>;
-};
-inline MicroFn micro_for_rows(int rows) { return MakeTable<MR>::type::fns[rows - 1]; }
+inline MicroFn micro_for_rows(int rows) { return for_rows<MicroKernels>(rows); }
 
 // The full-height micro-kernel of the prepacked path: the same arithmetic as micro_kernel<MR> (every
 // accumulator sums its k terms in the same order, so results are bit-identical), plus software
@@ -977,19 +984,12 @@ void stream_kernel(int64_t kc, const float* __restrict ap, const float* __restri
 using StreamFn = void (*)(int64_t, const float*, const float*, int64_t, float*, int64_t, int, const float*);
 // panels per pass by rows: 4 while the accumulators (ROWS * NP * NV) and loads fit the registers
 constexpr int stream_np(int rows) { return NV * VL >= 32 ? (rows <= 2 ? 4 : rows <= 4 ? 2 : 1) : (rows <= 2 ? 2 : 1); }
-template <int... R>
-struct StreamTable {
-  static constexpr StreamFn fns[sizeof...(R)] = {&stream_kernel<R + 1, stream_np(R + 1)>...};
+struct StreamKernels {
+  using Fn = StreamFn;
+  template <int R>
+  static constexpr Fn fn() { return &stream_kernel<R, stream_np(R)>; }
 };
-template <int... R>
-constexpr StreamFn StreamTable<R...>::fns[sizeof...(R)];
-template <int N, int... R>
-struct MakeStreamTable : MakeStreamTable<N - 1, N - 1, R...> {};
-template <int... R>
-struct MakeStreamTable<0, R...> {
-  using type = StreamTable<R...>;
-};
-inline StreamFn stream_for_rows(int rows) { return MakeStreamTable<MR>::type::fns[rows - 1]; }
+inline StreamFn stream_for_rows(int rows) { return for_rows<StreamKernels>(rows); }
 
 // Blocking of K as in gemm_block (an even split in blocks of <= KC_MAX, multiples of 8): it depends on
 // K alone, so every M sums the same blocks in the same order.

@@ -86,13 +86,9 @@ struct ThreadScope {  // run a block with a given pool size, restoring the previ
 const DType kBDtypes[] = {DType::F32, DType::BF16, DType::F16};
 const Layout kBLayouts[] = {Layout::Contiguous, Layout::Transposed, Layout::Strided};
 
-}  // namespace
-
-// Every M around the matvec threshold and the micro-tile height, odd N and K, all b dtypes/layouts.
-NX_TEST(gemm_odd_sizes_all_b) {
-  const int64_t Ms[] = {1, 2, 3, 4, 5, 7, 8, 9, 17};
-  const int64_t Ns[] = {1, 3, 17, 48, 65};
-  const int64_t Ks[] = {1, 3, 17, 65};
+// Every (b dtype, b layout, M, N, K) of the grid as a Spec, bias on for every other size sum.
+template <size_t NM, size_t NN, size_t NK, class Fn>
+void for_each_spec(const int64_t (&Ms)[NM], const int64_t (&Ns)[NN], const int64_t (&Ks)[NK], Fn&& fn) {
   for (DType dt : kBDtypes)
     for (Layout bl : kBLayouts)
       for (int64_t M : Ms)
@@ -102,8 +98,18 @@ NX_TEST(gemm_odd_sizes_all_b) {
             s.bdt = dt;
             s.blay = bl;
             s.bias = ((M + N + K) % 2) == 0;
-            check(s);
+            fn(s);
           }
+}
+
+}  // namespace
+
+// Every M around the matvec threshold and the micro-tile height, odd N and K, all b dtypes/layouts.
+NX_TEST(gemm_odd_sizes_all_b) {
+  const int64_t Ms[] = {1, 2, 3, 4, 5, 7, 8, 9, 17};
+  const int64_t Ns[] = {1, 3, 17, 48, 65};
+  const int64_t Ks[] = {1, 3, 17, 65};
+  for_each_spec(Ms, Ns, Ks, [](const Spec& s) { check(s); });
 }
 
 // Larger odd shapes: several micro-panels, K crossing the 768 block, edges in both M and N.
@@ -293,18 +299,10 @@ NX_TEST(gemm_packed_odd_sizes) {
   const int64_t Ms[] = {1, 2, 3, 7, 8, 9, 17, 33};
   const int64_t Ns[] = {1, 5, W, W + 1, 3 * W - 1};
   const int64_t Ks[] = {1, 3, 65, 770};
-  for (DType dt : kBDtypes)
-    for (Layout bl : kBLayouts)
-      for (int64_t M : Ms)
-        for (int64_t N : Ns)
-          for (int64_t K : Ks) {
-            if (bl == Layout::Strided && (M * N * K) % 3 != 0) continue;  // the generic packing: a sample
-            Spec s{M, N, K};
-            s.bdt = dt;
-            s.blay = bl;
-            s.bias = ((M + N + K) % 2) == 0;
-            check_packed(s);
-          }
+  for_each_spec(Ms, Ns, Ks, [](const Spec& s) {
+    if (s.blay == Layout::Strided && (s.M * s.N * s.K) % 3 != 0) return;  // the generic packing: a sample
+    check_packed(s);
+  });
 }
 
 // Non-contiguous a and out, bias of every float dtype / strided, size-0 and K = 0 (out = act(bias)).
